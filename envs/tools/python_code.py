@@ -1,0 +1,121 @@
+"""The python tool: run model-written Python over the task's images in a sandboxed worker.
+
+Arguments: ``{"code": "..."}``. Inside the code, ``images`` is the list of the episode's images
+(``ToolContext.images``, as PIL images; ``image`` is ``images[0]``), the same images are files
+``image_0.png``, ``image_1.png``, ... in the private working directory, ``display(img)`` and
+``img.show()`` return an image, and so does any new image file the code saves in the working
+directory. ``print`` output comes back as text (truncated). Isolation, limits and what they do not
+stop: :mod:`axpo_rllm.envs.tools.sandbox`; the layer in force is in ``metadata["isolation"]``.
+
+Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``timeout_s``,
+``cpu_s``, ``memory_mb``, ...), plus ``pool_size`` (warm workers, default 2), ``isolation``
+(``"auto"`` or a layer name) and ``max_code_chars`` (default 20000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
+from axpo_rllm.envs.tools.sandbox import SandboxLimits, SandboxPool, SandboxUnavailable
+
+__all__ = ["PythonCodeTool"]
+
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(SandboxLimits)}
+
+
+class PythonCodeTool(Tool):
+    """Execute Python in an isolated worker; images in, text and images out."""
+
+    name = "python"
+    description = (
+        "Run Python code. The images are available as `images` (a list of PIL images) and as files "
+        "image_0.png, image_1.png, ... in the working directory. Print results; call display(img) or "
+        "save an image file to return an image. No network access."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "description": "The Python code to run."}},
+        "required": ["code"],
+    }
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        unknown = set(config) - _LIMIT_FIELDS - {"pool_size", "isolation", "max_code_chars"}
+        if unknown:
+            raise ValueError(f"unknown PythonCodeTool config key(s) {sorted(unknown)}; known: {sorted(_LIMIT_FIELDS)} + pool_size, isolation, max_code_chars")
+        self.limits = SandboxLimits(**{k: v for k, v in config.items() if k in _LIMIT_FIELDS})
+        self.pool_size = int(config.get("pool_size", 2))
+        self.isolation = str(config.get("isolation", "auto"))
+        self.max_code_chars = int(config.get("max_code_chars", 20000))
+        self._pool: SandboxPool | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def pool(self) -> SandboxPool:
+        """Started on first use, so that listing tools never spawns processes."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = SandboxPool(self.limits, size=self.pool_size, isolation=self.isolation)
+            return self._pool
+
+    def check_arguments(self, arguments: Any) -> str | ToolResult:
+        """The code string, or an error result naming what is wrong with the arguments."""
+        if not isinstance(arguments, dict):
+            return ToolResult.fail(f"arguments must be an object with a 'code' string, got {type(arguments).__name__}", tool=self.name)
+        unknown = set(arguments) - {"code"}
+        if unknown:
+            return ToolResult.fail(f"unknown argument(s) {sorted(map(str, unknown))[:5]}: expected only 'code'", tool=self.name)
+        code = arguments.get("code")
+        if not isinstance(code, str):
+            return ToolResult.fail(f"code must be a string, got {type(code).__name__}", tool=self.name)
+        if not code.strip():
+            return ToolResult.fail("code is empty", tool=self.name)
+        if len(code) > self.max_code_chars:
+            return ToolResult.fail(f"code is {len(code)} characters long, more than {self.max_code_chars}", tool=self.name)
+        if "\x00" in code:
+            return ToolResult.fail("code contains a NUL character", tool=self.name)
+        return code
+
+    async def call(self, arguments: dict, context: ToolContext) -> ToolResult:
+        code = self.check_arguments(arguments)
+        if isinstance(code, ToolResult):
+            return code
+        try:
+            images = _pil_images(context.images)
+            result = await self.pool.arun(code, images)
+        except (SandboxUnavailable, TypeError) as exc:
+            return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)
+        metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds, "timed_out": result.timed_out}
+        text = _observation(result)
+        if result.error:
+            return ToolResult(text="", images=result.images, error=f"{result.error}\n{text}".strip(), metadata=metadata)
+        return ToolResult(text=text or "(no output)", images=result.images, metadata=metadata)
+
+    async def aclose(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _pil_images(images: tuple) -> list:
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"context image {i} is a {type(image).__name__}, not a PIL image")
+    return list(images)
+
+
+def _observation(result: Any) -> str:
+    """stdout, then stderr and notes, labelled only when present."""
+    parts = [result.stdout.rstrip("\n")] if result.stdout else []
+    if result.stderr:
+        parts.append(f"[stderr]\n{result.stderr.rstrip()}")
+    if result.images:
+        parts.append(f"[{len(result.images)} image(s) returned]")
+    parts.extend(f"[note] {note}" for note in result.notes)
+    return "\n".join(parts)

@@ -1,0 +1,252 @@
+"""The sandboxed worker: runs ONE piece of model-written Python, then exits.
+
+This file is never imported by the trainer: its source is passed to ``python -I -u -c`` inside the
+sandbox (so no project file needs to be visible there). Standard library + PIL (+ numpy if
+installed) only. Protocol, all on the inherited pipe ``result_fd`` (frames = 4-byte big-endian
+length + payload):
+
+1. start (as root inside the namespaces when the trainer is root): drop to the worker's own uid,
+   set rlimits, import PIL/numpy (the warm part), send frame ``b"ready"``;
+2. read one pickled job from stdin (the trusted direction): ``{"code", "images", "cpu_seconds"}``;
+3. write the images as ``image_<i>.png``, install the Python guard (an audit hook), run the code;
+4. send a JSON header frame ``{"error", "images": [[w, h], ...], "notes"}`` then one frame of RGB
+   bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
+"""
+
+import json
+import os
+import pickle
+import resource
+import signal
+import struct
+import sys
+import time
+import traceback
+
+CONFIG = json.loads(sys.argv[1])
+RESULT_FD = CONFIG["result_fd"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def send_frame(payload):
+    os.write(RESULT_FD, struct.pack(">I", len(payload)))
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(RESULT_FD, view):]
+
+
+def drop_privileges():
+    """Become the worker's own uid (root trainer only): files, signals and RLIMIT_NPROC then apply."""
+    uid = CONFIG.get("uid")
+    if uid is not None and os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    try:  # no set-uid binary may give privileges back
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    except Exception:
+        pass
+
+
+def set_limits():
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (CONFIG["max_processes"], CONFIG["max_processes"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (CONFIG["max_open_files"], CONFIG["max_open_files"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CONFIG["file_size_bytes"], CONFIG["file_size_bytes"]))
+    # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def warm_imports():
+    global Image
+    from PIL import Image  # noqa: F811
+
+    Image.MAX_IMAGE_PIXELS = CONFIG["max_decode_pixels"]
+    try:
+        import numpy  # noqa: F401  (model code imports it; paying here keeps calls fast)
+    except ImportError:
+        pass
+    resource.setrlimit(resource.RLIMIT_AS, (CONFIG["memory_bytes"], CONFIG["memory_bytes"]))
+
+
+def read_job():
+    data = sys.stdin.buffer.read()
+    return pickle.loads(data)
+
+
+def write_inputs(job):
+    """``image_<i>.png`` files; returns their (size, mtime) so that edited inputs count as outputs."""
+    images = []
+    stamps = {}
+    for i, (mode, size, raw) in enumerate(job["images"]):
+        image = Image.frombytes(mode, tuple(size), raw)
+        name = f"image_{i}.png"
+        image.save(name, compress_level=1)
+        stat = os.stat(name)
+        stamps[name] = (stat.st_size, stat.st_mtime_ns)
+        images.append(image)
+    return images, stamps
+
+
+def install_guard(workdir):
+    """Python-level defence in depth (PEP 578 audit hook); the OS sandbox is the real boundary."""
+    real = os.path.realpath
+    workdir = real(workdir)
+    read_roots = tuple(real(p) for p in CONFIG["read_roots"]) + (workdir, f"/proc/{os.getpid()}")
+    write_roots = (workdir,)
+    devices = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+    blocked = frozenset(CONFIG["blocked_events"])
+    my_pid = os.getpid()
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def inside(path, roots):
+        try:
+            path = real(os.fsdecode(os.fspath(path)))
+        except (TypeError, ValueError):
+            return False
+        return path in devices or any(path == r or path.startswith(r + "/") for r in roots)
+
+    def hook(event, args):
+        if event in blocked:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, int):
+                return
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
+            if not inside(path, write_roots if writing else read_roots):
+                raise PermissionError(f"sandbox: {'writing' if writing else 'reading'} {path!r} is not allowed outside the work dir")
+        elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
+                       "shutil.rmtree", "os.listdir", "os.scandir"):
+            path = args[0] if args else "."
+            if isinstance(path, int):
+                return
+            roots = read_roots if event in ("os.listdir", "os.scandir") else write_roots
+            if not inside("." if path is None else path, roots):
+                raise PermissionError(f"sandbox: {event} on {path!r} is not allowed outside the work dir")
+        elif event in ("os.rename", "os.link", "os.symlink"):
+            if not (inside(args[0], write_roots) and inside(args[1], write_roots)):
+                raise PermissionError(f"sandbox: {event} {args[0]!r} -> {args[1]!r} is not allowed outside the work dir")
+        elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+            if args[0] != my_pid:
+                raise PermissionError(f"sandbox: sending signals to pid {args[0]!r} is not allowed")
+        elif event == "object.__setattr__" and len(args) > 1 and args[1] == "__code__":
+            # The hook's own code is the one object worth swapping; gc and ctypes (to find it) are blocked.
+            raise PermissionError("sandbox: replacing a function's __code__ is not allowed")
+
+    sys.addaudithook(hook)
+
+
+class Display:
+    """``display(img)`` / ``img.show()``: collect the image (copies, so later edits do not leak in)."""
+
+    def __init__(self):
+        self.images = []
+
+    def __call__(self, *objects, **_):
+        for obj in objects:
+            if isinstance(obj, Image.Image):
+                self.images.append(obj.copy())
+            else:
+                print(obj)
+
+
+def saved_images(stamps, started):
+    """New or modified image files in the work dir (regular files only: symlinks are ignored)."""
+    found = []
+    for entry in os.scandir("."):
+        if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file(follow_symlinks=False):
+            continue
+        stat = entry.stat(follow_symlinks=False)
+        if stamps.get(entry.name) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        found.append((stat.st_mtime_ns, entry.name))
+    return [name for _, name in sorted(found)]
+
+
+def to_rgb(image, notes):
+    """RGB, shrunk to at most ``max_image_pixels`` (keeping the aspect ratio)."""
+    cap = CONFIG["max_image_pixels"]
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > cap:
+        scale = (cap / (w * h)) ** 0.5
+        image = image.resize((max(1, int(w * scale)), max(1, int(h * scale))))
+        notes.append(f"an image of {w}x{h} was shrunk to {image.width}x{image.height}")
+    return image
+
+
+def collect_images(display, stamps, notes):
+    out = list(display.images)
+    for name in saved_images(stamps, None):
+        try:
+            with Image.open(name) as im:
+                if im.width * im.height > CONFIG["max_decode_pixels"]:
+                    notes.append(f"{name}: {im.width}x{im.height} is too large to return")
+                    continue
+                im.load()
+                out.append(im)
+        except Exception as exc:
+            notes.append(f"{name}: not returned ({type(exc).__name__})")
+    cap = CONFIG["max_images"]
+    if len(out) > cap:
+        notes.append(f"{len(out)} images were produced; only the first {cap} are returned")
+        out = out[:cap]
+    result = []
+    for image in out:
+        try:
+            result.append(to_rgb(image, notes))
+        except Exception as exc:
+            notes.append(f"an image could not be converted ({type(exc).__name__})")
+    return result
+
+
+def run(job):
+    images, stamps = write_inputs(job)
+    display = Display()
+    Image.Image.show = lambda self, *a, **k: display(self)
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__, "images": images,
+                 "image": images[0] if images else None, "display": display, "Image": Image}
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = int(used.ru_utime + used.ru_stime) + job["cpu_seconds"]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    if CONFIG["guard"]:
+        install_guard(os.getcwd())
+    error = None
+    try:
+        exec(compile(job["code"], "<code>", "exec"), namespace)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            error = f"SystemExit: {exc.code!r}"
+    except BaseException as exc:
+        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        # Drop the worker's own frame: the model only needs its code's lines.
+        text = "".join(lines[:1] + [ln for ln in lines[1:] if "<code>" in ln or not ln.startswith("  File")])
+        sys.stderr.write(text)
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    notes = []
+    out = collect_images(display, stamps, notes)
+    header = {"error": error, "images": [list(im.size) for im in out], "notes": notes}
+    send_frame(json.dumps(header).encode())
+    for im in out:
+        send_frame(im.tobytes())
+
+
+def main():
+    drop_privileges()
+    set_limits()
+    warm_imports()
+    send_frame(b"ready")
+    job = read_job()
+    run(job)
+    os._exit(0)  # skip interpreter teardown: the trainer kills the process tree anyway
+
+
+main()
