@@ -56,7 +56,7 @@ class CropConfig:
     max_aspect_ratio: float = 100.0
     upscale_min_side: int | None = None
     max_output_pixels: int = 4096 * 4096
-    max_input_pixels: int = 16384 * 16384
+    max_input_pixels: int = 100_000_000
     """Images in the context larger than this are refused (decompression bombs) instead of decoded."""
 
     def __post_init__(self) -> None:
