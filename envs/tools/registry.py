@@ -92,7 +92,11 @@ def discover_tools(only: Iterable[str] | None = None, group: str = TOOL_GROUP) -
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """repr() cut to ``limit`` characters: a model may write megabytes into one argument."""
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -105,7 +109,7 @@ def parse_arguments(arguments: Any) -> dict:
             try:
                 arguments = json.loads(arguments)
             except (ValueError, RecursionError) as exc:
-                raise ValueError(f"arguments are not valid JSON ({type(exc).__name__}: {_short(str(exc), 120)})") from None
+                raise ValueError(f"arguments are not valid JSON ({type(exc).__name__}: {_cut(str(exc), 120)})") from None
             if not isinstance(arguments, str):
                 break
     if not isinstance(arguments, dict):
@@ -125,7 +129,7 @@ async def call_tool(tools: Mapping[str, Tool], name: Any, arguments: Any, contex
     try:
         result = await tools[name].call(parsed, context)
     except Exception as exc:  # a tool bug is an observation, never a crashed episode
-        return ToolResult.fail(f"{name} failed: {type(exc).__name__}: {_short(str(exc), 300)}", tool=name, exception=repr(exc)[:1000])
+        return ToolResult.fail(f"{name} failed: {type(exc).__name__}: {_cut(str(exc), 300)}", tool=name, exception=repr(exc)[:1000])
     if not isinstance(result, ToolResult):
         return ToolResult.fail(f"{name} returned {type(result).__name__}, not a ToolResult", tool=name)
     result.metadata.setdefault("tool", name)
