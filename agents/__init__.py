@@ -1,0 +1,4 @@
+"""axpo_rllm.agents: the Qwen3-VL agent and the AXPO workflow.
+
+Shipped as ``axpo_rllm.agents`` (setuptools ``package_dir``); importing it stays light.
+"""

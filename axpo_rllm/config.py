@@ -1,0 +1,38 @@
+"""The shipped yaml (package data), merged the way users of verl expect: defaults, then one
+ablation file, then ``key=value`` dot-list overrides."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from axpo_rllm.algorithm import AXPOConfig
+
+__all__ = ["ABLATIONS", "load_config", "axpo_config", "config_text"]
+
+ABLATIONS = ("grpo", "no_prefix_fix", "no_tool_resampling", "random_rank", "no_prefix_credit", "no_separate_group", "rollout_2x")
+
+
+def config_text(name: str) -> str:
+    """Text of a shipped yaml, e.g. ``axpo.yaml`` or ``ablation/grpo.yaml``."""
+    return files("axpo_rllm.configs").joinpath(name).read_text()
+
+
+def load_config(ablation: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    layers = [OmegaConf.create(config_text("axpo.yaml"))]
+    if ablation:
+        layers.append(OmegaConf.create(config_text(f"ablation/{ablation}.yaml")))
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.merge(*layers)
+    axpo_config(cfg)  # validate early: a typo in an override fails here, not mid-run
+    return cfg
+
+
+def axpo_config(cfg: DictConfig) -> AXPOConfig:
+    """The ``algorithm.axpo`` node as the typed config the algorithm reads."""
+    node = OmegaConf.to_container(cfg.algorithm.axpo, resolve=True)
+    return AXPOConfig.from_mapping(node)
