@@ -22,6 +22,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 
 CONFIG = json.loads(sys.argv[1])
 RESULT_FD = CONFIG["result_fd"]
@@ -64,6 +65,7 @@ def warm_imports():
     from PIL import Image  # noqa: F811
 
     Image.MAX_IMAGE_PIXELS = CONFIG["max_decode_pixels"]
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are checked explicitly
     try:
         import numpy  # noqa: F401  (model code imports it; paying here keeps calls fast)
     except ImportError:
@@ -188,6 +190,8 @@ def collect_images(display, stamps, notes):
                     continue
                 im.load()
                 out.append(im)
+        except Image.DecompressionBombError:
+            notes.append(f"{name}: too large to return (decompression bomb check)")
         except Exception as exc:
             notes.append(f"{name}: not returned ({type(exc).__name__})")
     cap = CONFIG["max_images"]

@@ -1,0 +1,487 @@
+"""The python tool and its sandbox: what code can do (images in and out, output, errors) and what
+it cannot (abuse cases in the spirit of openedx/codejail's tests), each contained with a clear
+observation while this process stays unharmed. Cases marked ``os_layer`` run with the Python guard
+off, to show the OS sandbox holds by itself (bwrap only). The last test checks that nothing is
+left running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from axpo_rllm.envs.tools.base import ToolContext, ToolResult
+from axpo_rllm.envs.tools.python_code import PythonCodeTool
+from axpo_rllm.envs.tools.sandbox import SandboxLimits, SandboxPool, detect_isolation, isolation_level
+
+WORKER_MARKER = "The sandboxed worker: runs ONE piece"
+FAKE_SECRET = "sk-axpo-test-secret-do-not-leak"
+REPO_FILE = Path(__file__).resolve().parents[2] / "setup.cfg"
+LIMITS = dict(timeout_s=2.0, cpu_s=2, memory_mb=512, max_images=3, max_image_pixels=256 * 256)
+
+os.environ["AXPO_FAKE_API_KEY"] = FAKE_SECRET  # must never reach a worker
+LEVEL = isolation_level()
+bwrap_only = pytest.mark.skipif(LEVEL != "bwrap", reason=f"OS-layer checks need bwrap; isolation here is {LEVEL}")
+
+_tools: dict[str, PythonCodeTool] = {}
+
+
+def tool(guard: bool = True) -> PythonCodeTool:
+    key = "guarded" if guard else "os_layer"
+    if key not in _tools:
+        _tools[key] = PythonCodeTool(**LIMITS, python_guard=guard, pool_size=2)
+    return _tools[key]
+
+
+def run(code: str, images=(), guard: bool = True) -> ToolResult:
+    return asyncio.run(tool(guard).call({"code": code}, ToolContext(images=tuple(images))))
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A port this test process listens on: sandboxed code must not reach it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    yield server
+    server.close()
+
+
+def nothing_connected(server: socket.socket) -> bool:
+    try:
+        conn, _ = server.accept()
+    except (socket.timeout, BlockingIOError):
+        return True
+    conn.close()
+    return False
+
+
+# ------------------------------------------------------------------------------ what code can do
+
+
+def test_isolation_is_detected_and_reported():
+    assert LEVEL in ("bwrap", "unshare", "rlimits")
+    result = run("print('hi')")
+    assert result.text == "hi" and result.metadata["isolation"] == LEVEL
+    assert detect_isolation().level == LEVEL
+
+
+def test_images_come_in_as_pil_images_and_files():
+    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (20, 10), "blue")
+    code = (
+        "import os\n"
+        "print(len(images), images[0].size, images[1].getpixel((0, 0)), image.size)\n"
+        "print(sorted(f for f in os.listdir('.') if f.endswith('.png')))\n"
+        "print(Image.open('image_1.png').size)"
+    )
+    result = run(code, [red, blue])
+    assert result.text.splitlines() == ["2 (40, 30) (0, 0, 255) (40, 30)", "['image_0.png', 'image_1.png']", "(20, 10)"]
+
+
+def test_displayed_shown_and_saved_images_come_back_in_order():
+    code = (
+        "display(images[0].crop((0, 0, 10, 10)))\n"
+        "Image.new('RGB', (7, 7), 'green').show()\n"
+        "Image.new('RGB', (5, 6), 'white').save('out.jpg')\n"
+    )
+    result = run(code, [Image.new("RGB", (40, 30), "red")])
+    assert not result.is_error, result.error
+    assert [im.size for im in result.images] == [(10, 10), (7, 7), (5, 6)]
+    assert result.images[0].getpixel((1, 1)) == (255, 0, 0)
+    assert "3 image(s) returned" in result.text
+
+
+def test_an_edited_input_file_is_returned_an_untouched_one_is_not():
+    code = "Image.new('RGB', (3, 3), 'black').save('image_0.png')"
+    result = run(code, [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (4, 4))])
+    assert [im.size for im in result.images] == [(3, 3)]
+
+
+def test_numpy_works_and_is_warm():
+    result = run("import numpy as np\nprint(np.asarray(images[0]).mean(axis=(0, 1)).tolist())", [Image.new("RGB", (4, 4), (10, 20, 30))])
+    assert result.text == "[10.0, 20.0, 30.0]"
+
+
+def test_exceptions_come_back_as_error_with_traceback_of_the_code_only():
+    result = run("x = 1\ny = x / 0")
+    assert result.is_error and result.error.startswith("ZeroDivisionError: division by zero")
+    assert 'File "<code>", line 2' in result.error and "_worker" not in result.error
+
+
+def test_syntax_errors_are_reported():
+    result = run("def f(:\n  pass")
+    assert result.is_error and "SyntaxError" in result.error
+
+
+def test_stdout_and_stderr_are_both_returned():
+    result = run("import sys\nprint('out')\nprint('err', file=sys.stderr)")
+    assert result.text == "out\n[stderr]\nerr"
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    ({}, "code must be a string, got NoneType"), ({"code": 3}, "code must be a string, got int"),
+    ({"code": "  "}, "code is empty"), ({"code": "x" * 30000}, "characters long"),
+    ({"code": "print(1)", "lang": "py"}, "unknown argument"), ({"code": "a\x00b"}, "NUL"),
+])
+def test_bad_arguments_never_start_a_worker(arguments, expected):
+    result = asyncio.run(tool().call(arguments, ToolContext()))
+    assert result.is_error and expected in result.error
+
+
+def test_config_keys_are_checked():
+    with pytest.raises(ValueError, match="unknown PythonCodeTool config key"):
+        PythonCodeTool(timeout=3)
+
+
+def test_concurrent_calls_from_threads_with_their_own_event_loops():
+    results: dict[int, ToolResult] = {}
+
+    def worker(i: int) -> None:
+        results[i] = run(f"print({i} * 2)")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {i: r.text for i, r in results.items()} == {i: str(i * 2) for i in range(4)}
+
+
+def test_state_does_not_survive_between_calls():
+    run("import builtins, os\nbuiltins.POISON = 1\nopen('left_behind.txt', 'w').write('x')\nos.environ['POISON'] = '1'")
+    result = run("import builtins, os\nprint(hasattr(builtins, 'POISON'), os.path.exists('left_behind.txt'), 'POISON' in os.environ)")
+    assert result.text == "False False False"
+
+
+# --------------------------------------------------------------------------------- abuse cases
+
+
+def test_abuse_network_connect_to_the_test_process(listener):
+    port = listener.getsockname()[1]
+    result = run(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')")
+    assert result.is_error and "socket" in result.error and "connected" not in result.text
+    assert nothing_connected(listener)
+
+
+@bwrap_only
+def test_abuse_network_os_layer(listener):
+    port = listener.getsockname()[1]
+    result = run(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')", guard=False)
+    assert result.is_error and ("ConnectionRefused" in result.error or "unreachable" in result.error), result.error
+    assert nothing_connected(listener)
+
+
+def test_abuse_read_etc_shadow():
+    result = run("print(open('/etc/shadow').read())")
+    assert result.is_error and "/etc/shadow" in result.error and "root:" not in result.error
+
+
+def test_abuse_read_project_files():
+    result = run(f"print(open({str(REPO_FILE)!r}).read())")
+    assert result.is_error and "not allowed" in result.error and "[metadata]" not in result.error
+
+
+@bwrap_only
+def test_abuse_read_host_files_os_layer():
+    code = (
+        "import os\n"
+        f"for p in ['/etc/shadow', {str(REPO_FILE)!r}, '/root/.bash_history', '/proc/1/root/etc/shadow']:\n"
+        "    print(p, os.path.exists(p))"
+    )
+    result = run(code, guard=False)
+    assert not result.is_error, result.error
+    assert all(line.endswith("False") for line in result.text.splitlines()), result.text
+
+
+def test_abuse_write_outside_the_work_dir(tmp_path):
+    target = tmp_path / "escaped.txt"
+    result = run(f"open({str(target)!r}, 'w').write('pwned')")
+    assert result.is_error and "not allowed outside the work dir" in result.error
+    assert not target.exists()
+
+
+@bwrap_only
+def test_abuse_write_outside_os_layer(tmp_path):
+    import sys as _sys
+
+    target = tmp_path / "escaped.txt"
+    site = next(p for p in _sys.path if p.endswith("site-packages"))
+    code = (
+        "for p in [%r, %r, '/usr/evil.txt']:\n"
+        "    try:\n"
+        "        open(p, 'w').write('pwned'); print('WROTE', p)\n"
+        "    except OSError as e:\n"
+        "        print(type(e).__name__)\n"
+    ) % (str(target), site + "/evil.py")
+    result = run(code, guard=False)
+    assert "WROTE" not in result.text, result.text
+    assert not target.exists() and not os.path.exists(site + "/evil.py")
+
+
+def test_abuse_fork_bomb():
+    result = run("import os\nwhile True:\n    os.fork()")
+    assert result.is_error and "os.fork is not allowed" in result.error
+
+
+@bwrap_only
+def test_abuse_fork_bomb_os_layer():
+    code = (
+        "import os, time\nn = 0\n"
+        "try:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30); os._exit(0)\n        n += 1\n"
+        "except OSError as e:\n    print('stopped after', n, e.strerror)"
+    )
+    result = run(code, guard=False)
+    assert "stopped after" in result.text and "Resource temporarily unavailable" in result.text, result.text
+    assert int(result.text.split()[2]) < LIMITS.get("max_processes", SandboxLimits.max_processes)
+
+
+def test_abuse_subprocess_and_os_system():
+    assert "subprocess.Popen is not allowed" in run("import subprocess\nsubprocess.run(['id'])").error
+    assert "os.system is not allowed" in run("import os\nos.system('kill -9 -1')").error
+
+
+def test_abuse_memory_bomb_at_once():
+    result = run("x = bytearray(8 << 30)")
+    assert result.is_error and "MemoryError" in result.error
+
+
+def test_abuse_memory_bomb_growing():
+    result = run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))")
+    assert result.is_error and "MemoryError" in result.error
+
+
+def test_abuse_infinite_loop_hits_the_wall_clock():
+    result = run("while True:\n    pass")
+    assert result.is_error and result.metadata["timed_out"] and "time limit" in result.error
+
+
+def test_abuse_sleep_past_the_timeout_with_partial_output():
+    result = run("import time\nprint('before', flush=True)\ntime.sleep(60)\nprint('after')")
+    assert result.metadata["timed_out"] and "before" in result.error and "after" not in result.error
+
+
+def test_abuse_cpu_time_limit():
+    cpu_tool = PythonCodeTool(timeout_s=10, cpu_s=1, pool_size=1)
+    try:
+        result = asyncio.run(cpu_tool.call({"code": "while True: pass"}, ToolContext()))
+    finally:
+        asyncio.run(cpu_tool.aclose())
+    assert result.is_error and not result.metadata["timed_out"] and "CPU time" in result.error, result.error
+
+
+def test_abuse_huge_stdout_is_truncated():
+    result = run("print('x' * 50_000_000)")
+    text = result.error or result.text
+    assert "output truncated" in text and len(text) < 20_000
+
+
+def test_abuse_endless_stdout_hits_the_file_size_limit():
+    result = run("while True:\n    print('y' * 10000)")
+    text = result.error or result.text
+    assert "File too large" in text or result.metadata["timed_out"], text[-300:]
+    assert len(text) < 20_000
+
+
+def test_abuse_huge_and_many_images_are_capped():
+    result = run("for i in range(6):\n    display(Image.new('RGB', (2000, 1500), 'red'))")
+    assert len(result.images) == 3
+    assert all(im.width * im.height <= 256 * 256 for im in result.images)
+    assert "only the first 3" in result.text and "shrunk" in result.text
+
+
+def test_abuse_decompression_bomb_file_is_not_decoded():
+    result = run("Image.new('L', (6000, 6000)).save('bomb.png')")
+    assert not result.images and "too large to return" in result.text
+
+
+def test_abuse_kill_the_parent():
+    result = run("import os\nos.kill(os.getppid(), 9)")
+    assert result.is_error and "signals to pid" in result.error
+
+
+@bwrap_only
+def test_abuse_kill_the_parent_and_everyone_os_layer():
+    code = (
+        "import os, signal\n"
+        "try:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError as e:\n    print('parent:', e.strerror, flush=True)\n"
+        "os.kill(-1, signal.SIGKILL)\nprint('survived')"
+    )
+    result = run(code, guard=False)
+    # kill(-1) reaches only the worker's own uid inside its PID namespace: nothing else to kill.
+    assert result.is_error and "survived" not in result.error
+    assert "killed by SIGKILL" in result.error or "No such process" in result.error, result.error
+    assert run("print('next call fine')").text == "next call fine"
+
+
+def test_abuse_ctypes_escape():
+    result = run("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.kill(-1, 9)")
+    assert result.is_error and "ctypes" in result.error
+
+
+def test_abuse_ctypes_memory_poke():
+    result = run("import ctypes\nctypes.string_at(0, 10)")
+    assert result.is_error and "ctypes" in result.error
+
+
+def test_abuse_setuid_root():
+    result = run("import os\nos.setuid(0)\nprint(open('/etc/shadow').read())")
+    assert result.is_error and "root:" not in result.error
+
+
+def test_abuse_zombie_and_orphan_children_are_reaped(tmp_path):
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid(); time.sleep(120); os._exit(0)\nprint('parent done')"
+    guard = LEVEL != "bwrap"  # with the guard on, fork is refused outright
+    result = run(code, guard=guard)
+    assert ("parent done" in result.text) or ("os.fork is not allowed" in result.error)
+    assert wait_until(lambda: not worker_processes(include_ready=False)), worker_processes(include_ready=False)
+
+
+def test_abuse_env_var_leak():
+    code = "import os\nprint(sorted(os.environ))\nprint([v for v in os.environ.values() if 'sk-' in v])"
+    result = run(code)
+    assert FAKE_SECRET not in result.text and "AXPO_FAKE_API_KEY" not in result.text
+    assert result.text.splitlines()[-1] == "[]"
+
+
+def test_abuse_proc_of_the_parent():
+    result = run(f"print(open('/proc/{os.getpid()}/environ').read())")
+    assert result.is_error and FAKE_SECRET not in result.error
+
+
+@bwrap_only
+def test_abuse_proc_os_layer():
+    code = (
+        "import os\n"
+        f"print(os.path.exists('/proc/{os.getpid()}/environ') and {os.getpid()} != os.getpid())\n"
+        "try:\n    print(open('/proc/1/environ').read())\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        "print([p for p in os.listdir('/proc') if p.isdigit()])"
+    )
+    result = run(code, guard=False)
+    assert not result.is_error and FAKE_SECRET not in result.text
+    lines = result.text.splitlines()
+    assert lines[0] == "False" and len(eval(lines[-1])) <= 3, result.text
+
+
+def test_abuse_symlink_tricks():
+    result = run("import os\nos.symlink('/etc/shadow', 'leak.png')")
+    assert result.is_error and "os.symlink" in result.error
+
+
+@bwrap_only
+def test_abuse_symlink_tricks_os_layer():
+    code = f"import os\nos.symlink('/etc/shadow', 'a.png')\nos.symlink({str(REPO_FILE)!r}, 'b.png')\nprint(sorted(os.listdir('.')))"
+    result = run(code, guard=False)
+    assert not result.images and "root:" not in result.text and "[metadata]" not in result.text
+
+
+def test_abuse_forged_result_frames():
+    code = "import sys, json, os\nfd = json.loads(sys.argv[1])['result_fd']\nos.write(fd, b'\\xff\\xff\\xff\\xff' + b'x' * 10)\nos._exit(0)"
+    result = run(code)
+    assert result.is_error and "sandbox worker failed" in result.error
+
+
+def test_abuse_tampering_with_the_guard():
+    assert "gc.get_objects is not allowed" in run("import gc\ngc.get_objects()").error
+    result = run("def f(): pass\nf.__code__ = (lambda: None).__code__")
+    assert result.is_error and "__code__" in result.error
+
+
+def test_abuse_exit_and_segfault_are_clear():
+    assert "exited with status 3" in run("import os\nos._exit(3)").error
+    assert "SIGSEGV" in run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)").error
+    assert run("raise SystemExit(0)").error == ""
+
+
+def test_abuse_recursion_and_threads_and_files():
+    assert "RecursionError" in run("def f(): f()\nf()").error
+    threads = run("import threading, time\nts = [threading.Thread(target=time.sleep, args=(5,)) for _ in range(500)]\n[t.start() for t in ts]")
+    assert threads.is_error and ("can't start new thread" in threads.error or "Resource temporarily" in threads.error), threads.error
+    files = run("fs = [open(f'f{i}.txt', 'w') for i in range(1000)]")
+    assert files.is_error and "Too many open files" in files.error
+
+
+def test_abuse_big_file_write_is_capped():
+    result = run("open('big.bin', 'wb').write(b'0' * (200 << 20))")
+    assert result.is_error and ("File too large" in result.error or "No space" in result.error or "MemoryError" in result.error)
+
+
+# ------------------------------------------------------------------- weaker layers still contain
+
+
+@pytest.mark.parametrize("level", ["unshare", "rlimits"])
+def test_fallback_layers_contain_the_basics(level, listener):
+    if level == "unshare" and os.geteuid() != 0:
+        pytest.skip("unshare needs root")
+    pool = SandboxPool(SandboxLimits(timeout_s=1.5, cpu_s=2, memory_mb=512), size=1, isolation=level)
+    try:
+        assert pool.run("print(len(images))", [Image.new("RGB", (4, 4))]).stdout.strip() == "1"
+        port = listener.getsockname()[1]
+        assert "socket" in pool.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}))").error
+        assert "not allowed" in pool.run("open('/etc/shadow').read()").error
+        assert pool.run("while True: pass").timed_out
+        assert FAKE_SECRET not in pool.run("import os\nprint(dict(os.environ))").stdout
+        assert pool.run("print(1)").isolation == level
+    finally:
+        pool.close()
+    assert nothing_connected(listener)
+
+
+# --------------------------------------------------------------------------- nothing left behind
+
+
+def process_table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process visible here."""
+    table = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(pid)] = (ppid, cmdline)
+    return table
+
+
+def wait_until(predicate, seconds: float = 10.0) -> bool:
+    """Poll: replacement workers are being started in the background right after a call."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def worker_processes(include_ready: bool = True) -> list[int]:
+    """Pids whose command line is a sandbox worker (ready pool workers' trees excluded unless asked)."""
+    table = process_table()
+    excluded = set()
+    if not include_ready:
+        excluded = {w.proc.pid for t in _tools.values() if t._pool is not None for w in list(t._pool._ready.queue)}
+        grew = True
+        while grew:  # add descendants of ready workers
+            before = len(excluded)
+            excluded |= {pid for pid, (ppid, _) in table.items() if ppid in excluded}
+            grew = len(excluded) > before
+    return [pid for pid, (_, cmdline) in table.items()
+            if WORKER_MARKER.encode() in cmdline and pid not in excluded and pid != os.getpid()]
+
+
+def test_zz_the_test_process_is_unharmed_and_nothing_is_left(listener):
+    assert os.environ["AXPO_FAKE_API_KEY"] == FAKE_SECRET
+    for t in list(_tools.values()):
+        asyncio.run(t.aclose())
+    _tools.clear()
+    assert worker_processes() == []
+    children = [(pid, cmdline[:80]) for pid, (ppid, cmdline) in process_table().items() if ppid == os.getpid()]
+    assert children == []
+    assert nothing_connected(listener)
