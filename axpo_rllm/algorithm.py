@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -166,12 +166,11 @@ def uncertainty(rollout: Rollout, target: Target = "tool") -> float:
     """c_s in [0, 1]; lower = more uncertain = resampled first. Observation tokens never count."""
     window = scored_tokens(rollout, target)
     logprobs = rollout.response_logprobs[window]
-    model = rollout.response_mask[window].astype(bool)
-    if not model.any():
-        raise RecordError(
-            f"rollout {rollout.rollout_id}: no model tokens in {window} to score its uncertainty"
-        )
-    return float(np.exp(logprobs[model].astype(np.float64)).mean())
+    if target == "no_tool":  # a tool call span is all model tokens (Rollout checks it); an answer may not be
+        logprobs = logprobs[rollout.response_mask[window].astype(bool)]
+    if not len(logprobs):
+        raise RecordError(f"rollout {rollout.rollout_id}: no model tokens in {window} to score its uncertainty")
+    return float(np.exp(logprobs, dtype=np.float64).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,18 +382,6 @@ def group_ids_to_index(group_ids: Iterable[Any]) -> torch.Tensor:
     return torch.tensor([numbering.setdefault(g, len(numbering)) for g in group_ids], dtype=torch.long)
 
 
-class _RowPlan(NamedTuple):
-    """A row before its advantages are known: where its score goes and which tokens learn."""
-
-    rollout: Rollout
-    role: RowRole
-    adv_group: str
-    score: float
-    windows: tuple[tuple[int, int], ...]
-    tail_from: int = -1
-    """source_tail=keep: tokens [tail_from, n) carry the pre-replacement advantage."""
-
-
 def build_training_rows(
     groups: Sequence[QuestionGroup],
     plan: ResamplePlan,
@@ -402,46 +389,59 @@ def build_training_rows(
     config: AXPOConfig,
 ) -> list[TrainingRow]:
     """§6: the step's rows (originals in input order, then each job's continuations) with their
-    advantage groups, scores and loss segments."""
+    advantage groups, scores and loss segments.
+
+    Built column by column (one list per field) because a step has thousands of rows.
+    """
     by_job = check_continuations(plan, continuations) if plan.jobs else {}
     jobs = {job.source_id: job for job in plan.jobs}
     recovery = {sid: float(any(c.correct for c in conts)) for sid, conts in by_job.items()}
+    credit = config.prefix_credit
+    keep_tail = config.source_tail == "keep"
 
-    row_plans: list[_RowPlan] = [
-        original_row(rollout, jobs.get(rollout.rollout_id), recovery, config) for group in groups for rollout in group.rollouts
-    ]
+    rollouts: list[Rollout] = []
+    roles: list[RowRole] = []
+    adv_groups: list[str] = []
+    scores: list[float] = []
+    windows: list[tuple[tuple[int, int], ...]] = []
+    tails: list[int] = []  # source_tail=keep: tokens [tail, n) keep the pre-replacement advantage
+    for group in groups:
+        for rollout in group.rollouts:
+            job = jobs.get(rollout.rollout_id)
+            rollouts.append(rollout)
+            adv_groups.append(rollout.question_id)
+            if job is None or not credit or job.cut == 0:
+                roles.append(RowRole.ORDINARY)
+                scores.append(float(rollout.reward))
+                # Mini-o3 over-turn masking: counted in the group's statistics, never in the loss.
+                over_turn = rollout.termination is Termination.OVER_TURN
+                windows.append(() if over_turn else ((0, len(rollout.response_ids)),))
+                tails.append(-1)
+            else:
+                roles.append(RowRole.SOURCE_PREFIX)
+                scores.append(recovery[rollout.rollout_id])  # r_prefix replaces the source's reward
+                windows.append(((0, job.cut),))
+                tails.append(job.cut if keep_tail else -1)
     for job in plan.jobs:
         group_id = f"{job.question_id}::{job.source_id}" if config.separate_groups else job.question_id
         for cont in by_job[job.source_id]:
-            row_plans.append(
-                _RowPlan(cont, RowRole.CONTINUATION, group_id, float(cont.reward), ((job.cut, len(cont.response_ids)),))
-            )
-    return finish_rows(row_plans, groups, config)
+            rollouts.append(cont)
+            roles.append(RowRole.CONTINUATION)
+            adv_groups.append(group_id)
+            scores.append(float(cont.reward))
+            windows.append(((job.cut, len(cont.response_ids)),))  # the prefix is context, not action
+            tails.append(-1)
 
-
-def original_row(rollout: Rollout, job: ResampleJob | None, recovery: Mapping[str, float], config: AXPOConfig) -> _RowPlan:
-    if job is None or not config.prefix_credit or job.cut == 0:
-        # Mini-o3 over-turn masking: such a rollout counts in its group's statistics, never in the loss.
-        full = () if rollout.termination is Termination.OVER_TURN else ((0, len(rollout.response_ids)),)
-        return _RowPlan(rollout, RowRole.ORDINARY, rollout.question_id, float(rollout.reward), full)
-    tail_from = job.cut if config.source_tail == "keep" else -1
-    return _RowPlan(
-        rollout, RowRole.SOURCE_PREFIX, rollout.question_id, recovery[rollout.rollout_id], ((0, job.cut),), tail_from
-    )
-
-
-def finish_rows(row_plans: Sequence[_RowPlan], groups: Sequence[QuestionGroup], config: AXPOConfig) -> list[TrainingRow]:
-    """Normalise scores per advantage group and attach each row's segments."""
     norm = dict(epsilon=config.epsilon, norm_by_std=config.norm_by_std, unbiased=config.std_unbiased)
-    scores = torch.tensor([p.score for p in row_plans], dtype=torch.float32)
-    advantages = group_normalize(scores, group_ids_to_index([p.adv_group for p in row_plans]), **norm).tolist()
-    tail_adv = pre_replacement_advantages(groups, norm) if any(p.tail_from >= 0 for p in row_plans) else {}
+    advantages = group_normalize(torch.tensor(scores, dtype=torch.float32), group_ids_to_index(adv_groups), **norm).tolist()
+    tail_adv = pre_replacement_advantages(groups, norm) if keep_tail and plan.jobs else {}
     rows = []
-    for p, adv in zip(row_plans, advantages):
-        segments = tuple(LossSegment(start, end, adv) for start, end in p.windows)
-        if p.tail_from >= 0:
-            segments += (LossSegment(p.tail_from, len(p.rollout.response_ids), tail_adv[p.rollout.rollout_id]),)
-        rows.append(TrainingRow(p.rollout, p.role, p.adv_group, p.score, segments))
+    for i, adv in enumerate(advantages):
+        segments = tuple([LossSegment(start, end, adv) for start, end in windows[i]])
+        if tails[i] >= 0:
+            rollout = rollouts[i]
+            segments += (LossSegment(tails[i], len(rollout.response_ids), tail_adv[rollout.rollout_id]),)
+        rows.append(TrainingRow(rollouts[i], roles[i], adv_groups[i], scores[i], segments))
     return rows
 
 

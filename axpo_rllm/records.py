@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -336,10 +336,10 @@ class RowRole(str, enum.Enum):
     """A resampled continuation: prefix masked, continuation tokens carry A^res."""
 
 
-@dataclass(frozen=True)
-class LossSegment:
+class LossSegment(NamedTuple):
     """Tokens ``[start, end)`` of a row's response that reach the loss with one advantage
-    (model tokens only: observation tokens inside the window stay masked)."""
+    (model tokens only: observation tokens inside the window stay masked). A tuple: a step makes
+    thousands of them."""
 
     start: int
     end: int
@@ -366,13 +366,13 @@ class TrainingRow:
 
     def __post_init__(self) -> None:
         n, last = len(self.rollout.response_ids), 0
-        for seg in self.segments:
-            if not (last <= seg.start <= seg.end <= n):
+        for start, end, _ in self.segments:
+            if not (last <= start <= end <= n):
                 raise RecordError(
                     f"row {self.rollout.rollout_id}: segments must be sorted, disjoint windows of "
                     f"[0, {n}), got {self.segments}"
                 )
-            last = seg.end
+            last = end
 
 
 def rollouts_by_id(rollouts: Sequence[Rollout]) -> dict[str, Rollout]:
