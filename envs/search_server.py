@@ -19,7 +19,8 @@ Use it from tests and from the main job::
     with RetrievalServer.from_jsonl(path) as server:
         tool = SearchTool(backend="local", base_url=server.url)
 
-or as a process: ``python -m axpo_rllm.envs.search_server --corpus corpus.jsonl --port 8123``.
+or in its own process (:class:`RetrievalServerProcess`, the way the main job should run it, off
+the trainer's GIL): ``python -m axpo_rllm.envs.search_server --corpus corpus.jsonl --port 8123``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import logging
 import math
 import random
 import re
+import select
+import subprocess
+import sys
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -43,6 +47,7 @@ __all__ = [
     "Document",
     "BM25Index",
     "RetrievalServer",
+    "RetrievalServerProcess",
     "read_corpus",
     "write_corpus",
     "make_fact_corpus",
@@ -212,6 +217,7 @@ class BM25Index:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: httpx reuses connections under load
+    disable_nagle_algorithm = True  # headers and body are separate writes: Nagle + delayed ACK cost 40 ms each
     server: "_Server"
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
@@ -317,6 +323,61 @@ class RetrievalServer:
         self._server = self._thread = None
 
     def __enter__(self) -> "RetrievalServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RetrievalServerProcess:
+    """The server in its own process (``python -m axpo_rllm.envs.search_server``).
+
+    For the main job and for load: in-process, the server's handler threads share the GIL with the
+    trainer (and with the benchmark's client). The child prints its URL once it is listening.
+    """
+
+    def __init__(self, corpus_path: str | Path, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 60.0) -> None:
+        self.corpus_path = Path(corpus_path)
+        self._args = [sys.executable, "-m", "axpo_rllm.envs.search_server", "--corpus", str(self.corpus_path), "--host", host, "--port", str(port)]
+        self._startup_timeout_s = startup_timeout_s
+        self._process: subprocess.Popen | None = None
+        self._url = ""
+
+    @property
+    def url(self) -> str:
+        if self._process is None:
+            raise RuntimeError("RetrievalServerProcess is not running; call start() first")
+        return self._url
+
+    def start(self) -> "RetrievalServerProcess":
+        if self._process is not None:
+            return self
+        process = subprocess.Popen(self._args, stdout=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([process.stdout], [], [], self._startup_timeout_s)
+        line = process.stdout.readline().strip() if ready else ""
+        if not line.startswith("http://"):
+            process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"search server on {self.corpus_path} did not start within {self._startup_timeout_s:g}s "
+                f"(exit code {process.returncode}, first line {line!r})"
+            )
+        self._process, self._url = process, line
+        return self
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process.stdout.close()
+        self._process = None
+
+    def __enter__(self) -> "RetrievalServerProcess":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
