@@ -1,0 +1,407 @@
+"""The multi-turn tool-using agent: token-exact episodes as the core's :class:`~axpo_rllm.records.Rollout`.
+
+One episode, turn by turn::
+
+    prompt  = chat template(system, tools block from the env's schemas, user turn with the task's images)
+    turn t  = engine(prompt + response so far) -> model tokens (mask 1, their raw logprobs)
+              stopped at </tool_call> (kept) or EOS
+    parse   -> answer (verify, stop) | one valid call (run it) | a malformed call (error observation)
+    obs     = the observation turn rendered through the chat template and appended as tokens
+              ("<|im_end|>\\n<|im_start|>user\\n<tool_response>…</tool_response><|im_end|>\\n<|im_start|>assistant\\n",
+              one unexpanded image pad per returned image; mask 0, logprob 0)
+
+Why tokens, never text: the model's own ids are kept across turns (re-tokenising its text can give
+other ids), so a continuation request can send exactly ``prompt + prefix`` (AXPO_SPEC §2).
+
+At the turn cap (``max_turns``, default 3) the ``cap_policy`` decides: ``force_answer`` makes the
+last turn an answer turn (a hint in the observation, ``<tool_call>`` banned; termination
+``max_turns``), ``mask`` lets the last turn run free and marks a rollout that still calls a tool
+``over_turn`` (reward 0, masked from the loss as in Mini-o3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from axpo_rllm.agents.parsing import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    THINK_CLOSE,
+    TurnKind,
+    locate_call_tokens,
+    parse_turn_text,
+)
+from axpo_rllm.engines.base import EngineError, GenerationRequest, GenerationResult, RolloutEngine
+from axpo_rllm.records import ResampleJob, Rollout, RolloutKind, Task, Termination, ToolCallSpan
+
+__all__ = ["AgentConfig", "ChatFormat", "EpisodeStats", "Episode", "Agent", "derive_seed"]
+
+CapPolicy = Literal["force_answer", "mask"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    max_turns: int = 3
+    """Assistant turns per episode (AXPO_SPEC 'Setting': ≤ 3)."""
+    cap_policy: CapPolicy = "force_answer"
+    """``force_answer``: the last turn must answer; ``mask``: a call in the last turn makes the rollout over-turn."""
+    max_tokens_per_turn: int = 512
+    max_response_tokens: int = 2048
+    """Budget of the whole response (model and observation tokens)."""
+    max_context_tokens: int = 8192
+    """Prompt + response must fit (the engine's max_model_len, counting one token per image pad)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    system_prompt: str | None = "You are a helpful assistant."
+    final_turn_hint: str = "This is your last turn: give the final answer now, without calling a tool."
+    engine_retries: int = 2
+    """Retries of one failed generation request before the rollout is recorded as an error."""
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"AgentConfig.max_turns must be >= 1, got {self.max_turns}")
+        if self.cap_policy not in ("force_answer", "mask"):
+            raise ValueError(f"AgentConfig.cap_policy must be force_answer|mask, got {self.cap_policy!r}")
+        if self.max_tokens_per_turn < 1 or self.max_response_tokens < 1:
+            raise ValueError("AgentConfig token limits must be >= 1")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 62-bit seed from any parts (same parts, same seed, in every process)."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class ChatFormat:
+    """Token-level rendering through the model's own chat template (tokenizer or processor).
+
+    The prompt is rendered once; observation turns are rendered alone as the difference between
+    two template renderings and tokenised on their own, then appended to the kept ids. Each starts
+    at a special token (``<|im_end|>``/``<|im_start|>``), so tokenising it alone gives the same ids
+    as tokenising the whole conversation.
+    """
+
+    def __init__(self, tokenizer_or_processor: Any) -> None:
+        tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+        self.tokenizer = tok
+        self._template_owner = tokenizer_or_processor if hasattr(tokenizer_or_processor, "apply_chat_template") else tok
+        self.call_open_id = self._single_id(CALL_OPEN)
+        self.call_close_id = self._single_id(CALL_CLOSE)
+        self.think_close_id = self._single_id(THINK_CLOSE, required=False)
+        self.image_pad_id = self._single_id("<|image_pad|>")
+        self.video_pad_id = self._single_id("<|video_pad|>", required=False)
+        self.eos_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
+        self.turn_close_text = self._turn_close_text()
+
+    def _single_id(self, token: str, required: bool = True) -> int | None:
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) == 1:
+            return int(ids[0])
+        if required:
+            raise ValueError(f"the tokenizer encodes {token!r} as {ids}; the agent needs it to be one token (Qwen-style)")
+        return None
+
+    def _render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+        return self._template_owner.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _turn_close_text(self) -> str:
+        """What the template writes after an assistant turn's content (``<|im_end|>\\n`` for Qwen)."""
+        marker = "ZQXJ-end-of-content"
+        text = self._render([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
+        return text[text.rindex(marker) + len(marker) :]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Model text as the parser reads it: control tokens dropped, agent tokens kept."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def prompt_ids(self, task: Task, tools: list[dict] | None, system_prompt: str | None) -> list[int]:
+        """System + tools block + the user turn (one unexpanded image pad per task image) + ``assistant\\n``."""
+        messages: list[dict] = []
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        content = [{"type": "image"} for _ in task.images] + [{"type": "text", "text": task.question}]
+        messages.append({"role": "user", "content": content})
+        return self.encode(self._render(messages, tools=tools or None, add_generation_prompt=True))
+
+    def observation_ids(self, text: str, n_images: int, last_model_token: int | None, hint: str | None = None) -> list[int]:
+        """The tokens between a tool-call turn and the next assistant turn.
+
+        ``<|im_end|>\\n`` closes the assistant turn unless the model already ended it with EOS,
+        then the template's tool turn (text + one image part per returned image), an optional user
+        hint, and the next ``<|im_start|>assistant\\n``.
+        """
+        base = [{"role": "user", "content": "q"}]
+        parts = [{"type": "text", "text": text}] + [{"type": "image"} for _ in range(n_images)]
+        messages = base + [{"role": "tool", "content": parts}]
+        if hint:
+            messages.append({"role": "user", "content": hint})
+        full = self._render(messages, add_generation_prompt=True)
+        head = self._render(base)
+        if not full.startswith(head):
+            raise ValueError("the chat template does not render a tool turn as an extension of the conversation")
+        close = self.turn_close_text
+        if last_model_token is not None and last_model_token in self.eos_ids:
+            eos_text = self.tokenizer.convert_ids_to_tokens(int(last_model_token))
+            close = close[len(eos_text) :] if close.startswith(eos_text) else close
+        ids = self.encode(close + full[len(head) :])
+        pads = sum(1 for t in ids if t == self.image_pad_id)
+        if pads != n_images:
+            raise ValueError(f"the observation turn renders {pads} image pads for {n_images} image(s)")
+        return ids
+
+    def answer_offset(self, turn_ids: Sequence[int]) -> int:
+        """Index in the turn of the first token after ``</think>`` (0 when the turn has none)."""
+        ids = list(turn_ids)
+        if self.think_close_id is not None and self.think_close_id in ids:
+            return ids.index(self.think_close_id) + 1
+        return 0
+
+
+@dataclass
+class EpisodeStats:
+    """Counters of one episode (summed into the step's metrics by the workflow)."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prefix-cache tokens the engine reported (expanded count; 0 when it cannot tell)."""
+    malformed_calls: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    engine_retries: int = 0
+    wall_s: float = 0.0
+
+
+@dataclass
+class Episode:
+    rollout: Rollout
+    stats: EpisodeStats
+
+
+@dataclass
+class _State:
+    """The growing record of one episode (kept outside the coroutine so a timeout can still record it)."""
+
+    prompt_ids: np.ndarray
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    calls: list[ToolCallSpan] = field(default_factory=list)
+    turns: int = 0
+    answer_start: int = -1
+    stats: EpisodeStats = field(default_factory=EpisodeStats)
+
+
+class Agent:
+    """Runs episodes of one env against one engine. Stateless between episodes (safe to share)."""
+
+    def __init__(self, engine: RolloutEngine, chat: ChatFormat, config: AgentConfig = AgentConfig()) -> None:
+        self.engine = engine
+        self.chat = chat
+        self.config = config
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def new_state(self, task: Task, env, job: ResampleJob | None = None) -> _State:
+        if job is None:
+            prompt = np.asarray(self.chat.prompt_ids(task, env.tool_schemas(), self.config.system_prompt), dtype=np.int64)
+            return _State(prompt_ids=prompt, images=list(task.images), offsets=[-1] * len(task.images))
+        state = _State(prompt_ids=job.prompt_ids, images=list(job.images))
+        state.ids = [int(t) for t in job.prefix_ids]
+        state.mask = [int(m) for m in job.prefix_mask]
+        state.logprobs = [float(x) for x in job.prefix_logprobs]
+        pads = [i for i, t in enumerate(state.ids) if t == self.chat.image_pad_id]
+        state.offsets = [-1] * (len(job.images) - len(pads)) + pads
+        if len(job.images) != len(task.images) + len(pads):
+            raise ValueError(
+                f"job {job.job_id}: {len(job.images)} images but the task has {len(task.images)} and the prefix "
+                f"{len(pads)} image pads"
+            )
+        if len(job.images) != len(task.images):
+            # The env only knows the task's images; replaying earlier tool outputs into it is not supported.
+            raise NotImplementedError(f"job {job.job_id}: a prefix that holds tool-returned images cannot be resumed")
+        return state
+
+    async def run(
+        self,
+        env,
+        task: Task,
+        *,
+        rollout_id: str,
+        question_id: str,
+        seed: int,
+        job: ResampleJob | None = None,
+        state: _State | None = None,
+    ) -> Episode:
+        """One episode (``job`` given: a continuation of the job's prefix). Never raises for engine,
+        tool or env failures: they end the rollout with ``Termination.ERROR`` and the reason."""
+        started = time.perf_counter()
+        env.reset(task)
+        if state is None:
+            state = self.new_state(task, env, job)
+        try:
+            termination, reward, correct = await self._loop(env, task, state, rollout_id, seed, job)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - recorded with its reason, never dropped
+            termination, reward, correct = Termination.ERROR, 0.0, False
+            error = f"{type(exc).__name__}: {exc}"
+        state.stats.wall_s = time.perf_counter() - started
+        return Episode(self.record(state, rollout_id, question_id, termination, reward, correct, job, error), state.stats)
+
+    def record(
+        self,
+        state: _State,
+        rollout_id: str,
+        question_id: str,
+        termination: Termination,
+        reward: float,
+        correct: bool,
+        job: ResampleJob | None,
+        error: str = "",
+    ) -> Rollout:
+        n = len(state.mask)  # a failure mid-append can leave ids one ahead: keep the consistent part
+        cont = job is not None
+        return Rollout(
+            rollout_id=rollout_id,
+            question_id=question_id,
+            prompt_ids=state.prompt_ids,
+            response_ids=state.ids[:n],
+            response_mask=state.mask[:n],
+            response_logprobs=state.logprobs[:n],
+            tool_calls=tuple(c for c in state.calls if c.end <= n),
+            reward=float(reward),
+            correct=bool(correct),
+            termination=termination,
+            turns=state.turns,
+            images=tuple(im for im, o in zip(state.images, state.offsets) if o < n),
+            image_offsets=tuple(o for o in state.offsets if o < n),
+            answer_start=state.answer_start if state.answer_start <= n else -1,
+            kind=RolloutKind.CONTINUATION if cont else RolloutKind.ORIGINAL,
+            source_id=job.source_id if cont else "",
+            prefix_length=job.cut if cont else 0,
+            error=error,
+        )
+
+    # -- the turn loop --------------------------------------------------------------------------
+
+    def _start(self, state: _State, job: ResampleJob | None) -> tuple[int, int]:
+        """``(turn index, index where that turn starts)``: a continuation resumes its prefix's turn."""
+        if job is None or job.cut == 0:
+            return 0, 0
+        obs = [i for i, m in enumerate(state.mask) if m == 0]
+        return max(job.turns_used - 1, 0), (obs[-1] + 1 if obs else 0)
+
+    async def _loop(self, env, task: Task, state: _State, rollout_id: str, seed: int, job: ResampleJob | None):
+        cfg, chat = self.config, self.chat
+        tool_names = set(env.tool_names)
+        turn, turn_start = self._start(state, job)
+        while True:
+            state.turns = turn + 1
+            forced = cfg.cap_policy == "force_answer" and turn == cfg.max_turns - 1
+            context = len(state.prompt_ids) + len(state.ids)
+            budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids), cfg.max_context_tokens - context)
+            if budget < 1:
+                return Termination.MAX_TOKENS, 0.0, False
+            banned = None
+            if forced:
+                banned = tuple(t for t in (chat.image_pad_id, chat.video_pad_id, chat.call_open_id) if t is not None)
+            request = GenerationRequest(
+                prompt_ids=tuple(int(t) for t in state.prompt_ids) + tuple(state.ids),
+                images=tuple(state.images),
+                max_tokens=budget,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=derive_seed(seed, turn, len(state.ids)),
+                stop=() if forced else (CALL_CLOSE,),
+                banned_token_ids=banned,
+                request_id=f"{rollout_id}/t{turn}",
+            )
+            result = await self._generate(request, state.stats)
+            state.ids.extend(result.token_ids)
+            state.logprobs.extend(result.logprobs)
+            state.mask.extend([1] * len(result.token_ids))
+            turn_ids = state.ids[turn_start:]
+            text = chat.decode(turn_ids)
+            parsed = parse_turn_text(text, tool_names)
+            if forced or parsed.kind is TurnKind.ANSWER:
+                state.answer_start = turn_start + chat.answer_offset(turn_ids)
+                answer = parsed.answer if parsed.kind is TurnKind.ANSWER else text.split(THINK_CLOSE, 1)[-1].strip()
+                verdict = await env.afinish(answer)
+                if forced and turn > 0:
+                    termination = Termination.MAX_TURNS
+                elif result.finish_reason == "length":
+                    termination = Termination.MAX_TOKENS
+                else:
+                    termination = Termination.ANSWER
+                return termination, float(verdict.reward), bool(verdict.correct)
+
+            loc = locate_call_tokens(
+                turn_ids, open_id=chat.call_open_id, close_id=chat.call_close_id, think_close_id=chat.think_close_id
+            )
+            valid = parsed.kind is TurnKind.TOOL_CALL
+            if loc is not None and loc.end > loc.body:
+                state.calls.append(
+                    ToolCallSpan(turn_start + loc.open, turn_start + loc.body, turn_start + loc.end, turn=turn, name=parsed.name, valid=valid)
+                )
+            elif valid:  # the text names a call but the ids hold no <tool_call> token: not executable as recorded
+                valid = False
+                parsed = parsed.__class__(TurnKind.MALFORMED_CALL, thinking=parsed.thinking, name=parsed.name,
+                                          error=f"write the call as {CALL_OPEN}{{json}}{CALL_CLOSE}")
+            if turn == cfg.max_turns - 1:  # mask policy: a call in the last turn (Mini-o3 over-turn)
+                return Termination.OVER_TURN, 0.0, False
+
+            if valid:
+                state.stats.tool_calls += 1
+                obs = await env.acall_tool(parsed.name, parsed.arguments)
+                if obs.is_error:
+                    state.stats.tool_errors += 1
+                obs_text, obs_images = obs.model_text, tuple(obs.images)
+            else:
+                state.stats.malformed_calls += 1
+                obs_text, obs_images = f"Error: {parsed.error}", ()
+            hint = cfg.final_turn_hint if (cfg.cap_policy == "force_answer" and turn + 1 == cfg.max_turns - 1) else None
+            obs_ids = chat.observation_ids(obs_text, len(obs_images), state.ids[-1] if state.ids else None, hint)
+            if len(state.ids) + len(obs_ids) >= cfg.max_response_tokens or len(state.prompt_ids) + len(state.ids) + len(obs_ids) >= cfg.max_context_tokens:
+                return Termination.MAX_TOKENS, 0.0, False
+            base = len(state.ids)
+            state.offsets.extend(base + i for i, t in enumerate(obs_ids) if t == chat.image_pad_id)
+            state.images.extend(obs_images)
+            state.ids.extend(obs_ids)
+            state.logprobs.extend([0.0] * len(obs_ids))
+            state.mask.extend([0] * len(obs_ids))
+            turn += 1
+            turn_start = len(state.ids)
+
+    async def _generate(self, request: GenerationRequest, stats: EpisodeStats) -> GenerationResult:
+        attempt = 0
+        while True:
+            try:
+                result = await self.engine.generate(request)
+            except EngineError:
+                if attempt >= self.config.engine_retries:
+                    raise
+                attempt += 1
+                stats.engine_retries += 1
+                await asyncio.sleep(0)
+                continue
+            stats.requests += 1
+            stats.generated_tokens += len(result.token_ids)
+            stats.prompt_tokens += len(request.prompt_ids)
+            stats.cached_tokens += max(result.num_cached_tokens, 0)
+            if result.finish_reason in ("abort", "error"):
+                raise EngineError(f"generation ended with finish_reason={result.finish_reason!r}", request.request_id)
+            return result

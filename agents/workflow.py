@@ -1,0 +1,279 @@
+"""The AXPO workflow for one training step (batch level), framework-free.
+
+    phase 1  N episodes for each of the B questions, all concurrent      -> QuestionGroup x B
+    phase 2  the core's planner picks prefixes under E = floor(r·B·N)    -> ResamplePlan
+    phase 3  K continuations per prefix, token-exact (prompt + prefix ids, same images), rolled
+             forward through the remaining turns, verified                -> continuation Rollouts
+    output   the core's group builder -> TrainingRows (-> a verl batch via ``StepResult.verl_batch``)
+
+GRPO is the same workflow with ``AXPOConfig(enable=False)`` (phases 2-3 off). A rollout that fails
+(engine error, env/tool crash, timeout) is retried ``rollout_retries`` times, then recorded with
+``Termination.ERROR`` and its reason and counted in the metrics: never dropped, so every question
+keeps N rollouts and every selected prefix gets exactly K continuations (the budget stays exact).
+
+The K continuations of a prefix are issued together on one engine, so the engine serves the
+shared ``prompt + prefix`` from its prefix cache (vLLM keys the cache on the image hashes too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from axpo_rllm.agents.agent import Agent, AgentConfig, ChatFormat, Episode, EpisodeStats, derive_seed
+from axpo_rllm.algorithm import AXPOConfig, build_training_rows, original_groups, plan_resampling
+from axpo_rllm.diagnostics import step_diagnostics
+from axpo_rllm.engines.base import RolloutEngine
+from axpo_rllm.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, Task, Termination, TrainingRow
+
+__all__ = ["WorkflowConfig", "StepResult", "AXPOWorkflow", "default_env_factory"]
+
+
+@dataclass(frozen=True)
+class WorkflowConfig:
+    n: int = 8
+    """Rollouts per question (N; ``2N`` with AXPO off is the 'rollout 2x' baseline)."""
+    axpo: AXPOConfig = field(default_factory=AXPOConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    max_concurrency: int = 256
+    """Episodes in flight at once (the engine batches whatever is in flight)."""
+    rollout_retries: int = 1
+    """Re-runs of an episode that ended in ``Termination.ERROR`` before it is recorded as failed."""
+    rollout_timeout_s: float | None = 900.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"WorkflowConfig.n must be >= 1, got {self.n}")
+        if self.rollout_retries < 0:
+            raise ValueError(f"WorkflowConfig.rollout_retries must be >= 0, got {self.rollout_retries}")
+
+
+@dataclass
+class StepResult:
+    step: int
+    groups: list[QuestionGroup]
+    plan: ResamplePlan
+    continuations: list[Rollout]
+    rows: list[TrainingRow]
+    metrics: dict[str, float]
+    stats: dict[str, EpisodeStats]
+    """Per rollout id: the episode's counters (requests, tokens, cache hits, malformed calls ...)."""
+
+    @property
+    def rollouts(self) -> list[Rollout]:
+        return [r for g in self.groups for r in g.rollouts] + list(self.continuations)
+
+    def verl_batch(self, pad_token_id: int, **kwargs):
+        """The step's rows as a verl ``DataProto`` (needs verl)."""
+        from axpo_rllm.verl_batch import build_verl_batch
+
+        return build_verl_batch(self.rows, pad_token_id=pad_token_id, **kwargs)
+
+
+def default_env_factory(tools: Sequence[str] = ("crop",), grader=None, call_timeout_s: float = 60.0) -> Callable[[], Any]:
+    """Environments sharing one set of tool instances (their clients and pools) and one grader."""
+    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
+
+    shared = build_tools(list(tools))
+    return lambda: MultimodalToolEnv(tools=shared, grader=grader, call_timeout_s=call_timeout_s)
+
+
+class AXPOWorkflow:
+    """Runs AXPO (or GRPO) steps: ``await workflow.arun_step(tasks, step)``."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        chat: ChatFormat,
+        env_factory: Callable[[], Any],
+        config: WorkflowConfig = WorkflowConfig(),
+    ) -> None:
+        self.engine = engine
+        self.chat = chat
+        self.env_factory = env_factory
+        self.config = config
+        self.agent = Agent(engine, chat, config.agent)
+
+    def run_step(self, tasks: Sequence[Task], step: int = 0) -> StepResult:
+        return asyncio.run(self.arun_step(tasks, step))
+
+    async def arun_step(self, tasks: Sequence[Task], step: int = 0) -> StepResult:
+        cfg = self.config
+        ids = [t.task_id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"task ids repeat within the step: {sorted(i for i, c in Counter(ids).items() if c > 1)}")
+        limit = asyncio.Semaphore(cfg.max_concurrency)
+        counters: Counter[str] = Counter()
+        cache_before = self._cache_counters()
+        t0 = time.perf_counter()
+
+        # Phase 1: N episodes per question, all in flight together.
+        originals = await asyncio.gather(
+            *(
+                self._episode(task, f"{task.task_id}#{i}", task.task_id, derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
+                for task in tasks
+                for i in range(cfg.n)
+            )
+        )
+        groups = original_groups(e.rollout for e in originals)
+        t1 = time.perf_counter()
+
+        # Phase 2: the planner (AXPO_SPEC §1-4).
+        plan = plan_resampling(groups, cfg.axpo, step)
+        t2 = time.perf_counter()
+        cache_mid = self._cache_counters()
+
+        # Phase 3: K token-exact continuations per selected prefix.
+        by_task = {t.task_id: t for t in tasks}
+        continuations = await asyncio.gather(
+            *(
+                self._episode(
+                    by_task[job.question_id], f"{job.source_id}~c{k}", job.question_id,
+                    derive_seed(cfg.seed, step, job.source_id, "cont", k), job, limit, counters,
+                )
+                for job in plan.jobs
+                for k in range(job.k)
+            )
+        )
+        t3 = time.perf_counter()
+        cache_after = self._cache_counters()
+
+        conts = [e.rollout for e in continuations]
+        rows = build_training_rows(groups, plan, conts, cfg.axpo)
+        metrics = step_diagnostics(groups, plan, conts, cfg.axpo)
+        metrics.update(self._metrics(originals, continuations, plan, counters))
+        metrics.update({
+            "workflow/phase1_s": t1 - t0,
+            "workflow/plan_s": t2 - t1,
+            "workflow/phase3_s": t3 - t2,
+            "workflow/step_s": t3 - t0,
+        })
+        metrics.update(_cache_metrics(cache_before, cache_mid, cache_after))
+        stats = {e.rollout.rollout_id: e.stats for e in list(originals) + list(continuations)}
+        return StepResult(step, groups, plan, conts, rows, metrics, stats)
+
+    # -- one episode, with retries and a timeout ------------------------------------------------
+
+    async def _episode(
+        self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None,
+        limit: asyncio.Semaphore, counters: Counter,
+    ) -> Episode:
+        cfg = self.config
+        async with limit:
+            for attempt in range(cfg.rollout_retries + 1):
+                episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job)
+                if episode.rollout.termination is not Termination.ERROR:
+                    return episode
+                counters[f"failure/{episode.rollout.error.split(':', 1)[0]}"] += 1
+                if attempt < cfg.rollout_retries:
+                    counters["rollout_retries"] += 1
+            counters["failed_rollouts"] += 1
+            return episode
+
+    async def _attempt(self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None) -> Episode:
+        env = None
+        try:
+            env = self.env_factory()
+            env.reset(task)
+            state = self.agent.new_state(task, env, job)
+        except Exception as exc:  # noqa: BLE001 - an env that cannot start is a recorded failure
+            return _failed(task, rollout_id, question_id, job, f"EnvError: {type(exc).__name__}: {exc}", self.chat)
+        try:
+            run = self.agent.run(env, task, rollout_id=rollout_id, question_id=question_id, seed=seed, job=job, state=state)
+            if self.config.rollout_timeout_s is None:
+                return await run
+            return await asyncio.wait_for(run, self.config.rollout_timeout_s)
+        except asyncio.TimeoutError:
+            rollout = self.agent.record(
+                state, rollout_id, question_id, Termination.ERROR, 0.0, False, job,
+                f"Timeout: episode exceeded {self.config.rollout_timeout_s:g}s",
+            )
+            return Episode(rollout, state.stats)
+        finally:
+            close = getattr(env, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 - closing shared tools is the owner's business
+                    pass
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def _cache_counters(self) -> tuple[int, int] | None:
+        fn = getattr(self.engine, "prefix_cache_stats", None)
+        return fn() if callable(fn) else None
+
+    def _metrics(self, originals: Sequence[Episode], conts: Sequence[Episode], plan: ResamplePlan, counters: Counter) -> dict[str, float]:
+        def total(episodes, attr):
+            return float(sum(getattr(e.stats, attr) for e in episodes))
+
+        everyone = list(originals) + list(conts)
+        gen1, gen3 = total(originals, "generated_tokens"), total(conts, "generated_tokens")
+        out = {
+            "workflow/rollouts_phase1": float(len(originals)),
+            "workflow/rollouts_phase3": float(len(conts)),
+            "workflow/generated_tokens_phase1": gen1,
+            "workflow/generated_tokens_phase3": gen3,
+            "workflow/extra_token_ratio": gen3 / gen1 if gen1 else float("nan"),
+            "workflow/requests": total(everyone, "requests"),
+            "workflow/tool_calls": total(everyone, "tool_calls"),
+            "workflow/tool_errors": total(everyone, "tool_errors"),
+            "workflow/malformed_calls": total(everyone, "malformed_calls"),
+            "workflow/engine_retries": total(everyone, "engine_retries"),
+            "workflow/rollout_retries": float(counters.get("rollout_retries", 0)),
+            "workflow/failed_rollouts": float(counters.get("failed_rollouts", 0)),
+            "workflow/extra_samples_exact": float(len(conts) == plan.used),
+        }
+        for key, value in counters.items():
+            if key.startswith("failure/"):
+                out[f"workflow/{key}"] = float(value)
+        for term in Termination:
+            out[f"workflow/termination/{term.value}"] = float(sum(e.rollout.termination is term for e in everyone))
+        prompt3, cached3 = total(conts, "prompt_tokens"), total(conts, "cached_tokens")
+        if prompt3:
+            # Per-request view (cached tokens are counted expanded, prompts unexpanded: an upper bound
+            # near 1 with images); the engine's own counters below are the reference figure.
+            out["workflow/continuation_cached_tokens_per_prompt_token"] = cached3 / prompt3
+        return out
+
+
+def _cache_metrics(before, mid, after) -> dict[str, float]:
+    """vLLM's own prefix-cache counters, split by phase (hits / queries, in tokens)."""
+    if before is None or mid is None or after is None:
+        return {}
+    out = {}
+    for name, (a, b) in (("phase1", (before, mid)), ("phase3", (mid, after))):
+        hits, queries = b[0] - a[0], b[1] - a[1]
+        out[f"workflow/prefix_cache_hits_{name}"] = float(hits)
+        out[f"workflow/prefix_cache_queries_{name}"] = float(queries)
+        out[f"workflow/prefix_cache_hit_rate_{name}"] = hits / queries if queries else float("nan")
+    return out
+
+
+def _failed(task: Task, rollout_id: str, question_id: str, job: ResampleJob | None, error: str, chat: ChatFormat) -> Episode:
+    """A rollout that never started: the prompt (or the job's prefix) and no new tokens."""
+    from axpo_rllm.records import RolloutKind
+
+    import numpy as np
+
+    if job is not None:
+        rollout = Rollout(
+            rollout_id=rollout_id, question_id=question_id, prompt_ids=job.prompt_ids, response_ids=job.prefix_ids,
+            response_mask=job.prefix_mask, response_logprobs=job.prefix_logprobs, tool_calls=(), reward=0.0,
+            correct=False, termination=Termination.ERROR, turns=0, images=job.images,
+            image_offsets=tuple([-1] * len(task.images)) + tuple(
+                i for i, t in enumerate(job.prefix_ids) if t == chat.image_pad_id
+            ),
+            kind=RolloutKind.CONTINUATION, source_id=job.source_id, prefix_length=job.cut, error=error,
+        )
+    else:
+        rollout = Rollout(
+            rollout_id=rollout_id, question_id=question_id, prompt_ids=np.zeros(0, dtype=np.int64), response_ids=[],
+            response_mask=[], response_logprobs=[], tool_calls=(), reward=0.0, correct=False,
+            termination=Termination.ERROR, turns=0, error=error,
+        )
+    return Episode(rollout, EpisodeStats())
