@@ -1,6 +1,7 @@
 """``axpo-rllm``: the command line.
 
     axpo-rllm plan-demo [--ablation NAME] [key=value ...]   plan + advantages on a synthetic step
+    axpo-rllm simulate [--sweep] [--png PATH] [...]          signal-yield simulator: AXPO vs more rollouts / ARPO
     axpo-rllm main                                           the embedded CPU job
 """
 
@@ -55,6 +56,39 @@ def run_main(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def simulate(args: argparse.Namespace) -> int:
+    """Signal-yield simulator (docs/simulator.md): every strategy on the same simulated steps."""
+    from axpo_rllm import simulator as sim
+
+    cfg = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k, steps=args.steps, seed=args.seed)
+    report = sim.simulate(cfg)
+    print(sim.format_calibration(report), end="\n\n")
+    print(sim.format_table(report))
+    points = []
+    if args.sweep:
+        base = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k,
+                             steps=args.sweep_steps or max(1, args.steps // 2), seed=args.seed)
+        points = sim.sweep(base)
+        print("\n" + sim.format_sweep(points))
+    if args.png:
+        print(f"\nwrote {sim.plot(report, args.png, points)}")
+    return 0
+
+
+def add_simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="signal-yield simulator: AXPO vs more rollouts and post-observation branching")
+    p.add_argument("--questions", type=int, default=128, help="B, questions per step")
+    p.add_argument("--n", type=int, default=8, help="N, rollouts per question")
+    p.add_argument("--r", type=float, default=0.25, help="extra-sample ratio: E = floor(r·B·N)")
+    p.add_argument("--k", type=int, default=4, help="K, continuations per selected prefix")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="store_true", help="also vary r, K and N one at a time (a second table)")
+    p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep point (default: steps // 2)")
+    p.add_argument("--png", default="axpo-simulator.png", help="where to write the figure ('' for none)")
+    p.set_defaults(func=simulate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axpo-rllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. algorithm.axpo.r=0.5")
     demo.set_defaults(func=plan_demo)
+    add_simulate_parser(sub)
     main_job = sub.add_parser("main", help="the embedded CPU job (tiny Qwen-VL, synthetic tasks)")
     main_job.set_defaults(func=run_main)
     return parser

@@ -144,7 +144,7 @@ class SimConfig:
     n: int = 8
     r: float = 0.25
     k: int = 4
-    steps: int = 12
+    steps: int = 10
     seed: int = 0
     model: PolicyModel = field(default_factory=PolicyModel)
 
@@ -536,6 +536,10 @@ class StrategyResult:
     triggered: int = 0
     recovered: int = 0
     """Triggered questions that gained at least one correct tool-using sample."""
+    prefixes: int = 0
+    """Prefixes selected by the planner (planned strategies only)."""
+    prefixes_recovered: int = 0
+    """...of which at least one sample came back tool-using and correct."""
     questions: int = 0
     signal_nonzero: int = 0
     """Questions with some row's advantage != 0 on a tool-call token."""
@@ -575,6 +579,10 @@ class StrategyResult:
         return self._ratio(self.hits_on_triggered, self.extra_on_triggered)
 
     @property
+    def prefix_recovery_rate(self) -> float:
+        return self._ratio(self.prefixes_recovered, self.prefixes)
+
+    @property
     def tokens_per_recovered(self) -> float:
         return self._ratio(self.extra_tokens, self.recovered)
 
@@ -609,6 +617,8 @@ def measure(result: StrategyResult, step: Step, spend: Spend) -> None:
     result.hits_on_triggered += len(hits)
     result.triggered += len(step.triggered)
     result.recovered += len({x.question_id for x in hits})
+    result.prefixes += len(spend.plan.jobs)
+    result.prefixes_recovered += len({x.source_id for x in hits if x.kind is RolloutKind.CONTINUATION})
     rows = build_training_rows(spend.groups, spend.plan, [x for x in spend.extra if x.kind is RolloutKind.CONTINUATION],
                                spend.config)
     nonzero, positive = tool_call_signal(rows)
@@ -680,7 +690,7 @@ class SimReport:
     def axpo_vs_double(self) -> float:
         """AXPO's recovered groups per extra sample over rollout 2x's (the issue's goal: >= 2)."""
         a, d = self.results[AXPO_ROW].recovered_per_100, self.results[DOUBLE_ROW].recovered_per_100
-        return a / d if d else float("inf")
+        return a / d if d else float("nan")
 
 
 def simulate(cfg: SimConfig = SimConfig(), strategies: Sequence[str] | None = None) -> SimReport:
@@ -699,3 +709,136 @@ def simulate(cfg: SimConfig = SimConfig(), strategies: Sequence[str] | None = No
                 rng = np.random.default_rng([cfg.seed, index, 2, number])
                 measure(results[name], step, STRATEGIES[name](cfg, step, rng))
     return SimReport(cfg, calibrate(steps), results)
+
+
+def sweep(
+    base: SimConfig = SimConfig(),
+    values: dict[str, Sequence] | None = None,
+    strategies: Sequence[str] = ("GRPO (N, no extra)", AXPO_ROW, RANDOM_ROW, "w/o prefix fix (fresh, targeted)",
+                                 ONE_PLUS_R_ROW, DOUBLE_ROW),
+) -> list[tuple[str, object, SimReport]]:
+    """Vary r, K and N one at a time around ``base`` (same seed, same model): (field, value, report)."""
+    values = values if values is not None else {"r": (0.125, 0.25, 0.5), "k": (2, 4, 8), "n": (4, 8, 16)}
+    out, done = [], {}
+    for name, options in values.items():
+        for value in options:
+            cfg = dataclasses.replace(base, **{name: value})
+            if cfg not in done:  # the base point recurs once per knob: run it once
+                done[cfg] = simulate(cfg, strategies)
+            out.append((name, value, done[cfg]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Output: the table (markdown, so docs can paste it), the calibration, the sweep, the PNG.
+# ---------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _num(x: float, digits: int = 2) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def format_table(report: SimReport) -> str:
+    cfg = report.config
+    header = ["strategy", "extra used / budget", "on all-wrong q", "tool-using", "tool & correct",
+              "prefixes recovered", "recovered groups", "recovered / 100 extra", "tool-call A≠0", "tool-call A>0",
+              "extra tokens", "tokens / recovered"]
+    rows = []
+    for r in report.results.values():
+        rows.append([
+            r.name, f"{r.extra_used} / {r.budget}", _pct(r.on_triggered_share), _pct(r.tool_share), _pct(r.hit_rate),
+            "-" if not r.prefixes else f"{r.prefixes_recovered} / {r.prefixes}",
+            f"{r.recovered} / {r.triggered}", _num(r.recovered_per_100), _pct(r.share_nonzero), _pct(r.share_positive),
+            f"{r.extra_tokens}", _num(r.tokens_per_recovered, 0),
+        ])
+    title = (f"Signal yield: B={cfg.questions} questions x N={cfg.n} rollouts, r={cfg.r}, K={cfg.k}, "
+             f"{cfg.steps} steps, seed {cfg.seed} (E = floor(r·B·N) = {extra_budget(cfg.r, cfg.questions, cfg.n)} per step)")
+    note = ""
+    if AXPO_ROW in report.results and DOUBLE_ROW in report.results:
+        note = (f"\nAXPO / rollout 2x, recovered all-wrong tool groups per extra sample: "
+                f"{report.axpo_vs_double:.2f}x")
+    return f"{title}\n\n{_markdown(header, rows)}{note}"
+
+
+def format_calibration(report: SimReport) -> str:
+    c, cfg = report.calibration, report.config
+    t = Calibration.TARGETS
+    lines = [
+        ("tool-use rate (rollouts with >= 1 call)", _num(c.tool_use_rate, 3), f"~{t['tool_use_rate']:.2f}"),
+        ("all-wrong rate (questions with a tool subgroup: all of it wrong)", _num(c.all_wrong_rate, 3),
+         f"~{t['all_wrong_rate']:.2f}"),
+        ("call clusters per tool prefix (mass >= 5%)", _num(c.clusters_per_prefix), f"~{t['clusters_per_prefix']:.0f}"),
+        ("tool prefixes collapsed to one cluster (mass >= 90%)", _num(c.collapsed_share), f"~{t['collapsed_share']:.2f}"),
+        ("accuracy: tool / no-tool rollouts", f"{_num(c.acc_tool)} / {_num(c.acc_no_tool)}", ""),
+        ("Spearman(c_s, entropy of the prefix's call distribution)", _num(c.c_entropy_spearman), "< 0"),
+        ("viable tool prefixes: all / in all-wrong tool subgroups", f"{_num(c.viable_share)} / {_num(c.viable_share_in_all_wrong)}", ""),
+        ("all-wrong tool groups per step", _num(c.triggered_per_step, 1), ""),
+    ]
+    header = f"Calibration: plain GRPO, N={cfg.n}, {cfg.questions * cfg.steps} simulated questions"
+    return header + "\n\n" + _markdown(["quantity", "measured", "paper"], [list(x) for x in lines])
+
+
+def format_sweep(points: Sequence[tuple[str, object, SimReport]]) -> str:
+    header = ["vary", "E / step", "AXPO", "random rank", "fresh, targeted", "rollout (1+r)x", "rollout 2x",
+              "AXPO / 2x", "A>0: GRPO", "A>0: AXPO", "A>0: 2x"]
+    rows = []
+    for name, value, rep in points:
+        res, cfg = rep.results, rep.config
+        per = lambda key: _num(res[key].recovered_per_100) if key in res else "-"  # noqa: E731
+        pos = lambda key: _pct(res[key].share_positive) if key in res else "-"  # noqa: E731
+        rows.append([f"{'K' if name == 'k' else 'N' if name == 'n' else name}={value}",
+                     str(extra_budget(cfg.r, cfg.questions, cfg.n)), per(AXPO_ROW), per(RANDOM_ROW),
+                     per("w/o prefix fix (fresh, targeted)"), per(ONE_PLUS_R_ROW), per(DOUBLE_ROW),
+                     _num(rep.axpo_vs_double) + "x", pos("GRPO (N, no extra)"), pos(AXPO_ROW), pos(DOUBLE_ROW)])
+    return ("Sweep (one knob at a time; recovered all-wrong tool groups per 100 extra samples; "
+            "A>0 = share of questions with a positive advantage on tool-call tokens)\n\n" + _markdown(header, rows))
+
+
+def plot(report: SimReport, path: str, points: Sequence[tuple[str, object, SimReport]] = ()) -> str:
+    """A small PNG: recovered groups per 100 extra samples, tool-call signal, and the sweep's AXPO/2x ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in report.results.values() if r.extra_used]
+    panels = 3 if points else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), dpi=90)
+    names = [r.name.replace(" (", "\n(").replace(": ", ":\n") for r in results]
+    colors = ["tab:red" if r.name.startswith("AXPO") else "tab:gray" for r in results]
+    axes[0].barh(names, [r.recovered_per_100 for r in results], color=colors)
+    axes[0].set_xlabel("recovered all-wrong tool groups\nper 100 extra samples")
+    axes[0].invert_yaxis()
+    everyone = list(report.results.values())
+    y = np.arange(len(everyone))
+    axes[1].barh(y, [r.share_nonzero for r in everyone], color="lightgray", label="A≠0")
+    axes[1].barh(y, [r.share_positive for r in everyone], color="tab:blue", label="A>0")
+    axes[1].set_yticks(y, [r.name.replace(" (", "\n(").replace(": ", ":\n") for r in everyone], fontsize=7)
+    axes[1].invert_yaxis()
+    axes[1].set_xlim(0, 1)
+    axes[1].set_xlabel("share of questions with advantage\non tool-call tokens")
+    axes[1].legend(fontsize=7, loc="lower right")
+    axes[0].tick_params(axis="y", labelsize=7)
+    if points:
+        labels = [f"{'K' if n == 'k' else 'N' if n == 'n' else n}={v}" for n, v, _ in points]
+        ratios = [rep.axpo_vs_double for _, _, rep in points]
+        axes[2].bar(labels, [0.0 if math.isnan(x) else x for x in ratios], color="tab:red")
+        axes[2].axhline(2.0, color="black", lw=0.8, ls="--")
+        axes[2].set_ylabel("AXPO / rollout 2x\n(recovered per extra sample)")
+        axes[2].tick_params(axis="x", labelrotation=45, labelsize=7)
+    cfg = report.config
+    fig.suptitle(f"AXPO signal yield (simulated): B={cfg.questions}, N={cfg.n}, r={cfg.r}, K={cfg.k}, "
+                 f"{cfg.steps} steps, seed {cfg.seed}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
