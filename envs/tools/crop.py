@@ -154,7 +154,8 @@ def _upscale(crop: Image.Image, config: CropConfig) -> Image.Image:
     scale = min(scale, math.sqrt(config.max_output_pixels / (w * h)))
     if scale <= 1:
         return crop
-    return crop.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    # floor, so that the product never exceeds max_output_pixels
+    return crop.resize((max(1, math.floor(w * scale)), max(1, math.floor(h * scale))), Image.BICUBIC)
 
 
 def _short(value: Any, limit: int = 80) -> str:
