@@ -18,7 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from axpo_rllm.envs.search_server import BM25Index, Document, RetrievalServer, make_fact_corpus, read_corpus, write_corpus
+from axpo_rllm.envs.search_server import (
+    BM25Index,
+    Document,
+    RetrievalServer,
+    RetrievalServerProcess,
+    make_fact_corpus,
+    read_corpus,
+    write_corpus,
+)
 from axpo_rllm.envs.tools.base import ToolContext
 from axpo_rllm.envs.tools.search import SearchCache, SearchTool, normalize_query
 
@@ -401,3 +409,16 @@ def test_tool_usable_from_several_event_loops(corpus_server, facts):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_server_process_start_stop(tmp_path, facts):
+    docs, qa = facts
+    corpus = write_corpus(docs, tmp_path / "corpus.jsonl")
+    with RetrievalServerProcess(corpus) as server:
+        (result,) = run(call_and_close(SearchTool(base_url=server.url), {"query": qa[7][0]}))
+        assert qa[7][1] in result.text
+        process = server._process
+    assert process.poll() is not None  # stopped, not left running
+    (tmp_path / "broken.jsonl").write_text("not json\n")
+    with pytest.raises(RuntimeError, match="did not start"):
+        RetrievalServerProcess(tmp_path / "broken.jsonl", startup_timeout_s=30).start()
