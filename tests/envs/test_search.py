@@ -310,7 +310,7 @@ def test_serper_wire_format(monkeypatch):
 FAULTS = {
     "5xx": (("status", 503), "HTTP 503"),
     "429": (("status", 429), "HTTP 429"),
-    "slow": (("slow", 1.0, LOCAL_OK[1]), "timed out"),
+    "timeout": (("slow", 1.0, LOCAL_OK[1]), "timed out"),  # slower than timeout_s=0.5
     "malformed_json": (("raw", "<html>oops"), "malformed JSON"),
     "wrong_shape": (("ok", {"hits": []}), "no 'results' list"),
 }
@@ -338,6 +338,13 @@ def test_persistent_fault_is_an_error_and_never_cached(fault, tmp_path):
     with ScriptedServer([LOCAL_OK]) as healthy:
         (good,) = run(call_and_close(SearchTool(base_url=healthy.url, cache_path=cache_path, **FAST), {"query": "capital"}))
     assert not good.is_error and good.metadata["cache_hit"] is False
+
+
+def test_slow_but_in_time_is_not_retried():
+    with ScriptedServer([("slow", 0.2, LOCAL_OK[1])]) as server:
+        (result,) = run(call_and_close(SearchTool(base_url=server.url, **FAST), {"query": "capital"}))
+        assert len(server.requests) == 1
+    assert not result.is_error and result.metadata["attempts"] == 1 and result.metadata["latency_s"] >= 0.2
 
 
 def test_refused_connection_is_retried_then_reported(tmp_path):
