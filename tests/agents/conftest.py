@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,60 +19,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-CALL_TEXT = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
 
-
-def noise_image(seed: int, width: int = 84, height: int = 56):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
-
-
-def make_tasks(b: int, with_images: bool = True):
-    from axpo_rllm.records import Task
-
-    return [
-        Task(f"q{i}", f"Which color is the square in picture {i}? Answer A or B.", "A", "choice",
-             images=(noise_image(i),) if with_images else (), metadata={"choices": {"A": "red", "B": "blue"}})
-        for i in range(b)
-    ]
-
-
-class AlwaysWrongGrader:
-    """A verifier override for tests: every answer is wrong (counts its calls)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def grade_task(self, task, response):
-        from axpo_rllm.envs.verifiers import VerifyResult
-
-        self.calls += 1
-        return VerifyResult(reward=0.0, correct=False, extracted=None)
-
-
-class RecordingEngine:
-    """Wraps an engine and keeps every request it served (to check token-exact prompts)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.requests = []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    async def generate(self, request):
-        self.requests.append(request)
-        return await self.inner.generate(request)
-
-    async def generate_many(self, requests):
-        self.requests.extend(requests)
-        return await self.inner.generate_many(requests)
-
-    async def score(self, *args):
-        return await self.inner.score(*args)
+# --import-mode=importlib puts no test folder on sys.path: make agent_helpers importable.
+sys.path.insert(0, str(Path(__file__).parent))
+from agent_helpers import AlwaysWrongGrader, FakeEngine, biased  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +85,7 @@ def env_factory(crop_tools, grader):
     return lambda: MultimodalToolEnv(tools=crop_tools, grader=grader)
 
 
-def biased(engine, chat, **kw):
-    from axpo_rllm.agents.testing import ToolBiasedEngine
-
-    return ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=chat.encode(CALL_TEXT), **kw)
+@pytest.fixture
+def fake_engine(chat):
+    words = chat.encode(" the red square is left of a blue circle so answer")
+    return FakeEngine(chat, words)
