@@ -467,9 +467,13 @@ def _read_exact(stream, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_frame(stream) -> Any:
+def _read_raw_frame(stream) -> bytes:
     (length,) = struct.unpack(">I", _read_exact(stream, 4))
-    return pickle.loads(_read_exact(stream, length))
+    return _read_exact(stream, length)
+
+
+def _read_frame(stream) -> Any:
+    return pickle.loads(_read_raw_frame(stream))
 
 
 def _serve(warmup: tuple[str, ...]) -> None:
@@ -491,15 +495,16 @@ def _serve(warmup: tuple[str, ...]) -> None:
     _write_frame(out, "ready")
     while True:
         try:
-            job = _read_frame(inp)
+            raw = _read_raw_frame(inp)
         except EOFError:
             return
-        if job is None:
-            return
-        fn, args = job
         try:
+            job = pickle.loads(raw)
+            if job is None:
+                return
+            fn, args = job
             reply = (True, fn(*args))
-        except BaseException as e:  # noqa: BLE001 - everything goes back to the caller as a crash
+        except BaseException as e:  # noqa: BLE001 - everything (an unloadable job too) goes back as a crash
             reply = (False, f"{type(e).__name__}: {e}")
         _write_frame(out, reply)
 
@@ -590,9 +595,12 @@ class DeadlinePool:
             except GraderTimeout:
                 worker.kill()
                 raise
-            except (EOFError, OSError, pickle.PickleError, struct.error) as e:
+            except Exception as e:  # pipe broken, worker died, job not picklable: start afresh next time
                 worker.kill()
-                raise GraderCrash(f"grader worker died ({type(e).__name__}: {e})") from None
+                raise GraderCrash(f"grader worker failed ({type(e).__name__}: {e})") from None
+            except BaseException:
+                worker.kill()
+                raise
             self._give_back(worker)
             return result
 

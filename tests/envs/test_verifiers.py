@@ -7,6 +7,7 @@ timeouts) and the SQuAD normalisation used by search-QA benchmarks.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -306,3 +307,16 @@ def test_pool_rejects_bad_size_and_closed_use():
     closed.close()
     with pytest.raises(GraderCrash, match="closed"):
         closed.run(divmod, (1, 1), 1)
+
+
+def test_pool_survives_unpicklable_jobs_and_dead_workers(pool):
+    with pytest.raises(GraderCrash, match="grader worker failed"):
+        pool.run(lambda: 1, (), 5)  # cannot be pickled in the parent
+    with pytest.raises(GraderCrash, match="grader worker failed"):
+        pool.run(os._exit, (3,), 5)  # the worker dies mid-job
+    assert pool.run(divmod, (9, 4), 5) == (2, 1)
+
+
+def test_unpicklable_metadata_is_a_counted_failure(grader):
+    result = grader.grade("math", r"\boxed{1}", "1", {"handle": threading.Lock()})
+    assert result.failure.startswith("crash: grader worker failed") and grader.stats.failures == 1
