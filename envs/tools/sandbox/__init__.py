@@ -93,8 +93,8 @@ class SandboxLimits:
     timeout_s: float = 10.0
     cpu_s: int = 10
     memory_mb: int = 1024
-    file_size_mb: int = 16
-    workdir_mb: int = 64
+    file_size_mb: int = 32
+    workdir_mb: int = 256
     """Size of the tmpfs work dir (``bwrap`` only; elsewhere ``file_size_mb`` caps each file)."""
     max_processes: int = 16
     max_open_files: int = 64
@@ -277,7 +277,7 @@ class _Worker:
         start = time.perf_counter()
         deadline = time.monotonic() + limits.timeout_s
         job = pickle.dumps({"code": code, "images": [_raw_image(im) for im in images], "cpu_seconds": limits.cpu_s})
-        error, timed_out, out_images, notes = "", False, [], []
+        error, timed_out, out_images, notes, answered = "", False, [], [], False
         try:
             self.proc.stdin.write(job)
             self.proc.stdin.close()
@@ -286,17 +286,19 @@ class _Worker:
                 error = self._death_message()
             else:
                 meta = json.loads(header)
-                error = meta.get("error") or ""
+                error = str(meta.get("error") or "")
                 notes = [str(n)[:300] for n in meta.get("notes", [])][:10]
                 for size in meta.get("images", [])[: limits.max_images]:
                     out_images.append(self._read_image(size, deadline))
+                answered = True
         except TimeoutError:
             timed_out = True
             error = f"the code ran past the {limits.timeout_s:g} s time limit; its process tree was killed"
-        except (BrokenPipeError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # whatever the sandbox sends is untrusted: never let it raise here
             error = f"the sandbox worker failed: {type(exc).__name__}: {str(exc)[:200]}"
         finally:
-            self.kill()
+            if not answered:  # the tree must be dead before its output is read; else the pool reaps it
+                self.kill()
         if error and not timed_out and "SIGXCPU" in error:
             error = f"the code used more than its {limits.cpu_s} s of CPU time and was killed"
         return SandboxResult(
@@ -479,6 +481,9 @@ class SandboxPool:
             self._wanted.release()
         self._filler = threading.Thread(target=self._fill_loop, name="axpo-sandbox-filler", daemon=True)
         self._filler.start()
+        self._dead: queue.Queue[_Worker | None] = queue.Queue()
+        self._reaper = threading.Thread(target=self._reap_loop, name="axpo-sandbox-reaper", daemon=True)
+        self._reaper.start()
 
     def _next_uid(self) -> int | None:
         if not self.isolation.own_uid:
@@ -528,11 +533,18 @@ class SandboxPool:
         """Run ``code`` in a fresh sandboxed worker; ``images`` are PIL images (``images`` in the code)."""
         worker = self._take()
         try:
-            result = worker.run(code, images)
+            return worker.run(code, images)
         finally:
+            self._dead.put(worker)  # killed and removed off the caller's path
+
+    def _reap_loop(self) -> None:
+        """Kill what is left of used workers (children the code started) and delete their files."""
+        while True:
+            worker = self._dead.get()
+            if worker is None:
+                return
             worker.kill()
             worker.cleanup()
-        return result
 
     async def arun(self, code: str, images: Sequence[Any] = ()) -> SandboxResult:
         return await asyncio.to_thread(self.run, code, images)
@@ -549,6 +561,8 @@ class SandboxPool:
             worker.kill()
             worker.cleanup()
         self._filler.join(timeout=10)
+        self._dead.put(None)
+        self._reaper.join(timeout=30)
         while True:  # a worker the filler finished while we were draining
             try:
                 worker = self._ready.get_nowait()

@@ -78,18 +78,51 @@ def read_job():
     return pickle.loads(data)
 
 
-def write_inputs(job):
-    """``image_<i>.png`` files; returns their (size, mtime) so that edited inputs count as outputs."""
-    images = []
-    stamps = {}
-    for i, (mode, size, raw) in enumerate(job["images"]):
-        image = Image.frombytes(mode, tuple(size), raw)
-        name = f"image_{i}.png"
-        image.save(name, compress_level=1)
-        stat = os.stat(name)
-        stamps[name] = (stat.st_size, stat.st_mtime_ns)
-        images.append(image)
-    return images, stamps
+class InputFiles:
+    """``image_<i>.png`` in the work dir, written only when the code may look at files.
+
+    PNG encoding is most of a warm call's cost (tens of ms for a large image), and most code only
+    uses ``images``. So the files are written before the code runs when its text mentions them
+    (``image_``, ``png``), otherwise on its first file-system access inside the work dir (an audit
+    hook on open/listdir/scandir/glob). ``stamps`` (size, mtime) lets edited inputs count as outputs.
+    """
+
+    TRIGGERS = ("open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.rename")
+
+    def __init__(self, images, workdir):
+        self.images, self.workdir = images, os.path.realpath(workdir)
+        self.stamps = {}
+        self.done = False
+
+    def write(self):
+        if self.done:
+            return
+        self.done = True  # before saving: the saves' own open events must not re-enter
+        for i, image in enumerate(self.images):
+            name = f"image_{i}.png"
+            image.save(name, compress_level=1)
+            stat = os.stat(name)
+            self.stamps[name] = (stat.st_size, stat.st_mtime_ns)
+
+    def install(self, code):
+        lowered = code.lower()
+        if not self.images or "image_" in lowered or "png" in lowered:
+            self.write()
+            return
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if self.done or event not in self.TRIGGERS:
+            return
+        path = args[0] if args else None
+        if path is None or isinstance(path, int):
+            path = "."
+        try:
+            path = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return
+        if not os.path.isabs(path) or path == self.workdir or path.startswith(self.workdir + "/"):
+            self.write()
 
 
 def install_guard(workdir):
@@ -208,7 +241,9 @@ def collect_images(display, stamps, notes):
 
 
 def run(job):
-    images, stamps = write_inputs(job)
+    images = [Image.frombytes(mode, tuple(size), raw) for mode, size, raw in job["images"]]
+    files = InputFiles(images, os.getcwd())
+    files.install(job["code"])
     display = Display()
     Image.Image.show = lambda self, *a, **k: display(self)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__, "images": images,
@@ -235,8 +270,9 @@ def run(job):
         sys.stderr.flush()
     except Exception:
         pass
+    files.done = True  # the scan below must not write the inputs
     notes = []
-    out = collect_images(display, stamps, notes)
+    out = collect_images(display, files.stamps, notes)
     header = {"error": error, "images": [list(im.size) for im in out], "notes": notes}
     send_frame(json.dumps(header).encode())
     for im in out:
