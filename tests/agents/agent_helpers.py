@@ -103,7 +103,7 @@ class FakeEngine:
         from axpo_rllm.engines.base import EngineError, GenerationResult
 
         self.requests.append(request)
-        if any(request.request_id.startswith(f) for f in self.fail_ids):
+        if any(f in request.request_id for f in self.fail_ids):
             raise EngineError("scripted failure", request.request_id)
         rng = random.Random(request.seed)
         n = rng.randint(3, request.max_tokens + 2)

@@ -89,3 +89,8 @@ def env_factory(crop_tools, grader):
 def fake_engine(chat):
     words = chat.encode(" the red square is left of a blue circle so answer")
     return FakeEngine(chat, words)
+
+
+@pytest.fixture(scope="session")
+def chat_words(chat):
+    return chat.encode(" the red square is left of a blue circle so answer")
