@@ -28,7 +28,8 @@ from axpo_rllm.envs.tools.base import Tool, ToolContext
 from axpo_rllm.envs.verifiers import Grader
 from axpo_rllm.records import Task
 
-__all__ = ["AXPOToolEnv", "rllm_tool_class", "rllm_tool_map", "task_from_dict", "parse_action", "ParsedCall", "rllm_available"]
+# AXPOToolEnv is built on first access by the module __getattr__ below (it subclasses rllm's BaseEnv).
+__all__ = ["AXPOToolEnv", "rllm_tool_class", "rllm_tool_map", "task_from_dict", "parse_action", "ParsedCall", "rllm_available"]  # noqa: F822
 
 _ENV_KEYS = ("tools", "tool_configs", "grader_timeout_s", "call_timeout_s")
 """Keys of a ``from_dict`` info dict that configure the env rather than describe the task."""
@@ -197,7 +198,7 @@ def _env_class() -> type:
                 return {}, verdict.reward, True, info
             observations = run_sync(self._run_calls(parsed))
             obs = {
-                "tool_outputs": [observation_dict(o, c.call_id) for o, c in zip(observations, parsed)],
+                "tool_outputs": [observation_dict(o, c.call_id) for o, c in zip(observations, parsed, strict=True)],
                 "images": [img for o in observations for img in o.images],
             }
             return obs, 0.0, False, self.env.stats()

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from .base import Tool, ToolContext, ToolResult
+from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 
 __all__ = [
     "SearchTool",

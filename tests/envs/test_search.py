@@ -192,7 +192,7 @@ def test_server_binds_loopback_on_free_port():
     with RetrievalServer(BM25Index([Document("a", "t", "text")])) as a, RetrievalServer(BM25Index([Document("a", "t", "x")])) as b:
         assert a.url.startswith("http://127.0.0.1:") and a.url != b.url
     with pytest.raises(RuntimeError, match="not running"):
-        a.url
+        _ = a.url
 
 
 # ---------------------------------------------------------------------------------------------
