@@ -85,6 +85,14 @@ def test_images_come_in_as_pil_images_and_files():
     assert result.text.splitlines() == ["2 (40, 30) (0, 0, 255) (40, 30)", "['image_0.png', 'image_1.png']", "(20, 10)"]
 
 
+def test_input_files_appear_even_when_the_code_does_not_name_them():
+    # Files are written lazily (see InputFiles): any listing or open inside the work dir must see them.
+    listing = run("import os\nprint(sorted(os.listdir('.')))", [Image.new("RGB", (8, 8))])
+    assert listing.text == "['image_0.png']"
+    opened = run("name = ''.join(['ima', 'ge_0.p', 'ng'])\nprint(open(name, 'rb').read(4))", [Image.new("RGB", (8, 8))])
+    assert opened.text == "b'\\x89PNG'"
+
+
 def test_displayed_shown_and_saved_images_come_back_in_order():
     code = (
         "display(images[0].crop((0, 0, 10, 10)))\n"
