@@ -54,6 +54,7 @@ __all__ = [
     "verify_numeric",
     "verify_search_qa",
     "GRADER_STATS",
+    "compute_score",
 ]
 
 logger = logging.getLogger(__name__)
@@ -689,3 +690,22 @@ class Grader:
     def grade_task(self, task: Any, response: str) -> VerifyResult:
         """Grade a :class:`axpo_rllm.records.Task`'s final response."""
         return self.grade(task.data_source, response, task.answer, task.metadata)
+
+
+_shared_grader: Grader | None = None
+
+
+def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping | None = None, **kwargs: Any) -> dict:
+    """verl's reward-function contract (``custom_reward_function.path: <this file>``, ``name: compute_score``).
+
+    verl's reward loop calls it in an executor thread, the place where ``signal.alarm`` graders
+    fail; this one is thread-safe. Returns ``score`` plus ``acc`` and ``grader_failure`` (floats,
+    so verl can average them into step metrics). A list ``ground_truth`` is read as aliases.
+    """
+    global _shared_grader
+    if _shared_grader is None:
+        _shared_grader = Grader()
+    answer = json.dumps(list(ground_truth)) if isinstance(ground_truth, (list, tuple)) else str(ground_truth)
+    metadata = extra_info if isinstance(extra_info, Mapping) else {}
+    result = _shared_grader.grade(data_source, solution_str, answer, metadata)
+    return {"score": result.reward, "acc": float(result.correct), "grader_failure": float(result.failure is not None)}

@@ -320,3 +320,20 @@ def test_pool_survives_unpicklable_jobs_and_dead_workers(pool):
 def test_unpicklable_metadata_is_a_counted_failure(grader):
     result = grader.grade("math", r"\boxed{1}", "1", {"handle": threading.Lock()})
     assert result.failure.startswith("crash: grader worker failed") and grader.stats.failures == 1
+
+
+def test_verl_compute_score_in_executor_threads():
+    """verl's reward loop runs compute_score via run_in_executor (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [
+        ("math", r"\boxed{\frac{3}{6}}", "0.5", None),
+        ("hotpotqa", r"\boxed{Kosta}", ["Belmorin", "Kosta"], {}),
+        ("choice", r"\boxed{B}", "B", {"choices": ["x", "y"]}),
+        ("unknown_source", r"\boxed{1}", "1", None),
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        scores = list(pool.map(lambda c: V.compute_score(c[0], c[1], c[2], extra_info=c[3]), cases))
+    assert [s["score"] for s in scores] == [1.0, 1.0, 1.0, 0.0]
+    assert [s["grader_failure"] for s in scores] == [0.0, 0.0, 0.0, 1.0]
+    assert all(set(s) == {"score", "acc", "grader_failure"} for s in scores)
