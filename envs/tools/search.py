@@ -299,7 +299,8 @@ class SearchTool(Tool):
     ``api_key_env``, ``key_in_body`` (tavily), ``top_k`` (default 3), ``timeout_s`` (10),
     ``max_retries`` (3), ``backoff_base_s`` (0.5), ``backoff_max_s`` (8), ``max_concurrency``
     (16 per event loop), ``cache_path`` (sqlite file; absent = in-memory), ``cache_ttl_s``,
-    ``cache_namespace`` (default: the backend name), ``max_snippet_chars`` (600).
+    ``cache_namespace`` (default: the backend name), ``max_snippet_chars`` (600),
+    ``max_query_chars`` (1000; a runaway model must not send megabytes to a paid API).
 
     A missing URL or key does not stop construction (the environment builds every discovered
     tool); each call then answers with an error observation that names the missing setting.
@@ -328,6 +329,7 @@ class SearchTool(Tool):
         self.timeout_s = float(config.get("timeout_s", 10.0))
         self.max_concurrency = int(config.get("max_concurrency", 16))
         self.max_snippet_chars = int(config.get("max_snippet_chars", 600))
+        self.max_query_chars = int(config.get("max_query_chars", 1000))
         self.retry = _RetryPolicy(
             max_retries=int(config.get("max_retries", 3)),
             backoff_base_s=float(config.get("backoff_base_s", 0.5)),
@@ -375,6 +377,8 @@ class SearchTool(Tool):
         query = arguments.get("query")
         if not isinstance(query, str) or not query.strip():
             return ToolResult.fail(f"search needs a non-empty string 'query', got {query!r}")
+        if len(query) > self.max_query_chars:
+            return ToolResult.fail(f"search 'query' is {len(query)} characters long; at most {self.max_query_chars} are accepted")
         top_k = arguments.get("top_k", self.top_k)
         if isinstance(top_k, str) and top_k.strip().isdigit():
             top_k = int(top_k)  # models often quote numbers

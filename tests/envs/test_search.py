@@ -237,7 +237,7 @@ def test_normalize_query(a, b):
 
 @pytest.mark.parametrize(
     "arguments, needle",
-    [({}, "query"), ({"query": "  "}, "query"), ({"query": "x", "top_k": 0}, "top_k"), ({"query": "x", "top_k": True}, "top_k"), ("q", "JSON object")],
+    [({}, "query"), ({"query": "  "}, "query"), ({"query": "x" * 1001}, "1001 characters"), ({"query": "x", "top_k": 0}, "top_k"), ({"query": "x", "top_k": True}, "top_k"), ("q", "JSON object")],
 )
 def test_bad_arguments_are_error_observations(arguments, needle):
     (result,) = run(call_and_close(SearchTool(base_url="http://127.0.0.1:9"), arguments))
