@@ -40,6 +40,7 @@ fast); ratios between strategies are the meaningful part, not absolute token cou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -384,6 +385,15 @@ class Step:
     triggered: frozenset[str]
     """Questions whose tool subgroup is non-empty and all wrong under plain GRPO (AXPO_SPEC §1)."""
 
+    @functools.cached_property
+    def by_id(self) -> dict[str, Rollout]:
+        return {r.rollout_id: r for g in self.groups for r in g.rollouts}
+
+    @functools.cached_property
+    def position(self) -> dict[str, int]:
+        """Each original rollout's index in the step (keys its continuations' random stream)."""
+        return {rid: i for i, rid in enumerate(self.by_id)}
+
 
 def draw_step(cfg: SimConfig, index: int) -> Step:
     policy = SimulatedPolicy(cfg.model)
@@ -416,37 +426,47 @@ EMPTY_PLAN = ResamplePlan(budget=0, jobs=(), triggered=(), candidates=())
 GRPO = AXPOConfig(enable=False)
 
 
-def grpo(cfg: SimConfig, step: Step, rng: np.random.Generator) -> Spend:
+def stream(cfg: SimConfig, step: Step, kind: int, index: int) -> np.random.Generator:
+    """The random stream of one draw site. Streams are keyed by *what* is drawn (the kind of
+    sample, the source rollout or question), not by strategy, so two strategies that pick the same
+    prefix draw the same continuations (common random numbers: AXPO vs random ranking differ only
+    by what they select), and rollout (1+r)x's extra rollouts are the first ones of rollout 2x's."""
+    return np.random.default_rng([cfg.seed, step.index, 2, kind, index])
+
+
+TOOL_CALL, FRESH, ANSWER, AFTER_OBSERVATION, MORE_ROLLOUTS = 1, 2, 3, 4, 5
+
+
+def grpo(cfg: SimConfig, step: Step) -> Spend:
     return Spend(0, step.groups, EMPTY_PLAN, [], GRPO)
 
 
-def planned(axpo: AXPOConfig, draw: Callable) -> Callable[[SimConfig, Step, np.random.Generator], Spend]:
-    """A strategy that is the core planner (``plan_resampling``) plus a way to draw each job's K samples."""
+def planned(axpo: AXPOConfig, kind: int) -> Callable[[SimConfig, Step], Spend]:
+    """A strategy that is the core planner (``plan_resampling``) plus the draw of each job's K samples."""
 
-    def strategy(cfg: SimConfig, step: Step, rng: np.random.Generator) -> Spend:
+    def strategy(cfg: SimConfig, step: Step) -> Spend:
         config = dataclasses.replace(axpo, r=cfg.r, k=cfg.k, seed=cfg.seed)
         plan = plan_resampling(step.groups, config, step.index)
-        by_id = {r.rollout_id: r for g in step.groups for r in g.rollouts}
-        extra = [
-            draw(step.policy, rng, step.questions[job.question_id], by_id[job.source_id], job, i)
-            for job in plan.jobs
-            for i in range(job.k)
-        ]
-        return Spend(plan.budget, step.groups, plan, extra, config)
+        return Spend(plan.budget, step.groups, plan, draw_jobs(cfg, step, plan, kind), config)
 
     return strategy
 
 
-def _fresh(policy: SimulatedPolicy, rng, q, source, job, i):
-    return policy.fresh_continuation(rng, q, job, i)
-
-
-def _tool_call(policy: SimulatedPolicy, rng, q, source, job, i):
-    return policy.tool_call_continuation(rng, q, source, job, i)
-
-
-def _answer(policy: SimulatedPolicy, rng, q, source, job, i):
-    return policy.answer_continuation(rng, q, source, job, i)
+def draw_jobs(cfg: SimConfig, step: Step, plan: ResamplePlan, kind: int) -> list[Rollout]:
+    """K samples per job, from the job's own stream."""
+    policy, position = step.policy, step.position
+    draw = {
+        TOOL_CALL: lambda rng, q, source, job, i: policy.tool_call_continuation(rng, q, source, job, i),
+        FRESH: lambda rng, q, source, job, i: policy.fresh_continuation(rng, q, job, i),
+        ANSWER: lambda rng, q, source, job, i: policy.answer_continuation(rng, q, source, job, i),
+        AFTER_OBSERVATION: lambda rng, q, source, job, i: policy.observation_continuation(rng, q, source, job, i),
+    }[kind]
+    extra = []
+    for job in plan.jobs:
+        rng = stream(cfg, step, kind, position[job.source_id])
+        q, source = step.questions[job.question_id], step.by_id[job.source_id]
+        extra += [draw(rng, q, source, job, i) for i in range(job.k)]
+    return extra
 
 
 def observation_end(rollout: Rollout) -> int:
@@ -456,41 +476,35 @@ def observation_end(rollout: Rollout) -> int:
     return call.end + int(after[0]) if len(after) else len(rollout.response_ids)
 
 
-def arpo(cfg: SimConfig, step: Step, rng: np.random.Generator) -> Spend:
+def arpo(cfg: SimConfig, step: Step) -> Spend:
     """ARPO-style branching: the prefixes AXPO's planner selects, but cut after the tool's
     observation; the call (and what it returned) is kept, the rest redrawn. Scored with AXPO's
     advantage rules (continuation groups + prefix credit), so only the branching point differs."""
     config = cfg.axpo()
     plan = plan_resampling(step.groups, config, step.index)
-    by_id = {r.rollout_id: r for g in step.groups for r in g.rollouts}
     jobs = []
     for job in plan.jobs:
-        source = by_id[job.source_id]
+        source = step.by_id[job.source_id]
         cut = observation_end(source)
         jobs.append(dataclasses.replace(
             job, prefix_ids=source.response_ids[:cut], prefix_mask=source.response_mask[:cut],
             prefix_logprobs=source.response_logprobs[:cut], images=source.images_before(cut), turns_used=2,
         ))
     plan = dataclasses.replace(plan, jobs=tuple(jobs))
-    extra = [
-        step.policy.observation_continuation(rng, step.questions[job.question_id], by_id[job.source_id], job, i)
-        for job in plan.jobs
-        for i in range(job.k)
-    ]
-    return Spend(plan.budget, step.groups, plan, extra, config)
+    return Spend(plan.budget, step.groups, plan, draw_jobs(cfg, step, plan, AFTER_OBSERVATION), config)
 
 
-def more_rollouts(per_question: Callable[[SimConfig], int | None]) -> Callable:
+def more_rollouts(per_question: Callable[[SimConfig], int | None]) -> Callable[[SimConfig, Step], Spend]:
     """GRPO with bigger groups: the extra samples are ordinary rollouts from the question, spread
     evenly over the B questions (``per_question`` None: E = floor(r·B·N) in all)."""
 
-    def strategy(cfg: SimConfig, step: Step, rng: np.random.Generator) -> Spend:
+    def strategy(cfg: SimConfig, step: Step) -> Spend:
         each = per_question(cfg)
         budget = each * cfg.questions if each is not None else extra_budget(cfg.r, cfg.questions, cfg.n)
         base, left = divmod(budget, cfg.questions)
         groups, extra = [], []
         for i, group in enumerate(step.groups):
-            q = step.questions[group.question_id]
+            q, rng = step.questions[group.question_id], stream(cfg, step, MORE_ROLLOUTS, i)
             more = [step.policy.rollout(rng, q, f"{group.question_id}-x{j}") for j in range(base + (i < left))]
             extra += more
             groups.append(QuestionGroup(group.question_id, group.rollouts + tuple(more)))
@@ -499,13 +513,13 @@ def more_rollouts(per_question: Callable[[SimConfig], int | None]) -> Callable:
     return strategy
 
 
-STRATEGIES: dict[str, Callable[[SimConfig, Step, np.random.Generator], Spend]] = {
+STRATEGIES: dict[str, Callable[[SimConfig, Step], Spend]] = {
     "GRPO (N, no extra)": grpo,
-    "AXPO (uncertainty rank)": planned(AXPOConfig(), _tool_call),
-    "AXPO, random rank": planned(AXPOConfig(ranking="random"), _tool_call),
-    "w/o prefix fix (fresh, targeted)": planned(AXPOConfig(prefix_fix=False), _fresh),
+    "AXPO (uncertainty rank)": planned(AXPOConfig(), TOOL_CALL),
+    "AXPO, random rank": planned(AXPOConfig(ranking="random"), TOOL_CALL),
+    "w/o prefix fix (fresh, targeted)": planned(AXPOConfig(prefix_fix=False), FRESH),
     "ARPO: branch after observation": arpo,
-    "no-tool resampling": planned(AXPOConfig(resample_target="no_tool"), _answer),
+    "no-tool resampling": planned(AXPOConfig(resample_target="no_tool"), ANSWER),
     "rollout (1+r)x": more_rollouts(lambda cfg: None),
     "rollout 2x": more_rollouts(lambda cfg: cfg.n),
 }
@@ -685,6 +699,8 @@ class SimReport:
     config: SimConfig
     calibration: Calibration
     results: dict[str, StrategyResult]
+    ranking: dict[str, float]
+    """``ranking_check``: expected P(recovery) of the selected prefixes per ranking switch."""
 
     @property
     def axpo_vs_double(self) -> float:
@@ -704,11 +720,24 @@ def simulate(cfg: SimConfig = SimConfig(), strategies: Sequence[str] | None = No
     for index in range(cfg.steps):
         step = draw_step(cfg, index)
         steps.append(step)
-        for number, name in enumerate(STRATEGIES):
+        for name in STRATEGIES:
             if name in results:
-                rng = np.random.default_rng([cfg.seed, index, 2, number])
-                measure(results[name], step, STRATEGIES[name](cfg, step, rng))
-    return SimReport(cfg, calibrate(steps), results)
+                measure(results[name], step, STRATEGIES[name](cfg, step))
+    return SimReport(cfg, calibrate(steps), results, ranking_check(cfg, steps))
+
+
+def ranking_check(cfg: SimConfig, steps: Sequence[Step]) -> dict[str, float]:
+    """Noise-free view of the ranking (from the hidden truth): the mean probability that a selected
+    prefix's K continuations hold a correct one, 1 − (1 − Σ_m π_m s_m)^K, per ranking switch."""
+    out = {}
+    for ranking in ("uncertainty", "random", "confidence"):
+        chances = []
+        for step in steps:
+            for job in plan_resampling(step.groups, cfg.axpo(ranking=ranking), step.index).jobs:
+                p = step.policy.latent[job.source_id].prefix
+                chances.append(1.0 - (1.0 - float(p.masses @ p.success)) ** job.k)
+        out[ranking] = float(np.mean(chances)) if chances else float("nan")
+    return out
 
 
 def sweep(
@@ -765,7 +794,10 @@ def format_table(report: SimReport) -> str:
     note = ""
     if AXPO_ROW in report.results and DOUBLE_ROW in report.results:
         note = (f"\nAXPO / rollout 2x, recovered all-wrong tool groups per extra sample: "
-                f"{report.axpo_vs_double:.2f}x")
+                f"{_num(report.axpo_vs_double)}x")
+    if report.ranking:
+        note += ("\nRanking check (hidden truth, no sampling noise): P(a selected prefix's K continuations hold a "
+                 "correct one) = " + ", ".join(f"{k} {_num(v, 3)}" for k, v in report.ranking.items()))
     return f"{title}\n\n{_markdown(header, rows)}{note}"
 
 

@@ -23,8 +23,8 @@ def default_model_report():
 def strategy_spends(cfg):
     for index in range(cfg.steps):
         step = sim.draw_step(cfg, index)
-        for number, (name, strategy) in enumerate(sim.STRATEGIES.items()):
-            yield name, step, strategy(cfg, step, np.random.default_rng([cfg.seed, index, 2, number]))
+        for name, strategy in sim.STRATEGIES.items():
+            yield name, step, strategy(cfg, step)
 
 
 # --- calibration -----------------------------------------------------------------------------
@@ -158,3 +158,22 @@ def test_sweep_runs_the_base_point_once():
     assert [(n, v) for n, v, _ in points] == [("r", 0.25), ("r", 0.5), ("k", 4)]
     assert points[0][2] is points[2][2]
     assert "AXPO / 2x" in sim.format_sweep(points)
+
+
+def test_strategies_share_random_streams_by_draw_site():
+    """Common random numbers: a prefix picked by both rankings gets the same continuations, and
+    rollout (1+r)x's extra rollouts are the first ones of rollout 2x."""
+    step = sim.draw_step(SMALL, 0)
+    axpo = sim.STRATEGIES[sim.AXPO_ROW](SMALL, step)
+    rand = sim.STRATEGIES[sim.RANDOM_ROW](SMALL, step)
+    by_source = lambda spend: {s: [c for c in spend.extra if c.source_id == s] for s in {c.source_id for c in spend.extra}}  # noqa: E731
+    a, b = by_source(axpo), by_source(rand)
+    shared = set(a) & set(b)
+    assert shared
+    for source in shared:
+        assert [(c.response_ids.tobytes(), c.correct) for c in a[source]] == \
+               [(c.response_ids.tobytes(), c.correct) for c in b[source]]
+    some = sim.STRATEGIES[sim.ONE_PLUS_R_ROW](SMALL, step)
+    double = sim.STRATEGIES[sim.DOUBLE_ROW](SMALL, step)
+    first = {(x.rollout_id, x.response_ids.tobytes(), x.correct) for x in some.extra}
+    assert first <= {(x.rollout_id, x.response_ids.tobytes(), x.correct) for x in double.extra}
