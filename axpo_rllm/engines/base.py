@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -55,7 +54,7 @@ class GenerationRequest:
     """``PIL.Image.Image`` objects, one per image pad in ``prompt_ids``, in order."""
     max_tokens: int = 256
     temperature: float = 1.0
-    """0 means greedy decoding."""
+    """0 means greedy decoding; at most 2 (vLLM's and OpenAI's bound, enforced for every engine)."""
     top_p: float = 1.0
     seed: int | None = None
     """Per-request seed: the same request with the same seed gives the same tokens, whatever else
@@ -80,8 +79,8 @@ class GenerationRequest:
             raise ValueError(f"request {self.request_id!r}: prompt_ids is empty")
         if self.max_tokens < 1:
             raise ValueError(f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"request {self.request_id!r}: temperature must be finite and >= 0, got {self.temperature}")
+        if not (0 <= self.temperature <= 2):
+            raise ValueError(f"request {self.request_id!r}: temperature must be in [0, 2], got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"request {self.request_id!r}: top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):

