@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=plan_demo)
     add_simulate_parser(sub)
     main_job = sub.add_parser("main", help="the embedded CPU job (tiny Qwen-VL, synthetic tasks)")
+    main_job.add_argument("--smoke", action="store_true", help="every stage tiny (the end-to-end test)")
+    main_job.add_argument("--ablation", default=None, help="grpo, no_prefix_fix, ... (configs/ablation)")
+    main_job.add_argument("--steps", type=int, default=None, help="RL steps (rl.steps)")
+    main_job.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
+    main_job.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5")
     main_job.set_defaults(func=run_main)
     return parser
 

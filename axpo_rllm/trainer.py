@@ -1,0 +1,270 @@
+"""The CPU AXPO/GRPO update loop: verl's estimator and losses on a Hugging Face actor.
+
+One step, in the order it happens (AXPO_SPEC §1–§6)::
+
+    workflow.run_step(tasks)             B questions x N rollouts, plan, K continuations per prefix
+      -> build_verl_batch(rows)          verl DataProto; response_mask = AXPO's loss mask
+      -> compute_advantage(batch, "axpo") verl's own dispatcher runs the registered estimator
+      -> actor log-probs (grad)          HF forward over prompt + response, images included
+         reference log-probs (no grad)   the frozen SFT model
+      -> compute_policy_loss_vanilla     PPO clip, eps_low 0.2 / eps_high 0.4, token-mean
+         + beta * kl_penalty(low_var_kl) beta = 1e-3, token-mean over the same mask
+      -> AdamW step                      the engine shares the module: it samples the new weights
+
+GRPO and every ablation are the same loop under another ``load_config(ablation)``: the workflow
+reads ``algorithm.axpo`` and ``actor_rollout_ref.rollout.n``; with nothing triggered the ``axpo``
+estimator equals verl's GRPO.
+
+Token-mean over the whole batch with micro-batches: every micro-batch's ``agg_loss`` divides by
+the batch's total loss-token count (verl's ``global_batch_info["batch_num_tokens"]``), so the
+summed gradients equal one token-mean over the batch. Rows whose loss mask is all zero (masked
+sources' tails are not; over-turn rollouts and fully masked rows are) add nothing to the loss, and
+are skipped from the forward when ``skip_masked_rows`` is on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from axpo_rllm.actor import Policy, response_logprobs
+from axpo_rllm.records import Task
+
+__all__ = ["RLConfig", "AXPOTrainer", "frozen_reference", "sync_weights", "actor_loss_config"]
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    steps: int = 20
+    batch_questions: int = 4
+    """B: questions per step."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    """Passes over the step's batch; >1 recomputes ``old_log_prob`` before the first (verl's way)."""
+    micro_batch_size: int = 16
+    """Rows per forward pass (memory); the loss stays one token-mean over the batch."""
+    skip_masked_rows: bool = True
+    log_path: str | None = None
+    """JSONL file that gets one line of metrics per step (None: no file)."""
+
+
+def frozen_reference(policy: Policy) -> Policy:
+    """A frozen copy of the policy (the SFT model: AXPO's KL anchor, AXPO_SPEC §6)."""
+    ref = copy.deepcopy(policy.model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return Policy(ref, policy.image_processor, policy.pad_token_id)
+
+
+def sync_weights(engine: Any, model: torch.nn.Module) -> str:
+    """Give the rollout engine the actor's weights; returns how.
+
+    A :class:`~axpo_rllm.engines.transformers_engine.TransformersEngine` built on the actor's own
+    module (``engine.model is model``) samples the new weights with no copy. An engine with its
+    own copy of the module gets a ``load_state_dict``; one exposing ``load_weights`` (a vLLM
+    worker's API) gets the named tensors.
+    """
+    inner = getattr(engine, "inner", engine)  # wrappers (tool-biased test engines) delegate
+    own = getattr(inner, "model", None)
+    if own is model:
+        return "shared"
+    if isinstance(own, torch.nn.Module):
+        own.load_state_dict(model.state_dict())
+        return "load_state_dict"
+    load = getattr(inner, "load_weights", None)
+    if callable(load):
+        load(((name, p.detach()) for name, p in model.named_parameters()))  # type: ignore[attr-defined]
+        return "load_weights"
+    raise NotImplementedError(
+        f"cannot push weights into {type(inner).__name__}: it neither shares the actor module nor exposes "
+        "a torch module or load_weights(); rebuild it from a saved checkpoint instead"
+    )
+
+
+def actor_loss_config(cfg: DictConfig, batch_num_tokens: int) -> DictConfig:
+    """The slice of verl's actor config that ``compute_policy_loss_vanilla`` reads."""
+    actor = cfg.actor_rollout_ref.actor
+    return OmegaConf.create(
+        {
+            "clip_ratio": float(actor.get("clip_ratio", 0.2)),
+            "clip_ratio_low": float(actor.clip_ratio_low),
+            "clip_ratio_high": float(actor.clip_ratio_high),
+            "clip_ratio_c": float(actor.get("clip_ratio_c", 3.0)),
+            "global_batch_info": {"dp_size": 1, "batch_num_tokens": int(batch_num_tokens)},
+        }
+    )
+
+
+class AXPOTrainer:
+    """Runs ``workflow`` steps and updates ``policy`` with verl's estimator and losses."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        workflow: Any,
+        cfg: DictConfig,
+        rl: RLConfig = RLConfig(),
+        reference: Policy | None = None,
+    ) -> None:
+        from axpo_rllm import verl_plugin  # noqa: F401  # registers "axpo" even without the entry point
+
+        self.policy = policy
+        self.reference = reference if reference is not None else frozen_reference(policy)
+        self.workflow = workflow
+        self.cfg = cfg
+        self.rl = rl
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
+        self.params = params
+        self.history: list[dict] = []
+        self.sync_mode = sync_weights(workflow.engine, policy.model)
+        if rl.log_path:
+            Path(rl.log_path).parent.mkdir(parents=True, exist_ok=True)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def step(self, tasks: Sequence[Task], step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = self.workflow.run_step(tasks, step)
+        t1 = time.perf_counter()
+        batch = self.make_batch(result.rows)
+        metrics = dict(result.metrics)
+        metrics.update(self.update(batch))
+        sync_weights(self.workflow.engine, self.policy.model)
+        t2 = time.perf_counter()
+        rewards = [r.reward for g in result.groups for r in g.rollouts]
+        metrics.update(
+            {
+                "step": float(step),
+                "train/reward_mean": float(sum(rewards) / len(rewards)) if rewards else math.nan,
+                "train/rows": float(len(result.rows)),
+                "timing/rollout_s": t1 - t0,
+                "timing/update_s": t2 - t1,
+                "timing/step_s": t2 - t0,
+            }
+        )
+        self.history.append(metrics)
+        if self.rl.log_path:
+            with open(self.rl.log_path, "a") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}) + "\n")
+        return metrics
+
+    def make_batch(self, rows):
+        """The verl batch of ``rows`` with advantages from verl's own ``compute_advantage``."""
+        from verl.trainer.ppo.ray_trainer import compute_advantage
+
+        from axpo_rllm.verl_batch import build_verl_batch
+
+        batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id)
+        algo = self.cfg.algorithm
+        batch = compute_advantage(
+            batch, algo.adv_estimator, norm_adv_by_std_in_grpo=bool(algo.get("norm_adv_by_std_in_grpo", True)), config=algo
+        )
+        batch.meta_info["rows"] = list(rows)
+        return batch
+
+    # -- the update ---------------------------------------------------------------------------------
+
+    def update(self, batch) -> dict[str, float]:
+        """One optimiser step per PPO epoch on ``batch`` (a DataProto from :meth:`make_batch`)."""
+        from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
+
+        rows = batch.meta_info["rows"]
+        mask = batch.batch["response_mask"].float()
+        advantages = batch.batch["advantages"].float()
+        width = mask.shape[1]
+        total_tokens = int(mask.sum())
+        metrics: dict[str, float] = {"actor/loss_tokens": float(total_tokens), "actor/masked_rows": float((mask.sum(-1) == 0).sum())}
+        if total_tokens == 0:
+            metrics["actor/skipped"] = 1.0
+            return metrics
+        keep = [i for i in range(len(rows)) if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
+        micro = [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
+        loss_cfg = actor_loss_config(self.cfg, total_tokens)
+        actor = self.cfg.actor_rollout_ref.actor
+        beta = float(actor.kl_loss_coef) if actor.get("use_kl_loss", True) else 0.0
+        agg_mode = str(actor.loss_agg_mode)
+
+        def forward(policy: Policy, idx: list[int], entropy: bool = False):
+            return response_logprobs(
+                policy,
+                [rows[i].rollout.prompt_ids for i in idx],
+                [rows[i].rollout.response_ids for i in idx],
+                [rows[i].rollout.images for i in idx],
+                width=width,
+                with_entropy=entropy,
+            )
+
+        with torch.no_grad():
+            ref = {tuple(idx): forward(self.reference, idx) for idx in micro}
+            old = {tuple(idx): forward(self.policy, idx) for idx in micro} if self.rl.ppo_epochs > 1 else None
+
+        self.policy.model.train()
+        sums: dict[str, float] = {}
+        try:
+            for _ in range(self.rl.ppo_epochs):
+                self.optimizer.zero_grad(set_to_none=True)
+                for idx in micro:
+                    key = tuple(idx)
+                    logp, ent = forward(self.policy, idx, entropy=True)
+                    m, a = mask[idx], advantages[idx]
+                    old_logp = old[key] if old is not None else logp.detach()
+                    pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, a, m, loss_agg_mode=agg_mode, config=loss_cfg)
+                    kl = kl_penalty(logp, ref[key], self.cfg.actor_rollout_ref.actor.kl_loss_type)
+                    kl_loss = agg_loss(kl, m, agg_mode, batch_num_tokens=total_tokens)
+                    loss = pg_loss + beta * kl_loss
+                    loss.backward()
+                    share = float(m.sum()) / total_tokens
+                    rollout_lp = batch.batch["rollout_log_probs"][idx]
+                    for name, value in (
+                        ("actor/pg_loss", float(pg_loss.detach())),
+                        ("actor/kl_loss", float(kl_loss.detach())),
+                        ("actor/loss", float(loss.detach())),
+                        ("actor/entropy", float((ent * m).sum()) / total_tokens),
+                        ("actor/rollout_logprob_abs_diff", float(((logp.detach() - rollout_lp).abs() * m).sum()) / total_tokens),
+                        *((k, v * share) for k, v in pg_metrics.items()),
+                    ):
+                        sums[name] = sums.get(name, 0.0) + value
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl.grad_clip)
+                self.optimizer.step()
+        finally:
+            self.policy.model.eval()
+        metrics.update({k: v / self.rl.ppo_epochs for k, v in sums.items()})
+        metrics["actor/grad_norm"] = float(grad_norm)
+        metrics["actor/adv_abs_mean"] = float((advantages.abs() * mask).sum()) / total_tokens
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def fit(self, task_stream: Callable[[int], Sequence[Task]], log: Callable[[dict], None] | None = None) -> list[dict]:
+        """``rl.steps`` steps; ``task_stream(step)`` gives the step's B questions."""
+        for step in range(self.rl.steps):
+            metrics = self.step(task_stream(step), step)
+            if log is not None:
+                log(metrics)
+        return self.history
+
+
+def rl_config_from(cfg: DictConfig, **overrides: Any) -> RLConfig:
+    """An :class:`RLConfig` from a ``rl`` node (unknown keys are an error)."""
+    node = dict(OmegaConf.to_container(cfg, resolve=True)) if cfg is not None else {}
+    node.update(overrides)
+    known = set(RLConfig.__dataclass_fields__)
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ValueError(f"unknown rl config key(s) {unknown}; known: {sorted(known)}")
+    return RLConfig(**node)
+
+
+def as_dict(config: RLConfig) -> dict:
+    return asdict(config)
