@@ -20,11 +20,14 @@ def default_model_report():
     return sim.simulate(dataclasses.replace(sim.SimConfig(), steps=4))
 
 
-def strategy_spends(cfg):
-    for index in range(cfg.steps):
-        step = sim.draw_step(cfg, index)
-        for name, strategy in sim.STRATEGIES.items():
-            yield name, step, strategy(cfg, step)
+@pytest.fixture(scope="module")
+def small_spends():
+    """(strategy name, step, what it spent) for every strategy on SMALL's steps."""
+    out = []
+    for index in range(SMALL.steps):
+        step = sim.draw_step(SMALL, index)
+        out += [(name, step, strategy(SMALL, step)) for name, strategy in sim.STRATEGIES.items()]
+    return out
 
 
 # --- calibration -----------------------------------------------------------------------------
@@ -56,9 +59,9 @@ def test_uncertainty_is_the_chosen_clusters_probability_plus_noise():
 
 
 # --- mechanics -------------------------------------------------------------------------------
-def test_budget_is_never_exceeded_and_rollout_2x_spends_B_times_N():
+def test_budget_is_never_exceeded_and_rollout_2x_spends_B_times_N(small_spends):
     budget = sim.extra_budget(SMALL.r, SMALL.questions, SMALL.n)
-    for name, step, spend in strategy_spends(SMALL):
+    for name, step, spend in small_spends:
         if name == sim.DOUBLE_ROW:
             assert len(spend.extra) == spend.budget == SMALL.questions * SMALL.n
         elif name.startswith("GRPO"):
@@ -69,8 +72,8 @@ def test_budget_is_never_exceeded_and_rollout_2x_spends_B_times_N():
                 assert len(spend.extra) == spend.plan.used == SMALL.k * len(spend.plan.jobs)
 
 
-def test_continuations_are_token_exact_and_accepted_by_the_core():
-    for name, step, spend in strategy_spends(SMALL):
+def test_continuations_are_token_exact_and_accepted_by_the_core(small_spends):
+    for name, step, spend in small_spends:
         if not spend.plan.jobs:
             continue
         by_job = check_continuations(spend.plan, spend.extra)  # raises on a wrong prefix or count
@@ -92,8 +95,8 @@ def test_continuations_are_token_exact_and_accepted_by_the_core():
                     assert job.cut == 0
 
 
-def test_axpo_recovers_a_group_only_when_a_continuation_is_correct():
-    for name, step, spend in strategy_spends(SMALL):
+def test_axpo_recovers_a_group_only_when_a_continuation_is_correct(small_spends):
+    for name, step, spend in small_spends:
         if name != sim.AXPO_ROW:
             continue
         result = sim.StrategyResult(name)
@@ -102,7 +105,7 @@ def test_axpo_recovers_a_group_only_when_a_continuation_is_correct():
         assert result.recovered == len(correct_jobs & step.triggered) == len(correct_jobs)
         assert result.prefixes_recovered == len({c.source_id for c in spend.extra if c.correct})
     hopeless = dataclasses.replace(
-        SMALL, model=sim.PolicyModel(right_call_success=(1e-3, 1e3), wrong_call_success=0.0))
+        SMALL, steps=1, model=sim.PolicyModel(right_call_success=(1e-3, 1e3), wrong_call_success=0.0))
     report = sim.simulate(hopeless, [sim.AXPO_ROW])
     axpo = report.results[sim.AXPO_ROW]
     assert axpo.extra_used > 0 and axpo.triggered > 0 and axpo.recovered == 0
@@ -124,10 +127,11 @@ def test_tool_call_signal_reads_the_advantages_on_call_tokens():
 
 
 def test_same_seed_same_table_other_seed_other_table():
-    first, again = sim.simulate(SMALL), sim.simulate(SMALL)
+    one_step = dataclasses.replace(SMALL, steps=1)
+    first, again = sim.simulate(one_step), sim.simulate(one_step)
     assert sim.format_table(first) == sim.format_table(again)
     assert sim.format_calibration(first) == sim.format_calibration(again)
-    other = sim.simulate(dataclasses.replace(SMALL, seed=4))
+    other = sim.simulate(dataclasses.replace(one_step, seed=4))
     assert sim.format_table(other) != sim.format_table(first)
 
 
