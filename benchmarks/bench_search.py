@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             figures["server process"] = run_against(server.url, Path(tmp) / "a.sqlite", questions, args.concurrency, args.rounds)
         with RetrievalServer(BM25Index(docs)) as server:
             figures["server thread"] = run_against(server.url, Path(tmp) / "b.sqlite", questions, args.concurrency, args.rounds)
+    figures["load_average_1m"] = os.getloadavg()[0]
+    print(f"{os.cpu_count()} cores, 1-min load average {figures['load_average_1m']:.1f} at the end (other jobs inflate miss latency)")
     for mode in ("server process", "server thread"):
         print_table(figures[mode], f"\nsearch tool vs local BM25 server, {mode} ({len(docs)} passages, sqlite cache)")
     hit_ms = max(figures[m]["sequential hit"]["p50_ms"] for m in ("server process", "server thread"))
