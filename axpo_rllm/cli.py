@@ -67,7 +67,7 @@ def simulate(args: argparse.Namespace) -> int:
     points = []
     if args.sweep:
         base = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k,
-                             steps=args.sweep_steps or max(1, args.steps // 2), seed=args.seed)
+                             steps=args.sweep_steps or args.steps, seed=args.seed)
         points = sim.sweep(base)
         print("\n" + sim.format_sweep(points))
     if args.png:
@@ -84,7 +84,7 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also vary r, K and N one at a time (a second table)")
-    p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep point (default: steps // 2)")
+    p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep point (default: --steps)")
     p.add_argument("--png", default="axpo-simulator.png", help="where to write the figure ('' for none)")
     p.set_defaults(func=simulate)
 

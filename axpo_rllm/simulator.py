@@ -526,8 +526,8 @@ STRATEGIES: dict[str, Callable[[SimConfig, Step], Spend]] = {
 """Every strategy gets the same simulated step; all but the rollout-2x baseline spend at most
 E = floor(r·B·N). Keys are the table's row names."""
 
-AXPO_ROW, RANDOM_ROW, DOUBLE_ROW, ONE_PLUS_R_ROW = (
-    "AXPO (uncertainty rank)", "AXPO, random rank", "rollout 2x", "rollout (1+r)x")
+GRPO_ROW, AXPO_ROW, RANDOM_ROW, DOUBLE_ROW, ONE_PLUS_R_ROW = (
+    "GRPO (N, no extra)", "AXPO (uncertainty rank)", "AXPO, random rank", "rollout 2x", "rollout (1+r)x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,14 +780,18 @@ def format_table(report: SimReport) -> str:
     cfg = report.config
     header = ["strategy", "extra used / budget", "on all-wrong q", "tool-using", "tool & correct",
               "prefixes recovered", "recovered groups", "recovered / 100 extra", "tool-call A≠0", "tool-call A>0",
-              "extra tokens", "tokens / recovered"]
+              "A>0 questions gained / 100 extra", "extra tokens", "tokens / recovered"]
     rows = []
+    base = report.results.get(GRPO_ROW)
     for r in report.results.values():
+        # net: questions whose tool calls gained a positive advantage, less those that lost it
+        gain = (100 * (r.signal_positive - base.signal_positive) / r.extra_used
+                if base is not None and r.extra_used else float("nan"))
         rows.append([
             r.name, f"{r.extra_used} / {r.budget}", _pct(r.on_triggered_share), _pct(r.tool_share), _pct(r.hit_rate),
             "-" if not r.prefixes else f"{r.prefixes_recovered} / {r.prefixes}",
             f"{r.recovered} / {r.triggered}", _num(r.recovered_per_100), _pct(r.share_nonzero), _pct(r.share_positive),
-            f"{r.extra_tokens}", _num(r.tokens_per_recovered, 0),
+            "-" if math.isnan(gain) else f"{gain:+.2f}", f"{r.extra_tokens}", _num(r.tokens_per_recovered, 0),
         ])
     title = (f"Signal yield: B={cfg.questions} questions x N={cfg.n} rollouts, r={cfg.r}, K={cfg.k}, "
              f"{cfg.steps} steps, seed {cfg.seed} (E = floor(r·B·N) = {extra_budget(cfg.r, cfg.questions, cfg.n)} per step)")
