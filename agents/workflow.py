@@ -112,13 +112,7 @@ class AXPOWorkflow:
         t0 = time.perf_counter()
 
         # Phase 1: N episodes per question, all in flight together.
-        originals = await asyncio.gather(
-            *(
-                self._episode(task, f"{task.task_id}#{i}", task.task_id, derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
-                for task in tasks
-                for i in range(cfg.n)
-            )
-        )
+        originals = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
         groups = original_groups(e.rollout for e in originals)
         t1 = time.perf_counter()
 
@@ -128,24 +122,14 @@ class AXPOWorkflow:
         cache_mid = self._cache_counters()
 
         # Phase 3: K token-exact continuations per selected prefix.
-        by_task = {t.task_id: t for t in tasks}
-        continuations = await asyncio.gather(
-            *(
-                self._episode(
-                    by_task[job.question_id], f"{job.source_id}~c{k}", job.question_id,
-                    derive_seed(cfg.seed, step, job.source_id, "cont", k), job, limit, counters,
-                )
-                for job in plan.jobs
-                for k in range(job.k)
-            )
-        )
+        continuations = await self.continuations(plan.jobs, {t.task_id: t for t in tasks}, step, limit, counters)
         t3 = time.perf_counter()
         cache_after = self._cache_counters()
 
         conts = [e.rollout for e in continuations]
         rows = build_training_rows(groups, plan, conts, cfg.axpo)
         metrics = step_diagnostics(groups, plan, conts, cfg.axpo)
-        metrics.update(self._metrics(originals, continuations, plan, counters))
+        metrics.update(self.episode_metrics(originals, continuations, plan, counters))
         metrics.update({
             "workflow/phase1_s": t1 - t0,
             "workflow/plan_s": t2 - t1,
@@ -155,6 +139,30 @@ class AXPOWorkflow:
         metrics.update(_cache_metrics(cache_before, cache_mid, cache_after))
         stats = {e.rollout.rollout_id: e.stats for e in list(originals) + list(continuations)}
         return StepResult(step, groups, plan, conts, rows, metrics, stats)
+
+    # -- the phases' building blocks (also used by the rllm adapter, one question per run) -------
+
+    async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter) -> list[Episode]:
+        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``."""
+        cfg = self.config
+        return list(await asyncio.gather(*(
+            self._episode(task, f"{task.task_id}#{i}", task.task_id, derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
+            for i in range(cfg.n)
+        )))
+
+    async def continuations(
+        self, jobs: Sequence[ResampleJob], tasks: dict[str, Task], step: int, limit: asyncio.Semaphore, counters: Counter
+    ) -> list[Episode]:
+        """Phase 3: K episodes per job, all issued together; ids ``<source_id>~c<k>``."""
+        cfg = self.config
+        return list(await asyncio.gather(*(
+            self._episode(
+                tasks[job.question_id], f"{job.source_id}~c{k}", job.question_id,
+                derive_seed(cfg.seed, step, job.source_id, "cont", k), job, limit, counters,
+            )
+            for job in jobs
+            for k in range(job.k)
+        )))
 
     # -- one episode, with retries and a timeout ------------------------------------------------
 
@@ -207,7 +215,7 @@ class AXPOWorkflow:
         fn = getattr(self.engine, "prefix_cache_stats", None)
         return fn() if callable(fn) else None
 
-    def _metrics(self, originals: Sequence[Episode], conts: Sequence[Episode], plan: ResamplePlan, counters: Counter) -> dict[str, float]:
+    def episode_metrics(self, originals: Sequence[Episode], conts: Sequence[Episode], plan: ResamplePlan, counters: Counter) -> dict[str, float]:
         def total(episodes, attr):
             return float(sum(getattr(e.stats, attr) for e in episodes))
 
