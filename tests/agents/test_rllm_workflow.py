@@ -1,0 +1,149 @@
+"""The rllm adapter: the AXPO workflow run by rllm's own UnifiedWorkflowEngine, groups handed over
+through rllm's grouping hook, advantages from the ``axpo`` estimator through the per-role map.
+
+Skipped without rllm (not on the registry: install it from source to run these)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rllm")
+
+from agent_helpers import FakeEngine, biased, make_tasks  # noqa: E402
+
+from axpo_rllm.agents.agent import AgentConfig  # noqa: E402
+from axpo_rllm.agents.rllm_workflow import (  # noqa: E402
+    AXPO_ROLE,
+    AXPORllmWorkflow,
+    AXPOStepCoordinator,
+    AxpoRllmEngine,
+    RllmTokenEngine,
+    axpo_advantages,
+    axpo_traj_grouping_hook,
+)
+from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig  # noqa: E402
+from axpo_rllm.algorithm import AXPOConfig  # noqa: E402
+from axpo_rllm.records import RolloutKind, RowRole  # noqa: E402
+
+pytestmark = pytest.mark.rllm
+
+B = 4
+CONFIG = WorkflowConfig(n=4, axpo=AXPOConfig(r=0.5, k=2), agent=AgentConfig(max_tokens_per_turn=40, max_response_tokens=400), seed=5)
+
+
+def task_dicts(tasks):
+    return [{"task_id": t.task_id, "question": t.question, "answer": t.answer, "data_source": t.data_source,
+             "images": list(t.images), "choices": t.metadata["choices"]} for t in tasks]
+
+
+def run_rllm_step(chat, engine, env_factory):
+    from rllm.engine.unified_workflow_engine import UnifiedWorkflowEngine
+
+    coordinator = AXPOStepCoordinator(B, CONFIG.axpo, barrier_timeout_s=60)
+    wf_engine = UnifiedWorkflowEngine(
+        AXPORllmWorkflow,
+        {"coordinator": coordinator, "chat": chat, "env_factory": env_factory, "config": CONFIG},
+        AxpoRllmEngine(engine, chat),
+        n_parallel_tasks=B, retry_limit=1, raise_on_error=True,
+    )
+    tasks = make_tasks(B)
+    episodes = asyncio.run(wf_engine.execute_tasks(task_dicts(tasks), [t.task_id for t in tasks]))
+    return episodes, coordinator
+
+
+def test_the_estimator_is_registered_on_import():
+    from rllm.trainer.algorithms.advantage import get_rllm_adv_estimator
+
+    assert get_rllm_adv_estimator("axpo") is axpo_advantages
+
+
+def test_axpo_step_through_rllm_matches_the_framework_free_workflow(chat, chat_words, env_factory):
+    from rllm.trainer.algorithms.advantage import collect_reward_and_advantage_from_trajectory_groups
+    from rllm.trainer.algorithms.config import AlgorithmConfig, TransformConfig
+    from rllm.trainer.algorithms.transform import transform_episodes_to_trajectory_groups
+
+    engine = biased(FakeEngine(chat, chat_words), chat, open_rate=0.4, call_rate=0.3, body_rate=0.5)
+    episodes, coordinator = run_rllm_step(chat, engine, env_factory)
+    assert len(episodes) == B and coordinator.step == 1
+    plan = episodes[0].metadata["axpo_plan"]
+    assert plan.jobs and all(ep.metadata["axpo_plan"] is plan for ep in episodes)
+
+    # The same step without rllm: identical rollouts, token for token.
+    direct = AXPOWorkflow(biased(FakeEngine(chat, chat_words), chat, open_rate=0.4, call_rate=0.3, body_rate=0.5),
+                          chat, env_factory, CONFIG).run_step(make_tasks(B), 0)
+    rllm_rollouts = {t.metadata["axpo_rollout"].rollout_id: t.metadata["axpo_rollout"] for ep in episodes for t in ep.trajectories}
+    assert set(rllm_rollouts) == {r.rollout_id for r in direct.rollouts}
+    for r in direct.rollouts:
+        assert (rllm_rollouts[r.rollout_id].response_ids == r.response_ids).all()
+
+    groups, _ = transform_episodes_to_trajectory_groups(episodes, TransformConfig(), None, traj_grouping_hook=axpo_traj_grouping_hook)
+    assert {g.group_role for g in groups} == {AXPO_ROLE}
+    metrics = collect_reward_and_advantage_from_trajectory_groups(groups, AlgorithmConfig(estimator_map={AXPO_ROLE: "axpo"}))
+    assert f"advantage/{AXPO_ROLE}/mean" in metrics
+
+    # Advantages and loss windows equal the core's rows of the direct run.
+    rows = {row.rollout.rollout_id: row for row in direct.rows}
+    jobs = {j.source_id: j for j in plan.jobs}
+    seen = 0
+    for group in groups:
+        for traj in group.trajectories:
+            row = rows[traj.uid]
+            assert traj.reward == pytest.approx(row.score)
+            for step in traj.steps:
+                assert step.advantage == pytest.approx(row.segments[0].advantage, abs=1e-6)
+            if not row.segments:
+                assert not traj.steps
+                continue
+            seg = row.segments[0]
+            first = traj.steps[0]
+            assert len(first.prompt_ids) == len(row.rollout.prompt_ids) + max(seg.start, int(np.argmax(row.rollout.response_mask[seg.start:] == 1)) + seg.start)
+            last = traj.steps[-1]
+            assert len(last.prompt_ids) + len(last.response_ids) - len(row.rollout.prompt_ids) <= seg.end
+            if row.role is RowRole.CONTINUATION:
+                job = jobs[row.rollout.source_id]
+                assert first.prompt_ids == [int(t) for t in job.request_ids]  # prefix = context
+                assert group.group_id == f"{job.question_id}/{job.source_id}:{AXPO_ROLE}"
+            if row.role is RowRole.SOURCE_PREFIX:
+                assert len(last.prompt_ids) + len(last.response_ids) == len(row.rollout.prompt_ids) + jobs[traj.uid].cut
+            seen += 1
+    assert seen == sum(1 for r in direct.rows if r.segments)
+    assert sum(len(g.trajectories) for g in groups) == len(direct.rows)
+
+
+def test_rllm_token_engine_routes_a_prefix_family_to_one_server(chat):
+    from axpo_rllm.engines.base import GenerationRequest
+
+    class Stub:
+        supports_token_in_token_out = True
+
+        def __init__(self):
+            self.calls = []
+
+        async def get_token_output_from_token_input(self, token_input, **kwargs):
+            self.calls.append(kwargs)
+
+            class Out:
+                token_ids, log_probs, stop_reason = [5, 6], [-0.1, -0.2], "stop"
+
+            return Out()
+
+    stub = Stub()
+    engine = RllmTokenEngine(stub)
+    for rid in ("q0#1/t0", "q0#1~c0/t0", "q0#1~c3/t1"):
+        result = asyncio.run(engine.generate(GenerationRequest(prompt_ids=(1, 2), request_id=rid, stop=("</tool_call>",), seed=3)))
+        assert result.token_ids == (5, 6) and result.logprobs == (-0.1, -0.2)
+    assert {c["application_id"] for c in stub.calls} == {"axpo-q0#1"}
+    assert stub.calls[0]["stop"] == ["</tool_call>"] and stub.calls[0]["seed"] == 3
+
+
+def test_the_barrier_names_the_fix_when_questions_are_missing():
+    from axpo_rllm.records import QuestionGroup
+    from axpo_rllm.synthetic import make_rollout
+
+    coordinator = AXPOStepCoordinator(2, AXPOConfig(r=1.0, k=1), barrier_timeout_s=0.1)
+    group = QuestionGroup("q0", (make_rollout("q0#0", "q0", correct=False),))
+    with pytest.raises(RuntimeError, match="n_parallel_tasks"):
+        asyncio.run(coordinator.submit(group))
