@@ -862,7 +862,7 @@ def plot(report: SimReport, path: str, points: Sequence[tuple[str, object, SimRe
     axes[1].invert_yaxis()
     axes[1].set_xlim(0, 1)
     axes[1].set_xlabel("share of questions with advantage\non tool-call tokens")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     axes[0].tick_params(axis="y", labelsize=7)
     if points:
         labels = [f"{'K' if n == 'k' else 'N' if n == 'n' else n}={v}" for n, v, _ in points]
