@@ -234,23 +234,44 @@ class MultimodalToolEnv:
 
     async def acall_tool(self, name: Any, arguments: Any) -> Observation:
         """Run one parsed tool call (``arguments``: dict or JSON string) and record its outcome."""
-        from axpo_rllm.envs.tools.registry import call_tool
-
-        with self._lock:
-            task = self._require_open()
-            context = ToolContext(images=tuple(self._images), task_id=task.task_id, metadata={"data_source": task.data_source})
-        try:
-            result = await asyncio.wait_for(call_tool(self.tools, name, arguments, context), self.call_timeout_s)
-        except asyncio.TimeoutError:
-            result = ToolResult.fail(f"{name} timed out after {self.call_timeout_s:g}s")
+        result = await self._execute(name, arguments, self._context())
         return self._record(str(name), result)
 
     def call_tool(self, name: Any, arguments: Any) -> Observation:
         """Sync :meth:`acall_tool` (for threads without an event loop, e.g. rllm's env executor)."""
         return run_sync(self.acall_tool(name, arguments))
 
+    async def acall_tools(self, calls: Iterable[tuple[Any, Any]]) -> list[Observation]:
+        """The ``(name, arguments)`` calls of one turn, run concurrently, recorded in call order.
+
+        All of them see the images as they were before the turn, and new images get indices in the
+        order of the calls (not of completion), which is the order the agent shows them to the model.
+        """
+        calls = list(calls)
+        context = self._context()
+        results = await asyncio.gather(*(self._execute(name, arguments, context) for name, arguments in calls))
+        return [self._record(str(name), result) for (name, _), result in zip(calls, results, strict=True)]
+
+    def call_tools(self, calls: Iterable[tuple[Any, Any]]) -> list[Observation]:
+        """Sync :meth:`acall_tools`."""
+        return run_sync(self.acall_tools(calls))
+
+    def _context(self) -> ToolContext:
+        with self._lock:
+            task = self._require_open()
+            return ToolContext(images=tuple(self._images), task_id=task.task_id, metadata={"data_source": task.data_source})
+
+    async def _execute(self, name: Any, arguments: Any, context: ToolContext) -> ToolResult:
+        from axpo_rllm.envs.tools.registry import call_tool
+
+        try:
+            return await asyncio.wait_for(call_tool(self.tools, name, arguments, context), self.call_timeout_s)
+        except asyncio.TimeoutError:
+            return ToolResult.fail(f"{name} timed out after {self.call_timeout_s:g}s")
+
     def _record(self, name: str, result: ToolResult) -> Observation:
         with self._lock:
+            self._require_open()  # finish() may have won a race with this call
             self._calls[name] += 1
             if result.is_error:
                 self._errors[name] += 1

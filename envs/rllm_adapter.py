@@ -18,7 +18,6 @@ to a user message.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -196,15 +195,12 @@ def _env_class() -> type:
                     **self.env.stats(),
                 }
                 return {}, verdict.reward, True, info
-            observations = run_sync(self._run_calls(parsed))
+            observations = self.env.call_tools([(c.name, c.arguments) for c in parsed])
             obs = {
                 "tool_outputs": [observation_dict(o, c.call_id) for o, c in zip(observations, parsed, strict=True)],
                 "images": [img for o in observations for img in o.images],
             }
             return obs, 0.0, False, self.env.stats()
-
-        async def _run_calls(self, calls: list[ParsedCall]) -> list[Observation]:
-            return list(await asyncio.gather(*(self.env.acall_tool(c.name, c.arguments) for c in calls)))
 
         def close(self) -> None:
             self.env.close()

@@ -31,6 +31,18 @@ class StampTool(Tool):
         return ToolResult(text=f"saw {len(context.images)}", images=(Image.new("RGB", (8, 8), (len(context.images) % 256, 0, 0)),))
 
 
+class DelayedImageTool(Tool):
+    """Returns an image of the requested width after the requested delay."""
+
+    name = "delayed"
+    description = "test tool"
+    parameters = {"type": "object", "properties": {}}
+
+    async def call(self, arguments: dict, context: ToolContext) -> ToolResult:
+        await asyncio.sleep(arguments["delay"])
+        return ToolResult(text=f"saw {len(context.images)}", images=(Image.new("RGB", (arguments["width"], 4)),))
+
+
 class SleepTool(Tool):
     name = "sleep"
     description = "test tool"
@@ -191,3 +203,12 @@ def test_run_sync_refuses_a_running_loop():
             run_sync(asyncio.sleep(0))
 
     asyncio.run(inner())
+
+
+def test_one_turns_calls_get_indices_in_call_order(grader):
+    """The slow first call finishes last but its image still comes first, as the agent shows them."""
+    env = MultimodalToolEnv(make_task(), tools={"delayed": DelayedImageTool()}, grader=grader)
+    slow, fast, bad = env.call_tools([("delayed", {"delay": 0.2, "width": 11}), ("delayed", {"delay": 0.0, "width": 22}), ("nope", {})])
+    assert (slow.image_indices, fast.image_indices, bad.image_indices) == ((1,), (2,), ())
+    assert slow.text == fast.text == "saw 1"  # both saw the images as they were before the turn
+    assert [im.size[0] for im in env.images[1:]] == [11, 22] and bad.is_error
