@@ -17,6 +17,11 @@ At the turn cap (``max_turns``, default 3) the ``cap_policy`` decides: ``force_a
 last turn an answer turn (a hint in the observation, ``<tool_call>`` banned; termination
 ``max_turns``), ``mask`` lets the last turn run free and marks a rollout that still calls a tool
 ``over_turn`` (reward 0, masked from the loss as in Mini-o3).
+
+Terminations: ``answer``; ``max_turns`` (the forced last turn answered); ``over_turn``;
+``max_tokens`` (an answer turn cut by the token limit is still graded: the verifier decides whether
+it holds an answer; a budget exhausted before a turn or an observation could fit is reward 0);
+``error`` (engine failure after ``engine_retries``, or an env failure; the reason is recorded).
 """
 
 from __future__ import annotations
@@ -309,8 +314,8 @@ class Agent:
         cfg, chat = self.config, self.chat
         tool_names = set(env.tool_names)
         turn, turn_start = self._start(state, job)
+        state.turns = turn + 1 if turn_start > 0 or (job is not None and job.cut > 0) else turn  # a resumed turn is open
         while True:
-            state.turns = turn + 1
             forced = cfg.cap_policy == "force_answer" and turn == cfg.max_turns - 1
             context = len(state.prompt_ids) + len(state.ids)
             budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids), cfg.max_context_tokens - context)
@@ -331,6 +336,7 @@ class Agent:
                 request_id=f"{rollout_id}/t{turn}",
             )
             result = await self._generate(request, state.stats)
+            state.turns = turn + 1
             state.ids.extend(result.token_ids)
             state.logprobs.extend(result.logprobs)
             state.mask.extend([1] * len(result.token_ids))
