@@ -8,6 +8,14 @@ Each round sends ``concurrency`` distinct queries at once (a GRPO group's worth 
 searching together): first against an empty cache (every call goes to the server), then the same
 queries again (every call is a cache hit). Sequential latencies are measured too, since a single
 rollout waits for its own call.
+
+Measured 2026-11-25 on the 2-core dev box while other jobs kept the load average at ~7 (so miss
+figures are inflated; hits are not), server in its own process, 15,000 passages:
+
+    concurrent x64 miss  p50 512 ms   59 calls/s     concurrent x64 hit  p50 0.061 ms  3067 calls/s
+    sequential miss      p50  15 ms   65 calls/s     sequential hit      p50 0.047 ms  4643 calls/s
+
+Per miss the server spends ~1 ms CPU (BM25 ~0.65 ms) and the httpx client ~3-5 ms CPU.
 """
 
 from __future__ import annotations
