@@ -177,72 +177,90 @@ class AXPOTrainer:
 
     def update(self, batch) -> dict[str, float]:
         """One optimiser step per PPO epoch on ``batch`` (a DataProto from :meth:`make_batch`)."""
-        from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
-
-        rows = batch.meta_info["rows"]
-        mask = batch.batch["response_mask"].float()
-        advantages = batch.batch["advantages"].float()
-        width = mask.shape[1]
-        total_tokens = int(mask.sum())
-        metrics: dict[str, float] = {"actor/loss_tokens": float(total_tokens), "actor/masked_rows": float((mask.sum(-1) == 0).sum())}
-        if total_tokens == 0:
+        mask = batch.batch["response_mask"]
+        metrics: dict[str, float] = {"actor/loss_tokens": float(mask.sum()), "actor/masked_rows": float((mask.sum(-1) == 0).sum())}
+        if int(mask.sum()) == 0:
             metrics["actor/skipped"] = 1.0
             return metrics
-        keep = [i for i in range(len(rows)) if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
-        micro = [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
-        loss_cfg = actor_loss_config(self.cfg, total_tokens)
-        actor = self.cfg.actor_rollout_ref.actor
-        beta = float(actor.kl_loss_coef) if actor.get("use_kl_loss", True) else 0.0
-        agg_mode = str(actor.loss_agg_mode)
-
-        def forward(policy: Policy, idx: list[int], entropy: bool = False):
-            return response_logprobs(
-                policy,
-                [rows[i].rollout.prompt_ids for i in idx],
-                [rows[i].rollout.response_ids for i in idx],
-                [rows[i].rollout.images for i in idx],
-                width=width,
-                with_entropy=entropy,
-            )
-
-        with torch.no_grad():
-            ref = {tuple(idx): forward(self.reference, idx) for idx in micro}
-            old = {tuple(idx): forward(self.policy, idx) for idx in micro} if self.rl.ppo_epochs > 1 else None
-
-        self.policy.model.train()
+        old = self.old_log_probs(batch) if self.rl.ppo_epochs > 1 else None
         sums: dict[str, float] = {}
-        try:
-            for _ in range(self.rl.ppo_epochs):
-                self.optimizer.zero_grad(set_to_none=True)
-                for idx in micro:
-                    key = tuple(idx)
-                    logp, ent = forward(self.policy, idx, entropy=True)
-                    m, a = mask[idx], advantages[idx]
-                    old_logp = old[key] if old is not None else logp.detach()
-                    pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, a, m, loss_agg_mode=agg_mode, config=loss_cfg)
-                    kl = kl_penalty(logp, ref[key], self.cfg.actor_rollout_ref.actor.kl_loss_type)
-                    kl_loss = agg_loss(kl, m, agg_mode, batch_num_tokens=total_tokens)
-                    loss = pg_loss + beta * kl_loss
-                    loss.backward()
-                    share = float(m.sum()) / total_tokens
-                    rollout_lp = batch.batch["rollout_log_probs"][idx]
-                    for name, value in (
-                        ("actor/pg_loss", float(pg_loss.detach())),
-                        ("actor/kl_loss", float(kl_loss.detach())),
-                        ("actor/loss", float(loss.detach())),
-                        ("actor/entropy", float((ent * m).sum()) / total_tokens),
-                        ("actor/rollout_logprob_abs_diff", float(((logp.detach() - rollout_lp).abs() * m).sum()) / total_tokens),
-                        *((k, v * share) for k, v in pg_metrics.items()),
-                    ):
-                        sums[name] = sums.get(name, 0.0) + value
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl.grad_clip)
-                self.optimizer.step()
-        finally:
-            self.policy.model.eval()
+        for _ in range(self.rl.ppo_epochs):
+            for name, value in self.backward(batch, old).items():
+                sums[name] = sums.get(name, 0.0) + value
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl.grad_clip)
+            self.optimizer.step()
         metrics.update({k: v / self.rl.ppo_epochs for k, v in sums.items()})
         metrics["actor/grad_norm"] = float(grad_norm)
-        metrics["actor/adv_abs_mean"] = float((advantages.abs() * mask).sum()) / total_tokens
         return metrics
+
+    def micro_batches(self, batch) -> list[list[int]]:
+        mask = batch.batch["response_mask"]
+        keep = [i for i in range(mask.shape[0]) if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
+        return [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
+
+    def forward(self, policy: Policy, batch, idx: Sequence[int], entropy: bool = False):
+        rows = batch.meta_info["rows"]
+        return response_logprobs(
+            policy,
+            [rows[i].rollout.prompt_ids for i in idx],
+            [rows[i].rollout.response_ids for i in idx],
+            [rows[i].rollout.images for i in idx],
+            width=batch.batch["response_mask"].shape[1],
+            with_entropy=entropy,
+        )
+
+    def old_log_probs(self, batch) -> dict[tuple[int, ...], torch.Tensor]:
+        """The actor's log-probs before the update (verl recomputes them; needed when ppo_epochs > 1)."""
+        with torch.no_grad():
+            return {tuple(idx): self.forward(self.policy, batch, idx) for idx in self.micro_batches(batch)}
+
+    def backward(self, batch, old: dict | None = None) -> dict[str, float]:
+        """Zero the gradients, then accumulate those of verl's PPO loss + beta * KL over ``batch``.
+
+        ``old``: log-probs before the update per micro-batch (None: on-policy, the current ones
+        detached, so the ratio starts at 1 as in verl's single-epoch update).
+        """
+        from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
+
+        mask = batch.batch["response_mask"].float()
+        advantages = batch.batch["advantages"].float()
+        total_tokens = int(mask.sum())
+        actor = self.cfg.actor_rollout_ref.actor
+        loss_cfg = actor_loss_config(self.cfg, total_tokens)
+        beta = float(actor.kl_loss_coef) if actor.get("use_kl_loss", True) else 0.0
+        agg_mode = str(actor.loss_agg_mode)
+        sums: dict[str, float] = {"actor/adv_abs_mean": float((advantages.abs() * mask).sum()) / max(total_tokens, 1)}
+        self.optimizer.zero_grad(set_to_none=True)
+        if total_tokens == 0:
+            return sums
+        self.policy.model.train()
+        try:
+            for idx in self.micro_batches(batch):
+                key = tuple(idx)
+                with torch.no_grad():
+                    ref = self.forward(self.reference, batch, idx)
+                logp, ent = self.forward(self.policy, batch, idx, entropy=True)
+                m, a = mask[idx], advantages[idx]
+                old_logp = old[key] if old is not None else logp.detach()
+                pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, a, m, loss_agg_mode=agg_mode, config=loss_cfg)
+                kl = kl_penalty(logp, ref, actor.kl_loss_type)
+                kl_loss = agg_loss(kl, m, agg_mode, batch_num_tokens=total_tokens)
+                loss = pg_loss + beta * kl_loss
+                loss.backward()
+                share = float(m.sum()) / total_tokens
+                rollout_lp = batch.batch["rollout_log_probs"][idx]
+                for name, value in (
+                    ("actor/pg_loss", float(pg_loss.detach())),
+                    ("actor/kl_loss", float(kl_loss.detach())),
+                    ("actor/loss", float(loss.detach())),
+                    ("actor/entropy", float((ent * m).sum()) / total_tokens),
+                    ("actor/rollout_logprob_abs_diff", float(((logp.detach() - rollout_lp).abs() * m).sum()) / total_tokens),
+                    *((k, v * share) for k, v in pg_metrics.items()),
+                ):
+                    sums[name] = sums.get(name, 0.0) + value
+        finally:
+            self.policy.model.eval()
+        return sums
 
     # -- the loop -------------------------------------------------------------------------------------
 

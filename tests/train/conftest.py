@@ -1,0 +1,70 @@
+"""Fixtures for the training-pipeline tests: the synthetic world, live tools, a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _modest_threads():
+    # The suite shares small CPU machines: one thread per test process.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from axpo_rllm.tasks import SyntheticWorld
+
+    return SyntheticWorld(seed=3, n_facts=40)
+
+
+@pytest.fixture(scope="session")
+def tools(world):
+    """Crop, python and search tools; search against a live local BM25 server over the world's corpus."""
+    from axpo_rllm.envs.env import build_tools, run_sync
+    from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
+
+    server = RetrievalServer(BM25Index(world.corpus)).start()
+    built = build_tools(["crop", "python", "search"], {"search": {"backend": "local", "base_url": server.url, "top_k": 2}})
+    yield built
+    for tool in built.values():
+        run_sync(tool.aclose())
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_env(tools):
+    from axpo_rllm.envs.env import MultimodalToolEnv
+
+    return lambda grader=None: MultimodalToolEnv(tools=tools, grader=grader)
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from axpo_rllm.tiny_model import tiny_model_dir
+
+    return tiny_model_dir("qwen2_5_vl")
+
+
+@pytest.fixture()
+def engine(model_dir):
+    from axpo_rllm.engines.transformers_engine import TransformersEngine
+
+    eng = TransformersEngine(model_dir)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def chat(engine):
+    from axpo_rllm.agents.agent import ChatFormat
+
+    return ChatFormat(engine.tokenizer)
+
+
+@pytest.fixture()
+def policy(engine):
+    from axpo_rllm.actor import Policy
+
+    return Policy(engine.model, engine.image_processor, engine.tokenizer.pad_token_id)

@@ -1,0 +1,150 @@
+"""The CPU AXPO update: one real step (tiny Qwen-VL, real engine and tools), verl's registered
+estimator and losses, gradients only through the loss mask, weights shared with the engine."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+import torch
+
+from axpo_rllm.config import axpo_config, load_config
+from axpo_rllm.envs.verifiers import VerifyResult
+from axpo_rllm.records import TrainingRow
+from axpo_rllm.trainer import AXPOTrainer, RLConfig, sync_weights
+
+CALL_TEXT = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
+
+
+class CoinGrader:
+    """Mixed rewards for a random model: correct iff the response's crc32 is even (deterministic)."""
+
+    def grade_task(self, task, response):
+        ok = zlib.crc32(response.encode()) % 2 == 0
+        return VerifyResult(reward=float(ok), correct=ok, extracted=None)
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir, tools, world, tmp_path_factory):
+    from axpo_rllm.actor import Policy
+    from axpo_rllm.agents.agent import AgentConfig, ChatFormat
+    from axpo_rllm.agents.testing import ToolBiasedEngine
+    from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
+    from axpo_rllm.engines.transformers_engine import TransformersEngine
+    from axpo_rllm.envs.env import MultimodalToolEnv
+
+    torch.manual_seed(0)
+    engine = TransformersEngine(model_dir)
+    chat = ChatFormat(engine.tokenizer)
+    policy = Policy(engine.model, engine.image_processor, engine.tokenizer.pad_token_id)
+    cfg = load_config(None, ["algorithm.axpo.r=0.5", "algorithm.axpo.k=2"])
+    biased = ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=chat.encode(CALL_TEXT),
+                              open_rate=0.3, call_rate=0.4, body_rate=0.5)
+    agent = AgentConfig(max_tokens_per_turn=12, max_response_tokens=160, max_turns=2)
+    workflow = AXPOWorkflow(biased, chat, lambda: MultimodalToolEnv(tools=tools, grader=CoinGrader()),
+                            WorkflowConfig(n=4, axpo=axpo_config(cfg), agent=agent, seed=1))
+    log = tmp_path_factory.mktemp("rl") / "metrics.jsonl"
+    trainer = AXPOTrainer(policy, workflow, cfg, RLConfig(lr=5e-3, micro_batch_size=6, log_path=str(log)))
+    yield trainer, world_tasks(), log
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def stepped(setup, monkeypatch_module):
+    """One full training step, with verl's estimator registry spied on."""
+    from verl.trainer.ppo import core_algos
+
+    trainer, tasks, log = setup
+    asked: list[str] = []
+    real = core_algos.get_adv_estimator_fn
+
+    def spy(name):
+        asked.append(str(name))
+        return real(name)
+
+    monkeypatch_module.setattr(core_algos, "get_adv_estimator_fn", spy)
+    before = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
+    metrics = trainer.step(tasks, 0)
+    monkeypatch_module.undo()
+    return trainer, metrics, asked, before, log
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_a_step_runs_the_registered_axpo_estimator(stepped):
+    _, metrics, asked, _, _ = stepped
+    assert asked == ["axpo"]  # verl's compute_advantage dispatched to our registered estimator
+    assert metrics["axpo/enabled"] == 1.0 and "axpo/triggered_questions" in metrics
+
+
+def test_actor_logprobs_match_the_engines_rollout_logprobs(stepped):
+    """The actor recomputes exactly what the engine sampled (images, M-RoPE, observation turns)."""
+    _, metrics, _, _, _ = stepped
+    assert metrics["actor/loss_tokens"] > 0
+    assert metrics["actor/rollout_logprob_abs_diff"] < 1e-4
+
+
+def test_the_step_changes_the_weights_and_logs_a_jsonl_line(stepped):
+    trainer, metrics, _, before, log = stepped
+    assert metrics["actor/adv_abs_mean"] > 0  # mixed rewards: some advantage is non-zero
+    changed = [n for n, p in trainer.policy.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    assert trainer.sync_mode == "shared" and trainer.workflow.engine.inner.model is trainer.policy.model
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["step"] == 0 and "actor/pg_loss" in line and "axpo/tool_use_rate" in line and "timing/step_s" in line
+
+
+def _grads(trainer, batch):
+    trainer.backward(batch)
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainer.policy.model.named_parameters()}
+
+
+def test_fully_masked_rows_add_no_gradient(stepped):
+    """Weights move only through unmasked tokens: adding rows whose loss mask is all zero (with
+    their own rewards, advantages and tokens, run through the same forward) leaves every gradient
+    unchanged, and a batch of only masked rows has none."""
+    trainer, _, _, _, _ = stepped
+    result = trainer.workflow.run_step(world_tasks(), 1)
+    rows = [r for r in result.rows if r.segments]
+    assert rows
+    masked = [TrainingRow(r.rollout, r.role, f"masked-{i}", 1.0 - r.score, ()) for i, r in enumerate(result.rows)]
+    old_rl = trainer.rl
+    try:
+        trainer.rl = RLConfig(micro_batch_size=64, skip_masked_rows=False)
+        base = _grads(trainer, trainer.make_batch(rows))
+        mixed = _grads(trainer, trainer.make_batch(rows + masked))
+        for name in base:
+            torch.testing.assert_close(mixed[name], base[name], rtol=1e-5, atol=1e-7)
+        assert any(g.abs().sum() > 0 for g in base.values())
+        only = trainer.make_batch(masked)
+        assert int(only.batch["response_mask"].sum()) == 0
+        assert all(g.abs().sum() == 0 for g in _grads(trainer, only).values())
+    finally:
+        trainer.rl = old_rl
+
+
+def world_tasks():
+    from axpo_rllm.tasks import SyntheticWorld
+
+    return SyntheticWorld(seed=3, n_facts=40).tasks(2, "train", families=["crop", "color"])
+
+
+def test_sync_weights_modes(model_dir, setup):
+    from axpo_rllm.engines.transformers_engine import TransformersEngine
+
+    trainer = setup[0]
+    other = TransformersEngine(model_dir)
+    try:
+        assert sync_weights(other, trainer.policy.model) == "load_state_dict"
+        for (n, a), (_, b) in zip(other.model.named_parameters(), trainer.policy.model.named_parameters()):
+            assert torch.equal(a, b), n
+    finally:
+        other.close()
+    with pytest.raises(NotImplementedError, match="cannot push weights"):
+        sync_weights(object(), trainer.policy.model)
