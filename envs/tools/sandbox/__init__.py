@@ -224,6 +224,7 @@ class _Worker:
             "max_image_pixels": limits.max_image_pixels, "max_decode_pixels": limits.max_decode_pixels,
             "guard": limits.python_guard, "blocked_events": BLOCKED_EVENTS,
             "read_roots": list(_python_roots()) + ["/usr/share", "/etc/localtime"],
+            "pool": tmp_root,  # names the owning pool in `ps` output
         }
         read_fd, write_fd = os.pipe()
         config["result_fd"] = write_fd
@@ -409,10 +410,13 @@ def _kill_uid(uid: int) -> None:
 def detect_isolation(prefer: str = "auto") -> Isolation:
     """The strongest layer that runs a real worker end to end here (``prefer`` forces one).
 
-    Order: bwrap > unshare > rlimits; at each, a private uid per worker when the trainer is root
+    ``prefer="auto"`` reads the ``AXPO_SANDBOX_ISOLATION`` environment variable (a layer name or
+    ``auto``). Order: bwrap > unshare > rlimits; at each, a private uid per worker when the trainer is root
     and the interpreter is reachable by another uid (a Python under ``/root`` is not, outside
     bwrap's mount namespace). Cached per process: a probe costs one worker start (~0.2-0.5 s).
     """
+    if prefer == "auto":
+        prefer = os.environ.get("AXPO_SANDBOX_ISOLATION", "auto")  # operators can pin a layer per node
     if prefer != "auto" and prefer not in ISOLATION_LEVELS:
         raise ValueError(f"isolation={prefer!r}: expected 'auto' or one of {ISOLATION_LEVELS}")
     candidates = ISOLATION_LEVELS if prefer == "auto" else (prefer,)

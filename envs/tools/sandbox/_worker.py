@@ -13,6 +13,7 @@ length + payload):
    bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
 """
 
+import faulthandler
 import json
 import os
 import pickle
@@ -240,6 +241,17 @@ def collect_images(display, stamps, notes):
     return result
 
 
+class CPUTimeExceeded(BaseException):
+    """Raised in the code at the soft RLIMIT_CPU (SIGXCPU); the hard limit one second later kills."""
+
+
+def on_cpu_limit(signum, frame):
+    raise CPUTimeExceeded(f"the code used more than its {CONFIG_CPU[0]} s of CPU time")
+
+
+CONFIG_CPU = [0]
+
+
 def run(job):
     images = [Image.frombytes(mode, tuple(size), raw) for mode, size, raw in job["images"]]
     files = InputFiles(images, os.getcwd())
@@ -251,6 +263,8 @@ def run(job):
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu = int(used.ru_utime + used.ru_stime) + job["cpu_seconds"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    CONFIG_CPU[0] = job["cpu_seconds"]
+    signal.signal(signal.SIGXCPU, on_cpu_limit)
     if CONFIG["guard"]:
         install_guard(os.getcwd())
     error = None
@@ -280,6 +294,7 @@ def run(job):
 
 
 def main():
+    faulthandler.enable()  # a crash in C code leaves its Python stack in stderr
     drop_privileges()
     set_limits()
     warm_imports()
