@@ -369,8 +369,6 @@ def build_tiny_qwen_vl(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    import torch
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = default_corpus(seed) + list(corpus_texts or [])
@@ -383,7 +381,6 @@ def build_tiny_qwen_vl(
     tokenizer.save_pretrained(out)
     _write_processor_files(out, family)
     _write_generation_config(out, ids)
-    del model, torch
     return out
 
 
