@@ -147,3 +147,4 @@ def test_http_equals_offline(vllm_engine, http_engine, prompts, images, with_ima
         assert a.token_ids == b.token_ids
         assert max_abs_diff(a.logprobs, b.logprobs) < TOL
         assert (a.finish_reason, a.stop_reason) == (b.finish_reason, b.stop_reason)
+        assert b.num_cached_tokens >= 0  # the server reports prefix-cache use per request
