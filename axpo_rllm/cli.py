@@ -60,7 +60,11 @@ def simulate(args: argparse.Namespace) -> int:
     """Signal-yield simulator (docs/simulator.md): every strategy on the same simulated steps."""
     from axpo_rllm import simulator as sim
 
-    cfg = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k, steps=args.steps, seed=args.seed)
+    try:
+        cfg = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k, steps=args.steps, seed=args.seed)
+    except ValueError as err:
+        print(f"axpo-rllm simulate: {err}", file=sys.stderr)
+        return 2
     report = sim.simulate(cfg)
     print(sim.format_calibration(report), end="\n\n")
     print(sim.format_table(report))

@@ -181,3 +181,8 @@ def test_strategies_share_random_streams_by_draw_site():
     double = sim.STRATEGIES[sim.DOUBLE_ROW](SMALL, step)
     first = {(x.rollout_id, x.response_ids.tobytes(), x.correct) for x in some.extra}
     assert first <= {(x.rollout_id, x.response_ids.tobytes(), x.correct) for x in double.extra}
+
+
+def test_cli_rejects_a_budget_below_k(capsys):
+    assert main(["simulate", "--questions", "2", "--n", "2", "--k", "4", "--png", ""]) == 2
+    assert "below K = 4" in capsys.readouterr().err
