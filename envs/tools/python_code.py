@@ -14,6 +14,7 @@ Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``tim
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from typing import Any
@@ -85,7 +86,8 @@ class PythonCodeTool(Tool):
             return code
         try:
             images = _pil_images(context.images)
-            result = await self.pool.arun(code, images)
+            pool = await asyncio.to_thread(getattr, self, "pool")  # the first call probes and spawns
+            result = await pool.arun(code, images)
         except (SandboxUnavailable, TypeError) as exc:
             return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)
         metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds, "timed_out": result.timed_out}

@@ -465,6 +465,11 @@ def isolation_level() -> str:
 # ----------------------------------------------------------------------------------------------
 # The pool
 
+# One uid sequence per process (all pools share it), started at a pid-dependent offset so that two
+# trainer processes on one node rarely hand out the same uid at the same time.
+_UIDS = itertools.count(os.getpid() * 61 % (UID_SLOTS - 1))
+_UID_LOCK = threading.Lock()
+
 
 class SandboxPool:
     """``size`` warm workers; :meth:`run` is thread-safe and blocking, :meth:`arun` is its async form."""
@@ -473,8 +478,6 @@ class SandboxPool:
         self.limits = limits or SandboxLimits()
         self.isolation = detect_isolation(isolation)
         self.size = max(1, int(size))
-        self._uids = itertools.count()
-        self._lock = threading.Lock()
         self._ready: queue.Queue[_Worker] = queue.Queue()
         self._wanted = threading.Semaphore(0)
         self._closed = False
@@ -492,8 +495,8 @@ class SandboxPool:
     def _next_uid(self) -> int | None:
         if not self.isolation.own_uid:
             return None
-        with self._lock:
-            return UID_BASE + next(self._uids) % (UID_SLOTS - 1)
+        with _UID_LOCK:
+            return UID_BASE + next(_UIDS) % (UID_SLOTS - 1)
 
     def _fill_loop(self) -> None:
         """Start a replacement for every worker taken, one at a time (spawning is CPU-bound)."""
@@ -539,7 +542,11 @@ class SandboxPool:
         try:
             return worker.run(code, images)
         finally:
-            self._dead.put(worker)  # killed and removed off the caller's path
+            if self._closed:  # the reaper may be gone
+                worker.kill()
+                worker.cleanup()
+            else:
+                self._dead.put(worker)  # killed and removed off the caller's path
 
     def _reap_loop(self) -> None:
         """Kill what is left of used workers (children the code started) and delete their files."""

@@ -21,7 +21,6 @@ import resource
 import signal
 import struct
 import sys
-import time
 import traceback
 import warnings
 
@@ -189,7 +188,7 @@ class Display:
                 print(obj)
 
 
-def saved_images(stamps, started):
+def saved_images(stamps):
     """New or modified image files in the work dir (regular files only: symlinks are ignored)."""
     found = []
     for entry in os.scandir("."):
@@ -216,7 +215,7 @@ def to_rgb(image, notes):
 
 def collect_images(display, stamps, notes):
     out = list(display.images)
-    for name in saved_images(stamps, None):
+    for name in saved_images(stamps):
         try:
             with Image.open(name) as im:
                 if im.width * im.height > CONFIG["max_decode_pixels"]:
