@@ -31,13 +31,16 @@ timeout; when the trainer is not root, the worker runs under the trainer's uid, 
 native code could signal the trainer. Use ``bwrap`` (``apt-get install bubblewrap``) for training.
 
 The pool keeps ``size`` workers started, imported (PIL, numpy) and waiting inside the sandbox;
-a call takes one, sends the job, reads the result, kills the worker and a background thread starts
-its replacement, so one call can never poison the next.
+a call takes one, sends the job, reads the result; a background thread kills what is left of the
+worker's process tree and deletes its files, another starts its replacement, so one call can never
+poison the next. A warm call costs ~10-30 ms; starting a worker ~0.2-0.5 s of CPU, so size the
+pool to the number of calls in flight (``benchmarks/bench_tools.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import itertools
 import json
@@ -491,6 +494,7 @@ class SandboxPool:
         self._dead: queue.Queue[_Worker | None] = queue.Queue()
         self._reaper = threading.Thread(target=self._reap_loop, name="axpo-sandbox-reaper", daemon=True)
         self._reaper.start()
+        atexit.register(self.close)  # idle workers must not outlive an interpreter that forgot close()
 
     def _next_uid(self) -> int | None:
         if not self.isolation.own_uid:
@@ -561,7 +565,8 @@ class SandboxPool:
         return await asyncio.to_thread(self.run, code, images)
 
     def close(self) -> None:
-        """Stop refilling and kill every idle worker."""
+        """Stop refilling and kill every idle worker (idempotent)."""
+        atexit.unregister(self.close)
         self._closed = True
         self._wanted.release()
         while True:
