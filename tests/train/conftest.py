@@ -6,10 +6,13 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _modest_threads():
-    # The suite shares small CPU machines: one thread per test process.
+    # The suite shares small CPU machines: one torch thread in these tests, restored afterwards.
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
