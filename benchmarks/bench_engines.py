@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2_5_vl")
     parser.add_argument("--k", type=int, default=8, help="concurrent requests")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--http", action="store_true", help="also start a vLLM server and time it")
     args = parser.parse_args()
 
     from axpo_rllm.engines import GenerationRequest, TransformersEngine
@@ -84,6 +85,15 @@ def main() -> None:
         ours = asyncio.run(vl.generate(greedy))
         report["greedy_tokens_equal"] = ours.token_ids == reference.token_ids
         report["logprob_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours.logprobs, reference.logprobs))
+        if args.http:
+            from axpo_rllm.engines import HTTPEngine, VLLMServer
+
+            with VLLMServer(path, extra_args=["--distributed-executor-backend", "uni"]) as server:
+                report["http_server_start_s"] = round(server.start_seconds, 1)
+                http = HTTPEngine.for_model(server.base_url, path)
+                report["http"] = _throughput(http, prompt, image, args.k, args.tokens)
+                served = asyncio.run(http.generate(greedy))
+                report["http_equals_offline"] = served.token_ids == ours.token_ids and served.logprobs == ours.logprobs
     print(json.dumps(report, indent=2))
 
 
