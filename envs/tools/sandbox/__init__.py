@@ -3,32 +3,37 @@
 Layers, strongest first; :func:`detect_isolation` picks at start-up the best that works here and
 every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["isolation"]``):
 
-``bwrap``    bubblewrap: new network namespace (only a down-or-private loopback: no route out, not
-             even to the host's 127.0.0.1), new PID/IPC/UTS namespaces, a mount namespace that
-             shows only ``/usr``, the Python installation (read-only), a private ``/dev`` and
-             ``/proc``, and a size-capped tmpfs work dir; ``--die-with-parent``.
+``bwrap``    bubblewrap: new network namespace (a private loopback: no route out, not even to
+             the host's 127.0.0.1), new PID/IPC/UTS namespaces, a mount namespace that shows only
+             ``/usr`` and the Python installation (read-only), a private ``/dev`` and ``/proc``,
+             and a size-capped tmpfs work dir; ``--die-with-parent``.
 ``unshare``  util-linux ``unshare`` as root: new network/PID/IPC/UTS/mount namespaces (fresh
-             ``/proc``), but the host file system stays visible (read through the uid below).
+             ``/proc``), but the host file system stays visible.
 ``rlimits``  a plain child process: only the layers below.
 
 Always, under every layer: a fresh ``python -I`` process per call (no memory shared with the
-trainer; it is never forked from it), an empty environment (no secrets inherited), its own uid
-when the trainer is root (61000 + slot: files of other users, signals to other processes and the
-per-uid process count all apply), ``PR_SET_NO_NEW_PRIVS``, rlimits (CPU seconds, address space,
-file size, open files, processes, no core), a wall-clock timeout after which the whole process
-tree is killed (PID namespace teardown; a uid-wide sweep at the ``rlimits`` layer), stdout/stderr
-in trainer-owned files read back truncated, and returned images capped in count and pixels and
-sent as raw RGB (the trainer never decodes or unpickles what the sandbox writes). Inside, a
-Python audit hook ("guard", PEP 578) refuses sockets, process creation, signals to other pids,
-ctypes, gc introspection and file access outside the work dir -- defence in depth only.
+trainer; it is never forked from it), an empty environment (no secrets inherited),
+``PR_SET_NO_NEW_PRIVS``, rlimits (CPU seconds, address space, file size, open files, processes,
+no core), a wall-clock timeout after which the whole process tree is killed (PID namespace
+teardown; a uid-wide sweep at ``rlimits``), stdout/stderr in trainer-owned files read back
+truncated, and returned images capped in count and pixels and sent as raw RGB (the trainer never
+decodes or unpickles what the sandbox writes). When the trainer is root, each worker also drops
+to its own uid (61000 + slot: other users' files, signals to other processes and the per-uid
+process count then apply) -- always under ``bwrap``; under ``unshare``/``rlimits`` only if the
+interpreter is readable by another uid (a Python under ``/root`` is not: ``Isolation.own_uid``
+says which). Inside, a Python audit hook ("guard", PEP 578) refuses sockets, process creation,
+signals to other pids, ctypes, gc introspection and file access outside the work dir -- defence
+in depth only: it stops Python code, not native code.
 
-What it does NOT stop: CPU and memory-bandwidth contention with the trainer (no cgroup CPU
-share; a call may use one core for its CPU-time limit); side channels; kernel exploits (no
-seccomp filter); at ``unshare``/``rlimits``, reading world-readable host files by code that
-gets past the Python guard (e.g. through a C extension already imported); at ``rlimits``, network
-access by such code, and filling the disk with many files under the size cap each within the
-timeout; when the trainer is not root, the worker runs under the trainer's uid, so at ``rlimits``
-native code could signal the trainer. Use ``bwrap`` (``apt-get install bubblewrap``) for training.
+What it does NOT stop: CPU and memory-bandwidth contention with the trainer (no cgroup CPU share;
+a call may use one core up to its CPU-time limit); side channels; kernel exploits (no seccomp
+filter); tmpfs pages (up to ``workdir_mb`` per worker) count against host memory. At ``unshare``
+and ``rlimits``: native code that gets past the guard (a C extension already imported, an
+interpreter bug) sees the host file system with the worker's uid -- and that uid is **root** when
+``own_uid`` is false, so such code could read or write any host file; at ``rlimits`` it could also
+reach the network, signal other processes (the trainer included, if it shares the uid) and fill
+the disk file by file within the timeout. Use ``bwrap`` (``apt-get install bubblewrap``) for
+training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
 
 The pool keeps ``size`` workers started, imported (PIL, numpy) and waiting inside the sandbox;
 a call takes one, sends the job, reads the result; a background thread kills what is left of the
@@ -45,6 +50,7 @@ import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import pickle
 import queue
@@ -72,6 +78,7 @@ __all__ = [
     "isolation_level",
 ]
 
+_log = logging.getLogger(__name__)
 ISOLATION_LEVELS = ("bwrap", "unshare", "rlimits")
 WORKER_SOURCE = (Path(__file__).with_name("_worker.py")).read_text()
 SANDBOX_WORKDIR = "/sandbox"
@@ -492,6 +499,9 @@ class SandboxPool:
     def __init__(self, limits: SandboxLimits | None = None, size: int = 2, isolation: str = "auto") -> None:
         self.limits = limits or SandboxLimits()
         self.isolation = detect_isolation(isolation)
+        if self.isolation.level != "bwrap":
+            _log.warning("python sandbox runs at the weaker %r layer (own uid: %s): %s",
+                         self.isolation.level, self.isolation.own_uid, self.isolation.detail)
         self.size = max(1, int(size))
         self._ready: queue.Queue[_Worker] = queue.Queue()
         self._wanted = threading.Semaphore(0)
