@@ -57,6 +57,7 @@ def wait_for_ready(tool: PythonCodeTool) -> None:
     pool = tool.pool
     while pool._ready.qsize() < pool.size:
         time.sleep(0.005)
+    time.sleep(0.05)  # let the reaper finish the previous worker (policy generation runs here in RL)
 
 
 def bench_warm(n: int, image: Image.Image, back_to_back: bool) -> tuple[list[float], str]:

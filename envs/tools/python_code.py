@@ -86,7 +86,7 @@ class PythonCodeTool(Tool):
             return code
         try:
             images = _pil_images(context.images)
-            pool = await asyncio.to_thread(getattr, self, "pool")  # the first call probes and spawns
+            pool = self._pool or await asyncio.to_thread(getattr, self, "pool")  # first call: probe + spawn
             result = await pool.arun(code, images)
         except (SandboxUnavailable, TypeError) as exc:
             return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)

@@ -64,10 +64,17 @@ def warm_imports():
     global Image
     from PIL import Image  # noqa: F811
 
+    # What tobytes/asarray/save/draw import lazily on first use (~20-50 ms): pay it before the call.
+    from PIL import ImageDraw, ImageEnhance, ImageFile, ImageFilter, ImageOps, ImageStat  # noqa: F401
+
+    Image.init()
+    Image.new("RGB", (2, 2)).tobytes()
     Image.MAX_IMAGE_PIXELS = CONFIG["max_decode_pixels"]
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are checked explicitly
     try:
-        import numpy  # noqa: F401  (model code imports it; paying here keeps calls fast)
+        import numpy  # model code imports it; paying here keeps calls fast
+
+        numpy.asarray(Image.new("RGB", (2, 2))).mean()
     except ImportError:
         pass
     resource.setrlimit(resource.RLIMIT_AS, (CONFIG["memory_bytes"], CONFIG["memory_bytes"]))
