@@ -85,10 +85,13 @@ class PythonCodeTool(Tool):
         if isinstance(code, ToolResult):
             return code
         try:
-            images = _pil_images(context.images)
+            images = _pil_images(context.images, self.limits.max_decode_pixels)
+        except ValueError as exc:
+            return ToolResult.fail(str(exc), tool=self.name)
+        try:
             pool = self._pool or await asyncio.to_thread(getattr, self, "pool")  # first call: probe + spawn
             result = await pool.arun(code, images)
-        except (SandboxUnavailable, TypeError) as exc:
+        except SandboxUnavailable as exc:
             return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)
         metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds, "timed_out": result.timed_out}
         text = _observation(result)
@@ -103,12 +106,19 @@ class PythonCodeTool(Tool):
             pool.close()
 
 
-def _pil_images(images: tuple) -> list:
+def _pil_images(images: tuple, max_pixels: int) -> list:
+    """The context's images, decoded; a non-image, an oversized (bomb) or broken one is a ValueError."""
     from PIL import Image
 
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
-            raise TypeError(f"context image {i} is a {type(image).__name__}, not a PIL image")
+            raise ValueError(f"image {i} is a {type(image).__name__}, not a PIL image")
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"image {i} has {image.width}x{image.height} pixels, more than the {max_pixels} the python tool accepts")
+        try:
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"image {i} could not be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
     return list(images)
 
 

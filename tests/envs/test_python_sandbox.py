@@ -158,6 +158,21 @@ def test_bad_arguments_never_start_a_worker(arguments, expected):
     assert result.is_error and expected in result.error
 
 
+def test_bad_context_images_are_refused_before_any_worker_starts():
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[:60]))
+    assert "could not be decoded" in run("print(1)", [truncated]).error
+    assert "not a PIL image" in run("print(1)", ["image.png"]).error
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        bomb = Image.new("1", (5000, 4000))  # 20 Mpx > max_decode_pixels (16 Mpx)
+    assert "5000x4000 pixels" in run("print(1)", [bomb]).error
+
+
 def test_config_keys_are_checked():
     with pytest.raises(ValueError, match="unknown PythonCodeTool config key"):
         PythonCodeTool(timeout=3)
