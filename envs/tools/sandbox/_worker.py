@@ -8,7 +8,8 @@ length + payload):
 1. start (as root inside the namespaces when the trainer is root): drop to the worker's own uid,
    set rlimits, import PIL/numpy (the warm part), send frame ``b"ready"``;
 2. read one pickled job from stdin (the trusted direction): ``{"code", "images", "cpu_seconds"}``;
-3. write the images as ``image_<i>.png``, install the Python guard (an audit hook), run the code;
+3. set the CPU limit, install the Python guard (an audit hook), run the code (``image_<i>.png``
+   files are written when the code may read files: :class:`InputFiles`);
 4. send a JSON header frame ``{"error", "images": [[w, h], ...], "notes"}`` then one frame of RGB
    bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
 """
@@ -186,13 +187,16 @@ class Display:
 
     def __init__(self):
         self.images = []
+        self.extra = 0  # displayed beyond max_images: counted, never copied
 
     def __call__(self, *objects, **_):
         for obj in objects:
-            if isinstance(obj, Image.Image):
+            if not isinstance(obj, Image.Image):
+                print(obj)
+            elif len(self.images) < CONFIG["max_images"]:
                 self.images.append(obj.copy())
             else:
-                print(obj)
+                self.extra += 1
 
 
 def saved_images(stamps):
@@ -235,8 +239,8 @@ def collect_images(display, stamps, notes):
         except Exception as exc:
             notes.append(f"{name}: not returned ({type(exc).__name__})")
     cap = CONFIG["max_images"]
-    if len(out) > cap:
-        notes.append(f"{len(out)} images were produced; only the first {cap} are returned")
+    if len(out) + display.extra > cap:
+        notes.append(f"{len(out) + display.extra} images were produced; only the first {cap} are returned")
         out = out[:cap]
     result = []
     for image in out:
