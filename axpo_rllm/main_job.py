@@ -37,8 +37,8 @@ __all__ = ["SMOKE", "job_config", "Runtime", "run", "COMPACT_SCHEMAS"]
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 SMOKE = {
-    "model": {"tokenizer_conversations": 40},
-    "sft": {"examples": 48, "minutes": 0.3, "max_steps": 3, "batch_size": 8, "probe_tasks": 4},
+    "model": {"tokenizer_conversations": 24},
+    "sft": {"examples": 32, "minutes": 0.3, "max_steps": 3, "batch_size": 8, "probe_tasks": 4},
     "rl": {"steps": 1, "batch_questions": 4},
     "eval": {"tasks": 3, "k": 4},
     "agent": {"max_tokens_per_turn": 32, "max_response_tokens": 160},

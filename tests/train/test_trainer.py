@@ -148,3 +148,30 @@ def test_sync_weights_modes(model_dir, setup):
         other.close()
     with pytest.raises(NotImplementedError, match="cannot push weights"):
         sync_weights(object(), trainer.policy.model)
+
+
+def test_an_update_moves_log_probs_the_way_the_advantages_point(stepped):
+    """After one update on a batch, tokens with positive advantage became likelier and tokens with
+    negative advantage less likely (the sign convention of verl's PPO loss, end to end)."""
+    trainer, _, _, _, _ = stepped
+    result = trainer.workflow.run_step(world_tasks(), 2)
+    batch = trainer.make_batch(result.rows)
+    adv, mask = batch.batch["advantages"], batch.batch["response_mask"].bool()
+    pos, neg = mask & (adv > 0), mask & (adv < 0)
+    if not pos.any() or not neg.any():
+        pytest.skip("this draw gave one-sided advantages")
+    idx = list(range(len(result.rows)))
+
+    def logp():
+        with torch.no_grad():
+            return trainer.forward(trainer.policy, batch, idx)
+
+    before = logp()
+    old_rl = trainer.rl
+    try:
+        trainer.rl = RLConfig(lr=old_rl.lr, micro_batch_size=64)
+        trainer.update(batch)
+    finally:
+        trainer.rl = old_rl
+    after = logp()
+    assert (after - before)[pos].mean() > 0 > (after - before)[neg].mean()
