@@ -9,12 +9,16 @@ the engines agree on the tiny model: same expanded prompt ids, same greedy token
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import pytest
 
 from axpo_rllm.engines import GenerationRequest
 
-pytestmark = pytest.mark.vllm
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not importable here (make test-vllm)"),
+]
 
 TOL = 1e-4
 
