@@ -41,6 +41,9 @@ def turn_end(rollout, start):
 def check_step(res, rec, engine, chat, tol):
     plan = res.plan
     assert plan.jobs, "forced trigger: prefixes must be selected"
+    assert res.metrics["workflow/failed_rollouts"] == 0, [r.error for r in res.rollouts if r.error]
+    # Crops came back as images and were sent on (one pad per image, checked by the engine).
+    assert any(len(q.images) > 1 for q in rec.requests) and res.metrics["workflow/tool_calls"] > 0
     assert len(res.continuations) == plan.used <= plan.budget
     assert plan.budget - plan.used < plan.jobs[0].k or len(plan.jobs) == len(plan.candidates)
     jobs = {j.source_id: j for j in plan.jobs}
