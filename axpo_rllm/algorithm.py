@@ -413,9 +413,7 @@ def build_training_rows(
             if job is None or not credit or job.cut == 0:
                 roles.append(RowRole.ORDINARY)
                 scores.append(float(rollout.reward))
-                # Mini-o3 over-turn masking: counted in the group's statistics, never in the loss.
-                over_turn = rollout.termination is Termination.OVER_TURN
-                windows.append(() if over_turn else ((0, len(rollout.response_ids)),))
+                windows.append(((0, len(rollout.response_ids)),) if reaches_loss(rollout) else ())
                 tails.append(-1)
             else:
                 roles.append(RowRole.SOURCE_PREFIX)
@@ -429,7 +427,8 @@ def build_training_rows(
             roles.append(RowRole.CONTINUATION)
             adv_groups.append(group_id)
             scores.append(float(cont.reward))
-            windows.append(((job.cut, len(cont.response_ids)),))  # the prefix is context, not action
+            # the prefix is context, not action
+            windows.append(((job.cut, len(cont.response_ids)),) if reaches_loss(cont) else ())
             tails.append(-1)
 
     norm = dict(epsilon=config.epsilon, norm_by_std=config.norm_by_std, unbiased=config.std_unbiased)
@@ -443,6 +442,13 @@ def build_training_rows(
             segments += (LossSegment(tails[i], len(rollout.response_ids), tail_adv[rollout.rollout_id]),)
         rows.append(TrainingRow(rollouts[i], roles[i], adv_groups[i], scores[i], segments))
     return rows
+
+
+def reaches_loss(rollout: Rollout) -> bool:
+    """Over-turn (Mini-o3 masking) and errored rollouts count in their group's statistics with
+    their reward, but their tokens never reach the loss: an over-turn episode is not a behaviour to
+    push either way, and an errored one was cut short by the engine or env, not by the policy."""
+    return rollout.termination not in (Termination.OVER_TURN, Termination.ERROR)
 
 
 def pre_replacement_advantages(groups: Sequence[QuestionGroup], norm: Mapping[str, Any]) -> dict[str, float]:

@@ -155,10 +155,11 @@ def test_grpo_mode_is_plain_grpo_everywhere():
     assert all(r.role is RowRole.ORDINARY for r in rows.values())
 
 
-def test_over_turn_rollouts_stay_in_the_statistics_but_not_in_the_loss():
+@pytest.mark.parametrize("termination", [Termination.OVER_TURN, Termination.ERROR])
+def test_over_turn_and_errored_rollouts_stay_in_the_statistics_but_not_in_the_loss(termination):
     q = QuestionGroup("q", (
         make_rollout("x", "q", correct=True),
-        make_rollout("y", "q", correct=False, termination=Termination.OVER_TURN),
+        make_rollout("y", "q", correct=False, termination=termination),
     ))
     rows = build_training_rows([q], plan_resampling([q], AXPOConfig(enable=False)), [], AXPOConfig(enable=False))
     assert rows[1].segments == ()
@@ -189,3 +190,17 @@ def test_diagnostics_of_the_worked_step():
     assert d["axpo/recovery_rate"] == 1.0
     assert d["axpo/c_selected_mean"] == pytest.approx(0.5) and d["axpo/c_unselected_mean"] == pytest.approx(0.9)
     assert d["axpo/acc_tool"] == 0.0 and d["axpo/acc_no_tool"] == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("termination", [Termination.OVER_TURN, Termination.ERROR])
+def test_over_turn_and_errored_continuations_are_counted_but_masked(termination):
+    q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
+    cfg = AXPOConfig(r=0.5, k=2)
+    plan = plan_resampling([q], cfg)
+    good = make_continuation(q.rollouts[0], plan.jobs[0].cut, 0, correct=True)
+    bad = make_continuation(q.rollouts[0], plan.jobs[0].cut, 1, correct=False)
+    object.__setattr__(bad, "termination", termination)
+    rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, [good, bad], cfg)}
+    assert rows[bad.rollout_id].segments == ()
+    assert adv(rows[good.rollout_id]) == pytest.approx(0.7071058, abs=1e-6), "the masked one still counts in the group"
+    assert rows["s0"].score == 1.0

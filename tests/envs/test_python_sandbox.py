@@ -30,12 +30,16 @@ LEVEL = isolation_level()
 bwrap_only = pytest.mark.skipif(LEVEL != "bwrap", reason=f"OS-layer checks need bwrap; isolation here is {LEVEL}")
 
 _tools: dict[str, PythonCodeTool] = {}
+CHILDREN_BEFORE: set[int] = set()
+"""Children of the test process before this module ran (filled by ``record_pools``)."""
 POOL_DIRS: list[str] = []
 """Every pool this module starts: only their workers are ours (other suites may run beside us)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
 def record_pools():
+    # Children this process already had (a grader worker started by another suite, say) are not ours.
+    CHILDREN_BEFORE.update(pid for pid, (ppid, _) in process_table().items() if ppid == os.getpid())
     original = SandboxPool.__init__
 
     def init(self, *args, **kwargs):
@@ -524,6 +528,7 @@ def test_zz_the_test_process_is_unharmed_and_nothing_is_left(listener):
         asyncio.run(t.aclose())
     _tools.clear()
     assert POOL_DIRS and wait_until(lambda: not worker_processes()), worker_processes()
-    children = [(pid, cmdline[:80]) for pid, (ppid, cmdline) in process_table().items() if ppid == os.getpid()]
+    children = [(pid, cmdline[:80]) for pid, (ppid, cmdline) in process_table().items()
+                if ppid == os.getpid() and pid not in CHILDREN_BEFORE]
     assert children == []
     assert nothing_connected(listener)
