@@ -301,8 +301,14 @@ def test_abuse_memory_bomb_growing():
 
 
 def test_abuse_infinite_loop_hits_the_wall_clock():
-    result = run("while True:\n    pass")
-    assert result.is_error and result.metadata["timed_out"] and "time limit" in result.error
+    # A CPU limit far above the wall clock, so that the wall clock is what stops it on any machine
+    # (with the module's 3 s CPU / 5 s wall, an idle machine hits the CPU limit first).
+    wall_tool = PythonCodeTool(timeout_s=2, cpu_s=60, pool_size=1)
+    try:
+        result = asyncio.run(wall_tool.call({"code": "while True:\n    pass"}, ToolContext()))
+    finally:
+        asyncio.run(wall_tool.aclose())
+    assert result.is_error and result.metadata["timed_out"] and "time limit" in result.error, result.error
 
 
 def test_abuse_sleep_past_the_timeout_with_partial_output():
