@@ -403,7 +403,7 @@ def build_training_rows(
     roles: list[RowRole] = []
     adv_groups: list[str] = []
     scores: list[float] = []
-    windows: list[tuple[tuple[int, int], ...]] = []
+    windows: list[tuple[int, int] | None] = []  # the one window that learns, None: fully masked
     tails: list[int] = []  # source_tail=keep: tokens [tail, n) keep the pre-replacement advantage
     for group in groups:
         for rollout in group.rollouts:
@@ -413,12 +413,12 @@ def build_training_rows(
             if job is None or not credit or job.cut == 0:
                 roles.append(RowRole.ORDINARY)
                 scores.append(float(rollout.reward))
-                windows.append(((0, len(rollout.response_ids)),) if reaches_loss(rollout) else ())
+                windows.append((0, len(rollout.response_ids)) if reaches_loss(rollout) else None)
                 tails.append(-1)
             else:
                 roles.append(RowRole.SOURCE_PREFIX)
                 scores.append(recovery[rollout.rollout_id])  # r_prefix replaces the source's reward
-                windows.append(((0, job.cut),))
+                windows.append((0, job.cut))
                 tails.append(job.cut if keep_tail else -1)
     for job in plan.jobs:
         group_id = f"{job.question_id}::{job.source_id}" if config.separate_groups else job.question_id
@@ -428,19 +428,18 @@ def build_training_rows(
             adv_groups.append(group_id)
             scores.append(float(cont.reward))
             # the prefix is context, not action
-            windows.append(((job.cut, len(cont.response_ids)),) if reaches_loss(cont) else ())
+            windows.append((job.cut, len(cont.response_ids)) if reaches_loss(cont) else None)
             tails.append(-1)
 
     norm = dict(epsilon=config.epsilon, norm_by_std=config.norm_by_std, unbiased=config.std_unbiased)
     advantages = group_normalize(torch.tensor(scores, dtype=torch.float32), group_ids_to_index(adv_groups), **norm).tolist()
     tail_adv = pre_replacement_advantages(groups, norm) if keep_tail and plan.jobs else {}
     rows = []
-    for i, adv in enumerate(advantages):
-        segments = tuple([LossSegment(start, end, adv) for start, end in windows[i]])
-        if tails[i] >= 0:
-            rollout = rollouts[i]
-            segments += (LossSegment(tails[i], len(rollout.response_ids), tail_adv[rollout.rollout_id]),)
-        rows.append(TrainingRow(rollouts[i], roles[i], adv_groups[i], scores[i], segments))
+    for rollout, role, adv_group, score, window, tail, adv in zip(rollouts, roles, adv_groups, scores, windows, tails, advantages):
+        segments = (LossSegment(window[0], window[1], adv),) if window else ()
+        if tail >= 0:
+            segments += (LossSegment(tail, len(rollout.response_ids), tail_adv[rollout.rollout_id]),)
+        rows.append(TrainingRow(rollout, role, adv_group, score, segments))
     return rows
 
 
