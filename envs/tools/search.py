@@ -32,7 +32,7 @@ import unicodedata
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -128,8 +128,13 @@ class SearchBackend(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key={self.api_key!r})"
 
+    requires_api_key: ClassVar[bool] = False
+    """Paid web APIs: a missing key is a configuration problem, reported before any request."""
+
     def config_problem(self) -> str:
         """Why this backend cannot send requests ('' when it can); shown to the model as an error."""
+        if self.requires_api_key and not self.api_key:
+            return f"search backend {self.name!r} has no API key (set {self.api_key_env} or the tool config 'api_key')"
         if not self.base_url:
             return f"search backend {self.name!r} has no base_url configured"
         return ""
@@ -180,11 +185,7 @@ class TavilyBackend(SearchBackend):
     name = "tavily"
     default_base_url = "https://api.tavily.com"
     api_key_env = "TAVILY_API_KEY"
-
-    def config_problem(self) -> str:
-        if not self.api_key:
-            return f"search backend 'tavily' has no API key (set {self.api_key_env} or the tool config 'api_key')"
-        return super().config_problem()
+    requires_api_key = True
 
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         body: dict[str, Any] = {"query": query, "max_results": top_k}
@@ -206,11 +207,7 @@ class SerperBackend(SearchBackend):
     name = "serper"
     default_base_url = "https://google.serper.dev"
     api_key_env = "SERPER_API_KEY"
-
-    def config_problem(self) -> str:
-        if not self.api_key:
-            return f"search backend 'serper' has no API key (set {self.api_key_env} or the tool config 'api_key')"
-        return super().config_problem()
+    requires_api_key = True
 
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         return f"{self.base_url}/search", {"q": query, "num": top_k}, {"X-API-KEY": self.api_key.reveal()}
