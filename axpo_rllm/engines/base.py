@@ -26,6 +26,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "RolloutEngine",
+    "InProcessEngine",
     "BatchingExecutor",
     "check_image_pads",
 ]
@@ -163,6 +164,50 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InProcessEngine(RolloutEngine):
+    """An engine whose model lives in this process (transformers, offline vLLM).
+
+    Concurrent ``generate`` calls are gathered into one backend batch on one worker thread, and
+    scoring runs on that same thread, so the model is never touched from two threads at once.
+    Subclasses call :meth:`_start_batching` once the model is loaded and implement
+    :meth:`_run_batch` and :meth:`_score_sync`; :meth:`_release` frees backend state on close.
+    """
+
+    def _start_batching(self, name: str) -> None:
+        self._executor = BatchingExecutor(self._run_batch, name=name)
+        self._closed = False
+
+    @abc.abstractmethod
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Generate a batch on the worker thread."""
+
+    @abc.abstractmethod
+    def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
+        """Teacher-forced logprobs, on the worker thread."""
+
+    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self._check_open()
+        return await self._executor.submit_many(list(requests))
+
+    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
+        self._check_open()
+        return await self._executor.run(self._score_sync, list(prompt_ids), list(images), list(continuation_ids))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown()
+        self._release()
+
+    def _release(self) -> None:
+        """Free what the backend holds beyond the worker thread (nothing by default)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
 
 
 @dataclass

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .base import (
-    BatchingExecutor,
     EngineError,
     GenerationRequest,
     GenerationResult,
-    RolloutEngine,
+    InProcessEngine,
     check_image_pads,
 )
 
@@ -41,7 +40,7 @@ def load_image_processor(model_dir: str | Path):
         return Qwen2VLImageProcessorPil.from_pretrained(model_dir)
 
 
-class TransformersEngine(RolloutEngine):
+class TransformersEngine(InProcessEngine):
     """Token-in/token-out generation with ``AutoModelForImageTextToText`` on CPU (float32)."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", threads: int | None = None) -> None:
@@ -63,23 +62,7 @@ class TransformersEngine(RolloutEngine):
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = frozenset([self.tokenizer_eos_id, *gen_eos]) - {None}
         self._merge = int(self.image_processor.merge_size) ** 2
-        self._executor = BatchingExecutor(self._run_batch, name="transformers-engine")
-        self._closed = False
-
-    # -- public API -------------------------------------------------------------------------
-
-    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        self._check_open()
-        return await self._executor.submit_many(list(requests))
-
-    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
-        self._check_open()
-        return await self._executor.run(self.score_sync, list(prompt_ids), list(images), list(continuation_ids))
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._executor.shutdown()
+        self._start_batching("transformers-engine")
 
     # -- multimodal inputs ---------------------------------------------------------------------
 
@@ -109,7 +92,7 @@ class TransformersEngine(RolloutEngine):
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    def score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
+    def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
         """One full forward pass over prompt + continuation; raw logprobs of the continuation."""
         import torch
 
@@ -196,11 +179,6 @@ class TransformersEngine(RolloutEngine):
         inner = getattr(self.model, "model", None)
         if inner is not None and hasattr(inner, "rope_deltas"):
             inner.rope_deltas = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineError("the engine is closed")
-
 
 def _rgb(image):
     return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .base import (
-    BatchingExecutor,
     EngineError,
     GenerationRequest,
     GenerationResult,
-    RolloutEngine,
+    InProcessEngine,
     check_image_pads,
 )
 
@@ -37,7 +36,7 @@ def _configure_cpu_env(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(InProcessEngine):
     """Token-in/token-out generation on an in-process ``vllm.LLM``.
 
     Keep one per process: vLLM's parallel state is process-global, and a second in-process LLM
@@ -86,29 +85,16 @@ class VLLMEngine(RolloutEngine):
         self.image_pad_id = int(hf_config.image_token_id)
         self.video_pad_id = int(hf_config.video_token_id)
         self.default_banned = (self.image_pad_id, self.video_pad_id)
-        self._executor = BatchingExecutor(self._run_batch, name="vllm-engine")
-        self._closed = False
+        self._start_batching("vllm-engine")
 
     # -- public API -------------------------------------------------------------------------
-
-    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        self._check_open()
-        return await self._executor.submit_many(list(requests))
-
-    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
-        self._check_open()
-        return await self._executor.run(self._score_sync, list(prompt_ids), list(images), list(continuation_ids))
 
     def prefix_cache_stats(self) -> tuple[int, int]:
         """Engine-wide ``(hits, queries)`` prefix-cache token counters since start."""
         counters = {m.name: m.value for m in self.llm.get_metrics() if hasattr(m, "value")}
         return int(counters.get("vllm:prefix_cache_hits", 0)), int(counters.get("vllm:prefix_cache_queries", 0))
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown()
+    def _release(self) -> None:
         # An engine core in a subprocess must be shut down explicitly. An in-process one must not:
         # its shutdown tears down vLLM's process-global parallel state, which every other in-process
         # LLM of this process shares (a second engine would then fail on its next step).
@@ -169,9 +155,6 @@ class VLLMEngine(RolloutEngine):
         tail = out.prompt_logprobs[-len(continuation_ids):]
         return [entry[token].logprob for entry, token in zip(tail, continuation_ids)]
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineError("the engine is closed")
 
 
 def _some_ids(requests: Sequence[GenerationRequest], limit: int = 5) -> str:
