@@ -7,11 +7,16 @@ data.train_files=... trainer.n_gpus_per_node=8``. GRPO and every ablation of the
 same run under ``--ablation`` (``configs/ablation/*.yaml``): one pipeline, config switches.
 
 Thin on purpose (STYLE: adapters at the edge). It composes rllm's own hydra config
-(``pkg://rllm.experimental.config`` / ``unified``), lays ``configs/axpo.yaml`` (+ the ablation) over
-it — ``algorithm.adv_estimator=axpo`` (the estimator this package registers through verl's
-``verl.plugins`` entry point), ``algorithm.axpo.*``, the asymmetric clip, the low-var KL to the
-reference, ``rollout.n`` mirrored into ``rllm.rollout.n`` — then the command-line overrides, and
-hands the result to rllm with our workflow class. rllm is imported only here and only when the
+(``pkg://rllm.trainer.config`` / ``unified``), lays ``configs/axpo.yaml`` (+ the ablation) over
+it — ``algorithm.adv_estimator=axpo``, ``algorithm.axpo.*``, the asymmetric clip, the low-var KL
+to the reference — then the command-line overrides, and hands the result to rllm's
+``AgentTrainer`` with our workflow class, AXPO's grouping hook and the per-role estimator map
+(rllm computes advantages itself: ``axpo`` is registered with rllm's estimator registry when
+``axpo_rllm.agents.rllm_workflow`` is imported, in every worker that runs the workflow).
+
+N lives in the workflow: one rllm run is one question, the workflow draws its N rollouts and its
+continuations and meets the other questions of the step at a barrier, so ``rllm.rollout.n`` is
+pinned to 1 and ``rllm.workflow.n_parallel_tasks`` to at least the questions per step. rllm is imported only here and only when the
 run starts: without it the launcher fails with an error that says how to install it, and
 :func:`launch_config` still builds (and tests) the AXPO part of the config.
 """
@@ -30,7 +35,7 @@ __all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "resolve_workflow
 DEFAULT_WORKFLOW = "axpo_rllm.agents.rllm_workflow:AXPORllmWorkflow"
 """The rllm ``Workflow`` running AXPO's phases inside rllm (override: ``axpo_launch.workflow_class``)."""
 
-RLLM_CONFIG_MODULE = "rllm.experimental.config"
+RLLM_CONFIG_MODULE = "rllm.trainer.config"
 RLLM_CONFIG_NAME = "unified"
 
 INSTALL_HINT = (
@@ -56,23 +61,28 @@ def launch_config(
     from axpo_rllm.config import axpo_config, load_config
 
     axpo = load_config(ablation)
-    n = int(axpo.actor_rollout_ref.rollout.n)
     launcher = OmegaConf.create(
         {
-            "rllm": {"rollout": {"n": n}},
             "axpo_launch": {
                 "ablation": ablation or "axpo",
                 "workflow_class": DEFAULT_WORKFLOW,
                 "backend": "verl",
+                "tools": ["crop", "python", "search"],
             },
         }
     )
-    cfg = OmegaConf.merge(OmegaConf.create(base or {}), axpo, launcher, OmegaConf.from_dotlist(list(overrides)))
-    # One N for both frameworks: an override of either key wins and is mirrored into the other.
+    base_cfg = OmegaConf.create(base or {})
+    OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
+    cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist(list(overrides)))
     given = {o.split("=", 1)[0] for o in overrides}
-    if "rllm.rollout.n" in given and "actor_rollout_ref.rollout.n" not in given:
-        cfg.actor_rollout_ref.rollout.n = cfg.rllm.rollout.n
-    cfg.rllm.rollout.n = cfg.actor_rollout_ref.rollout.n
+    if "rllm.rollout.n" in given:
+        raise ValueError(
+            "set N with actor_rollout_ref.rollout.n: the AXPO workflow draws the N rollouts of a question "
+            "itself, so rllm.rollout.n stays 1"
+        )
+    questions = int(OmegaConf.select(cfg, "data.train_batch_size", default=1) or 1)
+    parallel = int(OmegaConf.select(cfg, "rllm.workflow.n_parallel_tasks", default=0) or 0)
+    cfg = OmegaConf.merge(cfg, {"rllm": {"rollout": {"n": 1}, "workflow": {"n_parallel_tasks": max(parallel, questions)}}})
     if cfg.algorithm.adv_estimator != "axpo":
         raise ValueError(f"algorithm.adv_estimator must stay 'axpo' (GRPO is --ablation grpo), got {cfg.algorithm.adv_estimator!r}")
     axpo_config(cfg)
@@ -81,7 +91,7 @@ def launch_config(
 
 def _import_rllm() -> Any:
     try:
-        from rllm.experimental.unified_trainer import AgentTrainer  # type: ignore[import-not-found]
+        from rllm.trainer.unified_trainer import AgentTrainer  # type: ignore[import-not-found]
     except ImportError as exc:
         raise RllmMissing(f"{INSTALL_HINT} ({exc})") from exc
     return AgentTrainer
@@ -109,6 +119,35 @@ def resolve_workflow(path: str) -> type:
         return getattr(module, attr)
     except AttributeError:
         raise ImportError(f"workflow module {module_name!r} has no {attr!r}") from None
+
+
+def workflow_config(cfg: DictConfig):
+    """The workflow's settings from the launch config: N, AXPO's switches, the agent's turn cap."""
+    from axpo_rllm.agents.agent import AgentConfig
+    from axpo_rllm.agents.workflow import WorkflowConfig
+    from axpo_rllm.config import axpo_config
+
+    agent = OmegaConf.to_container(cfg.agent, resolve=True) if "agent" in cfg else {}
+    return WorkflowConfig(n=int(cfg.actor_rollout_ref.rollout.n), axpo=axpo_config(cfg), agent=AgentConfig(**agent))
+
+
+def workflow_args(cfg: DictConfig) -> dict:
+    """What ``AXPORllmWorkflow`` needs: the shared step coordinator, the model's processor, a fresh
+    tool env per episode, and the workflow config (needs the model path and transformers)."""
+    import functools
+
+    from transformers import AutoProcessor
+
+    from axpo_rllm.agents.rllm_workflow import AXPOStepCoordinator
+    from axpo_rllm.envs.env import MultimodalToolEnv
+
+    config = workflow_config(cfg)
+    return {
+        "coordinator": AXPOStepCoordinator(int(cfg.data.train_batch_size), config.axpo),
+        "chat": AutoProcessor.from_pretrained(str(cfg.actor_rollout_ref.model.path)),
+        "env_factory": functools.partial(MultimodalToolEnv, tools=list(cfg.axpo_launch.tools)),
+        "config": config,
+    }
 
 
 def load_datasets(cfg: DictConfig):
@@ -144,14 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = compose_rllm_base()
     cfg = launch_config(args.ablation, args.overrides, base=base)
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
+    from axpo_rllm.agents.rllm_workflow import AXPO_ROLE, axpo_traj_grouping_hook
+
     train, val = load_datasets(cfg)
     trainer = AgentTrainer(
         workflow_class=workflow_class,
-        workflow_args={"config": OmegaConf.to_container(cfg, resolve=True)},
+        workflow_args=workflow_args(cfg),
         config=cfg,
         train_dataset=train,
         val_dataset=val,
         backend=str(cfg.axpo_launch.backend),
+        traj_grouping_hook=axpo_traj_grouping_hook,
+        traj_group_adv_estimator_map={AXPO_ROLE: "axpo"},
     )
     trainer.train()
     return 0

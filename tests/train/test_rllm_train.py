@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from axpo_rllm.config import ABLATIONS, axpo_config
-from axpo_rllm.rllm_train import DEFAULT_WORKFLOW, launch_config, main, resolve_workflow
+from axpo_rllm.rllm_train import DEFAULT_WORKFLOW, launch_config, main, resolve_workflow, workflow_config
 
 HAS_RLLM = importlib.util.find_spec("rllm") is not None
 
@@ -17,20 +17,26 @@ def test_every_ablation_is_the_same_pipeline_with_the_axpo_estimator(ablation):
     cfg = launch_config(ablation)
     assert cfg.algorithm.adv_estimator == "axpo"
     assert cfg.axpo_launch.backend == "verl" and cfg.axpo_launch.workflow_class == DEFAULT_WORKFLOW
-    assert cfg.rllm.rollout.n == cfg.actor_rollout_ref.rollout.n == (16 if ablation == "rollout_2x" else 8)
+    assert cfg.actor_rollout_ref.rollout.n == (16 if ablation == "rollout_2x" else 8)
+    assert cfg.rllm.rollout.n == 1, "the workflow draws the N rollouts of a question itself"
+    assert workflow_config(cfg).n == cfg.actor_rollout_ref.rollout.n
+    assert workflow_config(cfg).axpo == axpo_config(cfg)
     actor = cfg.actor_rollout_ref.actor
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.kl_loss_coef, actor.kl_loss_type) == (0.2, 0.4, 0.001, "low_var_kl")
     axpo = axpo_config(cfg)
     assert axpo.enable == (ablation not in ("grpo", "rollout_2x"))
 
 
-def test_overrides_reach_the_config_and_one_n_serves_both_frameworks():
-    cfg = launch_config("random_rank", ["algorithm.axpo.r=0.5", "rllm.rollout.n=4", "trainer.n_gpus_per_node=8"])
+def test_overrides_reach_the_config_and_n_lives_in_the_workflow():
+    cfg = launch_config("random_rank", ["algorithm.axpo.r=0.5", "actor_rollout_ref.rollout.n=4",
+                                        "trainer.n_gpus_per_node=8", "data.train_batch_size=32", "agent.max_turns=2"])
     assert axpo_config(cfg).r == 0.5 and axpo_config(cfg).ranking == "random"
-    assert cfg.actor_rollout_ref.rollout.n == 4 and cfg.rllm.rollout.n == 4
+    assert workflow_config(cfg).n == 4 and cfg.rllm.rollout.n == 1
+    assert workflow_config(cfg).agent.max_turns == 2
     assert cfg.trainer.n_gpus_per_node == 8
-    cfg = launch_config(None, ["actor_rollout_ref.rollout.n=12"])
-    assert cfg.rllm.rollout.n == 12
+    assert cfg.rllm.workflow.n_parallel_tasks == 32, "every question of a step must be in flight (the plan's barrier)"
+    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.n"):
+        launch_config(None, ["rllm.rollout.n=4"])
 
 
 def test_rllm_base_config_is_kept_under_the_axpo_layer():
