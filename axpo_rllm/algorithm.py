@@ -170,7 +170,8 @@ def uncertainty(rollout: Rollout, target: Target = "tool") -> float:
         logprobs = logprobs[rollout.response_mask[window].astype(bool)]
     if not len(logprobs):
         raise RecordError(f"rollout {rollout.rollout_id}: no model tokens in {window} to score its uncertainty")
-    return float(np.exp(logprobs, dtype=np.float64).mean())
+    # A call is tens of tokens: plain floats beat numpy's per-call overhead here.
+    return math.fsum(map(math.exp, logprobs.tolist())) / len(logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
