@@ -143,9 +143,17 @@ class SearchBackend(abc.ABC):
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         """``(url, json_body, headers)`` of one search request."""
 
-    @abc.abstractmethod
+    results_key: ClassVar[str] = "results"
+    """Where the wire format keeps its list of hits, and which fields of a hit hold what we show."""
+    snippet_field: ClassVar[str] = "text"
+    url_field: ClassVar[str] = "url"
+
     def parse_response(self, body: Any) -> list[SearchHit]:
         """Hits from the decoded JSON body; raises ``ValueError`` naming what was malformed."""
+        return [
+            SearchHit(title=str(r.get("title", "")), snippet=str(r.get(self.snippet_field, "")), url=str(r.get(self.url_field, "")))
+            for r in _expect_list(body, self.results_key, self.name)
+        ]
 
 
 def _expect_list(body: Any, key: str, backend: str) -> list:
@@ -174,11 +182,6 @@ class LocalBackend(SearchBackend):
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         return f"{self.base_url}/search", {"query": query, "top_k": top_k}, {}
 
-    def parse_response(self, body: Any) -> list[SearchHit]:
-        return [
-            SearchHit(title=str(r.get("title", "")), snippet=str(r.get("text", "")), url=str(r.get("url", "")))
-            for r in _expect_list(body, "results", self.name)
-        ]
 
 
 class TavilyBackend(SearchBackend):
@@ -186,6 +189,7 @@ class TavilyBackend(SearchBackend):
     default_base_url = "https://api.tavily.com"
     api_key_env = "TAVILY_API_KEY"
     requires_api_key = True
+    snippet_field = "content"
 
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         body: dict[str, Any] = {"query": query, "max_results": top_k}
@@ -196,11 +200,6 @@ class TavilyBackend(SearchBackend):
             headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
         return f"{self.base_url}/search", body, headers
 
-    def parse_response(self, body: Any) -> list[SearchHit]:
-        return [
-            SearchHit(title=str(r.get("title", "")), snippet=str(r.get("content", "")), url=str(r.get("url", "")))
-            for r in _expect_list(body, "results", self.name)
-        ]
 
 
 class SerperBackend(SearchBackend):
@@ -208,15 +207,11 @@ class SerperBackend(SearchBackend):
     default_base_url = "https://google.serper.dev"
     api_key_env = "SERPER_API_KEY"
     requires_api_key = True
+    results_key, snippet_field, url_field = "organic", "snippet", "link"
 
     def build_request(self, query: str, top_k: int) -> tuple[str, dict, dict]:
         return f"{self.base_url}/search", {"q": query, "num": top_k}, {"X-API-KEY": self.api_key.reveal()}
 
-    def parse_response(self, body: Any) -> list[SearchHit]:
-        return [
-            SearchHit(title=str(r.get("title", "")), snippet=str(r.get("snippet", "")), url=str(r.get("link", "")))
-            for r in _expect_list(body, "organic", self.name)
-        ]
 
 
 BACKENDS: dict[str, type[SearchBackend]] = {b.name: b for b in (LocalBackend, TavilyBackend, SerperBackend)}
