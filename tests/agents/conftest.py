@@ -9,36 +9,16 @@ model's own sample, so the token-exactness checks are real.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 # --import-mode=importlib puts no test folder on sys.path: make agent_helpers importable.
 sys.path.insert(0, str(Path(__file__).parent))
 from agent_helpers import AlwaysWrongGrader, FakeEngine, biased  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def model_dir():
-    from axpo_rllm.tiny_model import tiny_model_dir
-
-    return tiny_model_dir("qwen2_5_vl")
-
-
-@pytest.fixture(scope="session")
-def hf_engine(model_dir):
-    from axpo_rllm.engines import TransformersEngine
-
-    engine = TransformersEngine(model_dir)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,8 @@ not importable (the main CPU venv); they run in ``.venv-vllm`` (``make test-vllm
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
-
-# In-process vLLM: start in ~3 s instead of ~15 s, and no engine-core subprocess to leak.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -50,13 +45,6 @@ def noise_image(seed: int, width: int = 84, height: int = 56):
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen25():
-    from axpo_rllm.tiny_model import tiny_model_dir
-
-    return tiny_model_dir("qwen2_5_vl")
-
-
-@pytest.fixture(scope="session")
 def tiny_qwen3():
     from axpo_rllm.tiny_model import tiny_model_dir
 
@@ -69,37 +57,28 @@ def images():
 
 
 @pytest.fixture(scope="session")
-def hf_engine(tiny_qwen25):
-    from axpo_rllm.engines import TransformersEngine
-
-    engine = TransformersEngine(tiny_qwen25)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="session")
 def prompts(hf_engine):
     return Prompts(hf_engine.tokenizer)
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(tiny_qwen25):
+def vllm_engine(model_dir):
     if not HAS_VLLM:
         pytest.skip("vllm is not importable here (run in .venv-vllm: make test-vllm)")
     from axpo_rllm.engines import VLLMEngine
 
-    engine = VLLMEngine(tiny_qwen25)
+    engine = VLLMEngine(model_dir)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_qwen25):
+def vllm_server(model_dir):
     if not HAS_VLLM:
         pytest.skip("vllm is not importable here (run in .venv-vllm: make test-vllm)")
     from axpo_rllm.engines import VLLMServer
 
-    server = VLLMServer(tiny_qwen25, extra_args=["--distributed-executor-backend", "uni"])
+    server = VLLMServer(model_dir, extra_args=["--distributed-executor-backend", "uni"])
     server.start(timeout_s=240)
     print(f"vLLM server ready in {server.start_seconds:.1f} s")
     yield server
@@ -107,10 +86,10 @@ def vllm_server(tiny_qwen25):
 
 
 @pytest.fixture(scope="session")
-def http_engine(vllm_server, tiny_qwen25):
+def http_engine(vllm_server, model_dir):
     from axpo_rllm.engines import HTTPEngine
 
-    return HTTPEngine.for_model(vllm_server.base_url, tiny_qwen25)
+    return HTTPEngine.for_model(vllm_server.base_url, model_dir)
 
 
 @pytest.fixture(params=["transformers", pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("http", marks=pytest.mark.vllm)])

@@ -39,10 +39,10 @@ def test_config_matches_tokenizer(family, request):
         assert getattr(config, name) == tok.convert_tokens_to_ids(token)
 
 
-def test_special_and_agent_tokens(tiny_qwen25):
+def test_special_and_agent_tokens(model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen25)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     for token in tiny_model.SPECIAL_TOKENS + tiny_model.AGENT_TOKENS:
         assert len(tok.encode(token, add_special_tokens=False)) == 1, token
     text = "<think>a</think><tool_call>b</tool_call><tool_response>c</tool_response><|im_end|>"
@@ -51,10 +51,10 @@ def test_special_and_agent_tokens(tiny_qwen25):
     assert tok.eos_token == "<|im_end|>"
 
 
-def test_chat_template_renders_tools_calls_and_tool_images(tiny_qwen25):
+def test_chat_template_renders_tools_calls_and_tool_images(model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen25)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     tools = [{"type": "function", "function": {"name": "crop", "parameters": {"type": "object", "properties": {}}}}]
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Zoom in."}]},

@@ -43,13 +43,6 @@ def make_env(tools):
     return lambda grader=None: MultimodalToolEnv(tools=tools, grader=grader)
 
 
-@pytest.fixture(scope="session")
-def model_dir():
-    from axpo_rllm.tiny_model import tiny_model_dir
-
-    return tiny_model_dir("qwen2_5_vl")
-
-
 @pytest.fixture()
 def engine(model_dir):
     from axpo_rllm.engines.transformers_engine import TransformersEngine
