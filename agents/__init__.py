@@ -1,4 +1,5 @@
-"""axpo_rllm.agents: the Qwen3-VL agent and the AXPO workflow.
+"""Layer 4 — agents (shipped as ``axpo_rllm.agents``): the chat format, turn parsing, the Qwen3-VL
+agent and the AXPO workflow.
 
 Shipped as ``axpo_rllm.agents`` (setuptools ``package_dir``); importing it stays light.
 """

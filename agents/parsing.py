@@ -65,10 +65,6 @@ class ParsedTurn:
     think_closed: bool = True
     """False when ``<think>`` was opened and never closed (the whole turn is reasoning)."""
 
-    @property
-    def is_call(self) -> bool:
-        return self.kind is not TurnKind.ANSWER
-
 
 def _split_think(text: str) -> tuple[str, str, bool]:
     """``(thinking, rest, closed)``. A turn may omit ``<think>`` (Qwen3 templates pre-open it)."""

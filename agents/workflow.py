@@ -4,7 +4,11 @@
     phase 2  the core's planner picks prefixes under E = floor(r·B·N)    -> ResamplePlan
     phase 3  K continuations per prefix, token-exact (prompt + prefix ids, same images), rolled
              forward through the remaining turns, verified                -> continuation Rollouts
-    output   the core's group builder -> TrainingRows (-> a verl batch via ``StepResult.verl_batch``)
+    output   the core's group builder -> TrainingRows (``axpo_rllm.integrations.verl.batch`` makes
+             a verl ``DataProto`` of them)
+
+The phase order is the core's (:func:`axpo_rllm.core.step.run_axpo_step`); this module supplies
+phases 1 and 3.
 
 GRPO is the same workflow with ``AXPOConfig(enable=False)`` (phases 2-3 off). A rollout that fails
 (engine error, env/tool crash, timeout) is retried ``rollout_retries`` times, then recorded with
@@ -18,16 +22,19 @@ shared ``prompt + prefix`` from its prefix cache (vLLM keys the cache on the ima
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from axpo_rllm.agents.agent import Agent, AgentConfig, ChatFormat, Episode, EpisodeStats, derive_seed
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, original_groups, plan_resampling
-from axpo_rllm.diagnostics import step_diagnostics
+from axpo_rllm.core.advantages import original_groups
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, Termination, TrainingRow
+from axpo_rllm.core.step import run_axpo_step
 from axpo_rllm.engines.base import RolloutEngine
-from axpo_rllm.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, Task, Termination, TrainingRow
+from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
 
 __all__ = ["WorkflowConfig", "StepResult", "AXPOWorkflow", "default_env_factory"]
 
@@ -67,17 +74,9 @@ class StepResult:
     def rollouts(self) -> list[Rollout]:
         return [r for g in self.groups for r in g.rollouts] + list(self.continuations)
 
-    def verl_batch(self, pad_token_id: int, **kwargs):
-        """The step's rows as a verl ``DataProto`` (needs verl)."""
-        from axpo_rllm.verl_batch import build_verl_batch
-
-        return build_verl_batch(self.rows, pad_token_id=pad_token_id, **kwargs)
-
 
 def default_env_factory(tools: Sequence[str] = ("crop",), grader=None, call_timeout_s: float = 60.0) -> Callable[[], Any]:
     """Environments sharing one set of tool instances (their clients and pools) and one grader."""
-    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
-
     shared = build_tools(list(tools))
     return lambda: MultimodalToolEnv(tools=shared, grader=grader, call_timeout_s=call_timeout_s)
 
@@ -108,37 +107,28 @@ class AXPOWorkflow:
             raise ValueError(f"task ids repeat within the step: {sorted(i for i, c in Counter(ids).items() if c > 1)}")
         limit = asyncio.Semaphore(cfg.max_concurrency)
         counters: Counter[str] = Counter()
-        cache_before = self._cache_counters()
-        t0 = time.perf_counter()
+        episodes: dict[str, list[Episode]] = {}
+        cache = {"start": self._cache_counters()}
 
-        # Phase 1: N episodes per question, all in flight together.
-        originals = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
-        groups = original_groups(e.rollout for e in originals)
-        t1 = time.perf_counter()
+        async def rollouts() -> list[QuestionGroup]:  # phase 1: N episodes per question, all in flight
+            episodes["originals"] = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
+            return original_groups(e.rollout for e in episodes["originals"])
 
-        # Phase 2: the planner (AXPO_SPEC §1-4).
-        plan = plan_resampling(groups, cfg.axpo, step)
-        t2 = time.perf_counter()
-        cache_mid = self._cache_counters()
+        async def resample(plan: ResamplePlan) -> list[Rollout]:  # phase 3: K token-exact continuations per prefix
+            episodes["continuations"] = await self.continuations(plan.jobs, {t.task_id: t for t in tasks}, step, limit, counters)
+            return [e.rollout for e in episodes["continuations"]]
 
-        # Phase 3: K token-exact continuations per selected prefix.
-        continuations = await self.continuations(plan.jobs, {t.task_id: t for t in tasks}, step, limit, counters)
-        t3 = time.perf_counter()
-        cache_after = self._cache_counters()
+        def on_phase(name: str) -> None:
+            cache[name] = self._cache_counters()
 
-        conts = [e.rollout for e in continuations]
-        rows = build_training_rows(groups, plan, conts, cfg.axpo)
-        metrics = step_diagnostics(groups, plan, conts, cfg.axpo)
-        metrics.update(self.episode_metrics(originals, continuations, plan, counters))
-        metrics.update({
-            "workflow/phase1_s": t1 - t0,
-            "workflow/plan_s": t2 - t1,
-            "workflow/phase3_s": t3 - t2,
-            "workflow/step_s": t3 - t0,
-        })
-        metrics.update(_cache_metrics(cache_before, cache_mid, cache_after))
+        outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
+        originals, continuations = episodes["originals"], episodes.get("continuations", [])
+        metrics = dict(outcome.diagnostics)
+        metrics.update(self.episode_metrics(originals, continuations, outcome.plan, counters))
+        metrics.update({f"workflow/{name}": value for name, value in outcome.seconds.items()})
+        metrics.update(_cache_metrics(cache["start"], cache["plan"], cache["resample"]))
         stats = {e.rollout.rollout_id: e.stats for e in list(originals) + list(continuations)}
-        return StepResult(step, groups, plan, conts, rows, metrics, stats)
+        return StepResult(step, outcome.groups, outcome.plan, outcome.continuations, outcome.rows, metrics, stats)
 
     # -- the phases' building blocks (also used by the rllm adapter, one question per run) -------
 
@@ -264,10 +254,6 @@ def _cache_metrics(before, mid, after) -> dict[str, float]:
 
 def _failed(task: Task, rollout_id: str, question_id: str, job: ResampleJob | None, error: str, chat: ChatFormat) -> Episode:
     """A rollout that never started: the prompt (or the job's prefix) and no new tokens."""
-    from axpo_rllm.records import RolloutKind
-
-    import numpy as np
-
     if job is not None:
         rollout = Rollout(
             rollout_id=rollout_id, question_id=question_id, prompt_ids=job.prompt_ids, response_ids=job.prefix_ids,
@@ -276,7 +262,7 @@ def _failed(task: Task, rollout_id: str, question_id: str, job: ResampleJob | No
             image_offsets=tuple([-1] * len(task.images)) + tuple(
                 i for i, t in enumerate(job.prefix_ids) if t == chat.image_pad_id
             ),
-            kind=RolloutKind.CONTINUATION, source_id=job.source_id, prefix_length=job.cut, error=error,
+            kind=RolloutKind.CONTINUATION, source_id=job.source_id, prefix_len=job.prefix_len, error=error,
         )
     else:
         rollout = Rollout(

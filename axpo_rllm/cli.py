@@ -1,6 +1,6 @@
-"""``axpo-rllm``: the command line.
+"""Layer 7 — ``axpo-rllm``: the command line.
 
-    axpo-rllm plan-demo [--ablation NAME] [key=value ...]   plan + advantages on a synthetic step
+    axpo-rllm plan-demo [--ablation NAME] [key=value ...]   plan + advantages on one simulated step
     axpo-rllm simulate [--sweep] [--png PATH] [...]          signal-yield simulator: AXPO vs more rollouts / ARPO
     axpo-rllm main                                           the embedded CPU job
 """
@@ -15,50 +15,36 @@ __all__ = ["main"]
 
 
 def plan_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    """One simulated step (the simulator's seeded policy) through the core's phases, as a table."""
+    from rich.console import Console  # imports of a subcommand wait until it runs (CLI start-up)
     from rich.table import Table
 
-    from axpo_rllm.algorithm import build_training_rows, check_groups, plan_resampling
-    from axpo_rllm.config import axpo_config, load_config
-    from axpo_rllm.diagnostics import step_diagnostics
-    from axpo_rllm.synthetic import make_continuation, random_step
+    from axpo_rllm.configs.loader import axpo_config, load_config
+    from axpo_rllm.demo.simulator import demo_step
 
     cfg = load_config(args.ablation, args.overrides)
-    axpo = axpo_config(cfg)
-    groups = random_step(args.questions, int(cfg.actor_rollout_ref.rollout.n), max_response=args.max_response, seed=args.seed)
-    check_groups(groups)
-    plan = plan_resampling(groups, axpo)
-    by_id = {r.rollout_id: r for g in groups for r in g.rollouts}
-    # Synthetic continuations: the first continuation of every other prefix recovers.
-    continuations = [
-        make_continuation(by_id[job.source_id], job.cut, i, correct=(i == 0 and n % 2 == 0))
-        for n, job in enumerate(plan.jobs)
-        for i in range(job.k)
-    ]
-    rows = build_training_rows(groups, plan, continuations, axpo)
-    console = Console()
-    table = Table(title=f"AXPO plan on a synthetic step (B={len(groups)}, N={len(groups[0].rollouts)}, ablation={args.ablation or 'none'})")
+    outcome = demo_step(axpo_config(cfg), args.questions, int(cfg.actor_rollout_ref.rollout.n), seed=args.seed)
+    group_size = len(outcome.groups[0].rollouts)
+    table = Table(title=f"AXPO plan on a simulated step (B={len(outcome.groups)}, N={group_size}, ablation={args.ablation or 'none'})")
     table.add_column("diagnostic")
     table.add_column("value", justify="right")
-    for key, value in step_diagnostics(groups, plan, continuations, axpo).items():
+    for key, value in outcome.diagnostics.items():
         table.add_row(key, f"{value:.4g}")
-    table.add_row("training rows", str(len(rows)))
-    console.print(table)
+    table.add_row("training rows", str(len(outcome.rows)))
+    Console().print(table)
     return 0
 
 
 def run_main(args: argparse.Namespace) -> int:
-    """The embedded CPU job. Until the training pipeline lands it runs the planning demo."""
-    try:
-        from axpo_rllm.main_job import run  # type: ignore[import-not-found]
-    except ImportError:
-        return plan_demo(argparse.Namespace(ablation=None, overrides=[], questions=64, max_response=1024, seed=0))
+    """The embedded CPU job (``axpo_rllm.demo.main_job``)."""
+    from axpo_rllm.demo.main_job import run  # CLI start-up: torch/transformers load only for `main`
+
     return run(args)
 
 
 def simulate(args: argparse.Namespace) -> int:
     """Signal-yield simulator (docs/simulator.md): every strategy on the same simulated steps."""
-    from axpo_rllm import simulator as sim
+    from axpo_rllm.demo import simulator as sim  # CLI start-up
 
     try:
         cfg = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k, steps=args.steps, seed=args.seed)
@@ -96,10 +82,9 @@ def add_simulate_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axpo-rllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("plan-demo", help="plan + advantages on a synthetic step")
+    demo = sub.add_parser("plan-demo", help="plan + advantages on one simulated step")
     demo.add_argument("--ablation", default=None)
     demo.add_argument("--questions", type=int, default=64)
-    demo.add_argument("--max-response", type=int, default=1024)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. algorithm.axpo.r=0.5")
     demo.set_defaults(func=plan_demo)

@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, plan_resampling, token_arrays
-from axpo_rllm.synthetic import make_continuation, random_step
+from axpo_rllm.core.advantages import build_training_rows, token_arrays
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import plan_resampling
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # test helpers (not shipped)
+from synthetic_rollouts import make_continuation, random_step  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -49,7 +55,7 @@ def main() -> None:
     plan = plan_resampling(groups, cfg)
     by_id = {r.rollout_id: r for g in groups for r in g.rollouts}
     conts = [
-        make_continuation(by_id[j.source_id], j.cut, i, correct=(i == 0), new_tokens=256)
+        make_continuation(by_id[j.source_id], j.prefix_len, i, correct=(i == 0), new_tokens=256)
         for j in plan.jobs
         for i in range(j.k)
     ]

@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from axpo_rllm.engines import GenerationRequest, TransformersEngine
-    from axpo_rllm.tiny_model import build_tiny_qwen_vl, tiny_model_dir
+    from axpo_rllm.demo.tiny_model import build_tiny_qwen_vl, tiny_model_dir
 
     report: dict = {"load_avg_1m": os.getloadavg()[0], "family": args.family}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ Reports, per repeat and as medians:
     ``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` (target >= 90%)
 
 The tiny random model almost never calls a tool, so AXPO would never trigger: the engine is wrapped
-in :class:`~axpo_rllm.agents.testing.ToolBiasedEngine` (it inserts ``<tool_call>`` into a share of
+in :class:`~tool_biased_engine.ToolBiasedEngine` (it inserts ``<tool_call>`` into a share of
 fresh turns, with the token's true logprob; the model writes everything else) and every answer is
 graded wrong (a forced trigger). Both steps see the same wrapper and grader. The prefix cache is
 reset before every step, so a step never profits from the previous one.
@@ -22,7 +22,9 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -41,7 +43,7 @@ def make_tasks(b: int, seed: int):
     import numpy as np
     from PIL import Image
 
-    from axpo_rllm.records import Task
+    from axpo_rllm.core.records import Task
 
     rng = np.random.default_rng(seed)
     return [
@@ -64,13 +66,15 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # test helpers (not shipped)
+    from tool_biased_engine import ToolBiasedEngine
+
     from axpo_rllm.agents.agent import AgentConfig, ChatFormat
-    from axpo_rllm.agents.testing import ToolBiasedEngine
     from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-    from axpo_rllm.algorithm import AXPOConfig
+    from axpo_rllm.core.config import AXPOConfig
     from axpo_rllm.engines import VLLMEngine
     from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
-    from axpo_rllm.tiny_model import tiny_model_dir
+    from axpo_rllm.demo.tiny_model import tiny_model_dir
 
     model = tiny_model_dir("qwen2_5_vl")
     t0 = time.perf_counter()

@@ -1,1 +1,2 @@
-"""Hydra/omegaconf yaml shipped as package data (``importlib.resources.files('axpo_rllm.configs')``)."""
+"""Layer 1b — configs: the shipped yaml (package data, ``importlib.resources.files('axpo_rllm.configs')``)
+and ``loader``, which merges it (omegaconf) into the core's typed configs."""

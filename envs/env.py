@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Coroutine, Iterable, Mapping, TypeVar
 
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
+from axpo_rllm.envs.tools.registry import call_tool, discover_tools
 from axpo_rllm.envs.verifiers import Grader, VerifyResult
-from axpo_rllm.records import Task
+from axpo_rllm.core.records import Task
 
 __all__ = ["MultimodalToolEnv", "Observation", "EnvStateError", "build_tools", "run_sync"]
 
@@ -114,8 +115,6 @@ def build_tools(names: Iterable[str] | None = None, configs: Mapping[str, Mappin
     ``configs`` maps a tool name to its constructor keywords; a config for a tool that is not
     being built is an error (a typo would otherwise be silently ignored).
     """
-    from axpo_rllm.envs.tools.registry import discover_tools
-
     configs = dict(configs or {})
     classes = discover_tools(only=None if names is None else list(names))
     stray = sorted(set(configs) - set(classes))
@@ -172,7 +171,7 @@ class MultimodalToolEnv:
     def reset(self, task: Task) -> None:
         """Start an episode on ``task``: its images become the episode's images 0..n-1."""
         if not isinstance(task, Task):
-            raise TypeError(f"reset expects an axpo_rllm.records.Task, got {type(task).__name__}")
+            raise TypeError(f"reset expects an axpo_rllm.core.records.Task, got {type(task).__name__}")
         with self._lock:
             self._task = task
             self._images = list(task.images)
@@ -262,8 +261,6 @@ class MultimodalToolEnv:
             return ToolContext(images=tuple(self._images), task_id=task.task_id, metadata={"data_source": task.data_source})
 
     async def _execute(self, name: Any, arguments: Any, context: ToolContext) -> ToolResult:
-        from axpo_rllm.envs.tools.registry import call_tool
-
         try:
             return await asyncio.wait_for(call_tool(self.tools, name, arguments, context), self.call_timeout_s)
         except asyncio.TimeoutError:

@@ -15,6 +15,7 @@ sympy cannot be stopped.
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import logging
 import math
@@ -315,7 +316,7 @@ def _math_verify_equal(gold: str, prediction: str) -> bool:
     Conventions are math-verify's own: ``50\\%`` matches ``50``; ``\\frac{1}{2}`` matches ``0.5``;
     ``x=2`` matches ``2``; sets are unordered; ``1,000`` is one thousand.
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # heavy (sympy): loaded in the grader worker process only
 
     gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
     if not gold_parsed:
@@ -483,8 +484,6 @@ def _serve(warmup: tuple[str, ...]) -> None:
     The child talks over its stdin/stdout pipes; fd 1 is pointed at stderr first so that a stray
     ``print`` in a verifier cannot corrupt the protocol.
     """
-    import importlib
-
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     inp = sys.stdin.buffer
@@ -688,7 +687,7 @@ class Grader:
         return result
 
     def grade_task(self, task: Any, response: str) -> VerifyResult:
-        """Grade a :class:`axpo_rllm.records.Task`'s final response."""
+        """Grade a :class:`axpo_rllm.core.records.Task`'s final response."""
         return self.grade(task.data_source, response, task.answer, task.metadata)
 
 

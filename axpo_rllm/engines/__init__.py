@@ -1,4 +1,5 @@
-"""Rollout engines: one token-in/token-out interface, three backends.
+"""Layer 2 — engines: one token-in/token-out interface, three backends, and the Qwen-VL vision
+helpers (``vision``) the engines and the actor share.
 
 ``base`` (the interface, no heavy imports) loads eagerly; the backends load on first attribute
 access, so importing this package never pulls torch, transformers, vLLM or httpx:

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,12 +23,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
+
 from .base import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads
+from .vision import ban_logit_bias
 
 __all__ = ["HTTPEngine", "VLLMServer", "image_to_data_url"]
 
 GENERATE_PATH = "/inference/v1/generate"
-BAN_LOGIT_BIAS = -100.0  # vLLM's clamp; see vllm_engine.BAN_LOGIT_BIAS
 
 
 def image_to_data_url(image) -> str:
@@ -53,7 +56,6 @@ class HTTPEngine(RolloutEngine):
         self.base_url = base_url.rstrip("/")
         self.image_pad_id = int(image_pad_id)
         self.video_pad_id = int(video_pad_id)
-        self.default_banned = (self.image_pad_id, self.video_pad_id)
         self.model = model
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
@@ -67,8 +69,6 @@ class HTTPEngine(RolloutEngine):
     # -- public API -------------------------------------------------------------------------
 
     async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        import httpx
-
         bodies = [self._body(r) for r in requests]  # validate everything before sending anything
         limit = asyncio.Semaphore(self.max_concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
@@ -81,8 +81,6 @@ class HTTPEngine(RolloutEngine):
 
     async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
         """Teacher forcing through ``prompt_logprobs``, as the offline engine does."""
-        import httpx
-
         if not continuation_ids:
             return []
         request = GenerationRequest(prompt_ids=tuple(prompt_ids) + tuple(continuation_ids), images=tuple(images))
@@ -97,13 +95,12 @@ class HTTPEngine(RolloutEngine):
 
     def _body(self, request: GenerationRequest) -> dict:
         check_image_pads(request, self.image_pad_id)
-        banned = self.default_banned if request.banned_token_ids is None else request.banned_token_ids
         params: dict[str, Any] = {
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "logprobs": 0,
-            "logit_bias": {str(t): BAN_LOGIT_BIAS for t in banned},
+            "logit_bias": {str(t): b for t, b in ban_logit_bias(request.banned_token_ids, self.image_pad_id, self.video_pad_id).items()},
         }
         if request.seed is not None:
             params["seed"] = request.seed
@@ -124,8 +121,6 @@ class HTTPEngine(RolloutEngine):
         return body
 
     async def _post(self, client, body: dict, request_id: str) -> dict:
-        import httpx
-
         try:
             response = await client.post(GENERATE_PATH, json=body)
         except httpx.HTTPError as exc:
@@ -216,8 +211,6 @@ class VLLMServer:
 
     def start(self, timeout_s: float = 180.0) -> "VLLMServer":
         """Launch and wait until ``/health`` answers 200; raise :class:`EngineError` otherwise."""
-        import httpx
-
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         started = time.monotonic()
@@ -247,8 +240,6 @@ class VLLMServer:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the server's process group, SIGKILL it if it lingers."""
-        import signal
-
         if self.process is None or self.process.poll() is not None:
             return
         pgid = os.getpgid(self.process.pid)

@@ -12,6 +12,9 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+
 from .base import (
     EngineError,
     GenerationRequest,
@@ -19,6 +22,7 @@ from .base import (
     InProcessEngine,
     check_image_pads,
 )
+from .vision import banned_ids, expand_image_pads, reset_rope_state, vision_inputs
 
 __all__ = ["TransformersEngine", "load_image_processor"]
 
@@ -31,7 +35,7 @@ def load_image_processor(model_dir: str | Path):
     the processor vLLM itself uses is taken, so both engines see identical pixels.
     """
     try:
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor  # imports torchvision's video processor: may fail
 
         return AutoProcessor.from_pretrained(model_dir).image_processor
     except ImportError:
@@ -44,9 +48,6 @@ class TransformersEngine(InProcessEngine):
     """Token-in/token-out generation with ``AutoModelForImageTextToText`` on CPU (float32)."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", threads: int | None = None) -> None:
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
-
         if threads:
             torch.set_num_threads(threads)
         self.model_dir = str(model_dir)
@@ -56,12 +57,10 @@ class TransformersEngine(InProcessEngine):
         config = self.model.config
         self.image_pad_id = int(config.image_token_id)
         self.video_pad_id = int(config.video_token_id)
-        self.default_banned = (self.image_pad_id, self.video_pad_id)
         self.tokenizer_eos_id = self.tokenizer.eos_token_id
         gen_eos = GenerationConfig.from_pretrained(self.model_dir).eos_token_id
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = frozenset([self.tokenizer_eos_id, *gen_eos]) - {None}
-        self._merge = int(self.image_processor.merge_size) ** 2
         self._start_batching("transformers-engine")
 
     # -- multimodal inputs ---------------------------------------------------------------------
@@ -69,22 +68,10 @@ class TransformersEngine(InProcessEngine):
     def expand_prompt(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> dict:
         """Expand each image pad to its vision-token count; return model inputs (batch of one).
 
-        ``mm_token_type_ids`` marks image tokens with 1: Qwen-VL needs it to place mrope positions
-        (without it Qwen2.5-VL's logprobs drift by ~6e-4, FIELD_NOTES §2).
+        ``mm_token_type_ids`` marks image tokens with 1 (:mod:`axpo_rllm.engines.vision`).
         """
-        import torch
-
-        inputs: dict = {}
-        counts: list[int] = []
-        if images:
-            vision = self.image_processor(images=[_rgb(im) for im in images], return_tensors="pt")
-            inputs["pixel_values"] = vision["pixel_values"]
-            inputs["image_grid_thw"] = vision["image_grid_thw"]
-            counts = [int(g.prod()) // self._merge for g in vision["image_grid_thw"]]
-        ids: list[int] = []
-        pads = iter(counts)
-        for t in prompt_ids:
-            ids.extend([t] * next(pads) if t == self.image_pad_id else [t])
+        inputs, counts = vision_inputs(self.image_processor, images)
+        ids, _ = expand_image_pads(prompt_ids, self.image_pad_id, iter(counts))
         input_ids = torch.tensor([ids], dtype=torch.long)
         inputs["input_ids"] = input_ids
         inputs["mm_token_type_ids"] = (input_ids == self.image_pad_id).to(torch.int32)
@@ -94,8 +81,6 @@ class TransformersEngine(InProcessEngine):
 
     def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
         """One full forward pass over prompt + continuation; raw logprobs of the continuation."""
-        import torch
-
         if not continuation_ids:
             return []
         request = GenerationRequest(prompt_ids=tuple(prompt_ids), images=tuple(images), max_tokens=1)
@@ -109,7 +94,7 @@ class TransformersEngine(InProcessEngine):
             [inputs["mm_token_type_ids"], torch.zeros_like(cont, dtype=torch.int32)], dim=1
         )
         with torch.inference_mode():
-            self._reset_rope_state()
+            reset_rope_state(self.model)
             logits = self.model(**inputs, use_cache=False).logits[0].float()
         logprobs = torch.log_softmax(logits[n_prompt - 1 : -1], dim=-1)
         return logprobs.gather(-1, cont[0].unsqueeze(-1)).squeeze(-1).tolist()
@@ -120,8 +105,6 @@ class TransformersEngine(InProcessEngine):
         return [self._generate_one(r) for r in requests]
 
     def _generate_one(self, request: GenerationRequest) -> GenerationResult:
-        import torch
-
         check_image_pads(request, self.image_pad_id)
         try:
             inputs = self.expand_prompt(request.prompt_ids, request.images)
@@ -129,14 +112,14 @@ class TransformersEngine(InProcessEngine):
             raise EngineError(f"could not process the images: {exc}", request.request_id) from exc
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         generator = torch.Generator().manual_seed(seed)
-        banned = self.default_banned if request.banned_token_ids is None else request.banned_token_ids
+        banned = banned_ids(request.banned_token_ids, self.image_pad_id, self.video_pad_id)
         banned_t = torch.tensor(sorted(set(banned)), dtype=torch.long)
         stop_ids = set(request.stop_token_ids) | self.eos_ids
         tokens: list[int] = []
         logprobs: list[float] = []
         finish, stop_reason = "length", None
         with torch.inference_mode():
-            self._reset_rope_state()
+            reset_rope_state(self.model)
             out = self.model(**inputs, use_cache=True)
             for _ in range(request.max_tokens):
                 logits = out.logits[0, -1].float()
@@ -169,25 +152,10 @@ class TransformersEngine(InProcessEngine):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return next((s for s in stops if s in text), None)
 
-    def _reset_rope_state(self) -> None:
-        """Forget the mrope offset cached by the previous request.
-
-        Qwen-VL models keep ``rope_deltas`` on the module between calls and reuse it for cached
-        decoding; a text-only request after an image request would otherwise decode at the image
-        request's positions.
-        """
-        inner = getattr(self.model, "model", None)
-        if inner is not None and hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None
-
-def _rgb(image):
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
 
 
 def _sample(logits, request: GenerationRequest, banned, generator) -> tuple[int, float]:
     """Pick the next token; return it with its *raw* logprob (before temperature, top-p, bans)."""
-    import torch
-
     raw = torch.log_softmax(logits, dim=-1)
     processed = logits.clone()
     if banned.numel():
@@ -204,8 +172,6 @@ def _sample(logits, request: GenerationRequest, banned, generator) -> tuple[int,
 
 def _top_p_filter(probs, top_p: float):
     """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (nucleus sampling)."""
-    import torch
-
     sorted_probs, order = torch.sort(probs, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     sorted_probs[before >= top_p] = 0.0

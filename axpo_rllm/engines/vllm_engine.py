@@ -22,12 +22,9 @@ from .base import (
     InProcessEngine,
     check_image_pads,
 )
+from .vision import ban_logit_bias
 
-__all__ = ["VLLMEngine", "BAN_LOGIT_BIAS"]
-
-BAN_LOGIT_BIAS = -100.0
-"""vLLM clamps logit biases to [-100, 100]; -100 puts a banned id at exp(-100) ~ 4e-44 of the
-mass, below float32's resolution next to any real token, so it is never sampled."""
+__all__ = ["VLLMEngine"]
 
 
 def _configure_cpu_env(kv_cache_gib: float) -> None:
@@ -84,7 +81,6 @@ class VLLMEngine(InProcessEngine):
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.image_pad_id = int(hf_config.image_token_id)
         self.video_pad_id = int(hf_config.video_token_id)
-        self.default_banned = (self.image_pad_id, self.video_pad_id)
         self._start_batching("vllm-engine")
 
     # -- public API -------------------------------------------------------------------------
@@ -115,9 +111,8 @@ class VLLMEngine(InProcessEngine):
         return prompt
 
     def _sampling_params(self, request: GenerationRequest):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy, and absent outside the vLLM venv
 
-        banned = self.default_banned if request.banned_token_ids is None else request.banned_token_ids
         return SamplingParams(
             n=1,
             max_tokens=request.max_tokens,
@@ -126,7 +121,7 @@ class VLLMEngine(InProcessEngine):
             seed=request.seed,
             stop=list(request.stop) or None,
             stop_token_ids=list(request.stop_token_ids) or None,
-            logit_bias={int(t): BAN_LOGIT_BIAS for t in banned} or None,
+            logit_bias=ban_logit_bias(request.banned_token_ids, self.image_pad_id, self.video_pad_id) or None,
             logprobs=0,  # the sampled token's logprob only
         )
 
@@ -144,7 +139,7 @@ class VLLMEngine(InProcessEngine):
 
     def _score_sync(self, prompt_ids: list[int], images: list[Any], continuation_ids: list[int]) -> list[float]:
         """Teacher forcing: ``max_tokens=1, prompt_logprobs=0`` and read the last positions."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy, and absent outside the vLLM venv
 
         if not continuation_ids:
             return []

@@ -15,16 +15,19 @@ Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``tim
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from typing import Any
 
+from PIL import Image
+
+from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 from axpo_rllm.envs.tools.sandbox import SandboxLimits, SandboxPool, SandboxUnavailable
 
 __all__ = ["PythonCodeTool"]
 
-_LIMIT_FIELDS = {f.name for f in dataclasses.fields(SandboxLimits)}
+_OWN_KEYS = ("pool_size", "isolation", "max_code_chars")
+"""The tool's own settings; every other config key is a :class:`SandboxLimits` field."""
 
 
 class PythonCodeTool(Tool):
@@ -44,10 +47,8 @@ class PythonCodeTool(Tool):
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        unknown = set(config) - _LIMIT_FIELDS - {"pool_size", "isolation", "max_code_chars"}
-        if unknown:
-            raise ValueError(f"unknown PythonCodeTool config key(s) {sorted(unknown)}; known: {sorted(_LIMIT_FIELDS)} + pool_size, isolation, max_code_chars")
-        self.limits = SandboxLimits(**{k: v for k, v in config.items() if k in _LIMIT_FIELDS})
+        limits = {k: v for k, v in config.items() if k not in _OWN_KEYS}
+        self.limits = dataclass_from_mapping(SandboxLimits, limits, f"PythonCodeTool config ({', '.join(_OWN_KEYS)} or a sandbox limit)")
         self.pool_size = int(config.get("pool_size", 2))
         self.isolation = str(config.get("isolation", "auto"))
         self.max_code_chars = int(config.get("max_code_chars", 20000))
@@ -108,8 +109,6 @@ class PythonCodeTool(Tool):
 
 def _pil_images(images: tuple, max_pixels: int) -> list:
     """The context's images, decoded; a non-image, an oversized (bomb) or broken one is a ValueError."""
-    from PIL import Image
-
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise ValueError(f"image {i} is a {type(image).__name__}, not a PIL image")

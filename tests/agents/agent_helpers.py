@@ -14,7 +14,7 @@ def noise_image(seed: int, width: int = 84, height: int = 56):
 
 
 def make_tasks(b: int, with_images: bool = True):
-    from axpo_rllm.records import Task
+    from axpo_rllm.core.records import Task
 
     return [
         Task(f"q{i}", f"Which color is the square in picture {i}? Answer A or B.", "A", "choice",
@@ -59,7 +59,7 @@ class RecordingEngine:
 
 
 def biased(engine, chat, **kw):
-    from axpo_rllm.agents.testing import ToolBiasedEngine
+    from tool_biased_engine import ToolBiasedEngine
 
     return ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=chat.encode(CALL_TEXT), **kw)
 

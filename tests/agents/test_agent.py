@@ -12,7 +12,7 @@ from agent_helpers import CALL_TEXT, ScriptedEngine, make_tasks
 from axpo_rllm.agents.agent import Agent, AgentConfig
 from axpo_rllm.engines.base import EngineError
 from axpo_rllm.envs.env import MultimodalToolEnv
-from axpo_rllm.records import ResampleJob, RolloutKind, Termination
+from axpo_rllm.core.records import ResampleJob, RolloutKind, Termination
 
 SYSTEM = "You are a helpful assistant."
 
@@ -135,7 +135,7 @@ def test_continuation_resumes_the_prefix_token_exactly(chat, env, task):
     job = ResampleJob(
         job_id="q0/r0", question_id=task.task_id, source_id="r0", prompt_ids=s.prompt_ids,
         prefix_ids=s.response_ids[:cut], prefix_mask=s.response_mask[:cut], prefix_logprobs=s.response_logprobs[:cut],
-        images=s.images_before(cut), k=1, uncertainty=0.5, round=0, turns_used=1,
+        images=s.images_before(cut), k=1, confidence=0.5, round=0, turns_used=1,
     )
     body = chat.encode('\n{"name": "crop", "arguments": {"bbox": [0, 0, 1000, 1000]}}\n</tool_call>')
     engine = ScriptedEngine([body, chat.encode("\\boxed{A}<|im_end|>")])
@@ -143,7 +143,7 @@ def test_continuation_resumes_the_prefix_token_exactly(chat, env, task):
     cont = asyncio.run(agent.run(env, task, rollout_id="r0~c0", question_id=task.task_id, seed=3, job=job)).rollout
     assert engine.requests[0].prompt_ids == tuple(job.request_ids)
     assert engine.requests[0].images == job.images
-    assert cont.kind is RolloutKind.CONTINUATION and cont.source_id == "r0" and cont.prefix_length == cut
+    assert cont.kind is RolloutKind.CONTINUATION and cont.source_id == "r0" and cont.prefix_len == cut
     assert (cont.response_ids[:cut] == s.response_ids[:cut]).all() and (cont.response_mask[:cut] == s.response_mask[:cut]).all()
     assert (cont.response_logprobs[:cut] == s.response_logprobs[:cut]).all()
     assert list(cont.response_ids[cut : cut + len(body)]) == body

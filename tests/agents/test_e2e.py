@@ -17,8 +17,9 @@ from agent_helpers import RecordingEngine, biased, make_tasks
 
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-from axpo_rllm.algorithm import AXPOConfig, token_arrays
-from axpo_rllm.records import RowRole
+from axpo_rllm.core.advantages import token_arrays
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.records import RowRole
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +54,16 @@ def check_step(res, rec, engine, chat, tol):
         source = by_id[job.source_id]
         first = next(q for q in rec.requests if q.request_id.startswith(cont.rollout_id + "/"))
         # Token-exact: the request is the source's prompt + prefix ids, with the prefix's images.
-        assert first.prompt_ids == tuple(source.prompt_ids) + tuple(source.response_ids[: job.cut])
+        assert first.prompt_ids == tuple(source.prompt_ids) + tuple(source.response_ids[: job.prefix_len])
         assert len(first.images) == len(job.images) and all(a is b for a, b in zip(first.images, source.images))
-        assert source.response_ids[job.cut - 1] == chat.call_open_id
-        assert (cont.response_mask[: job.cut] == source.response_mask[: job.cut]).all()
-        assert (cont.response_logprobs[: job.cut] == source.response_logprobs[: job.cut]).all()
+        assert source.response_ids[job.prefix_len - 1] == chat.call_open_id
+        assert (cont.response_mask[: job.prefix_len] == source.response_mask[: job.prefix_len]).all()
+        assert (cont.response_logprobs[: job.prefix_len] == source.response_logprobs[: job.prefix_len]).all()
         # The new tokens are the model's own after exactly that context (teacher-forced rescoring).
-        end = turn_end(cont, job.cut)
-        new = [int(t) for t in cont.response_ids[job.cut : end]]
+        end = turn_end(cont, job.prefix_len)
+        new = [int(t) for t in cont.response_ids[job.prefix_len : end]]
         rescored = asyncio.run(engine.score(list(first.prompt_ids), list(first.images), new))
-        np.testing.assert_allclose(cont.response_logprobs[job.cut : end], rescored, atol=tol)
+        np.testing.assert_allclose(cont.response_logprobs[job.prefix_len : end], rescored, atol=tol)
     # Loss windows: continuation rows learn only after the prefix, credited sources only on it;
     # observation tokens never.
     adv, loss = token_arrays(res.rows)
@@ -70,9 +71,9 @@ def check_step(res, rec, engine, chat, tol):
         ro, n = row.rollout, len(row.rollout.response_ids)
         assert not loss[i, :n][ro.response_mask == 0].any()
         if row.role is RowRole.CONTINUATION:
-            assert not loss[i, : ro.prefix_length].any() and loss[i, ro.prefix_length : n].any()
+            assert not loss[i, : ro.prefix_len].any() and loss[i, ro.prefix_len : n].any()
         if row.role is RowRole.SOURCE_PREFIX:
-            cut = jobs[ro.rollout_id].cut
+            cut = jobs[ro.rollout_id].prefix_len
             assert not loss[i, cut:].any()
             assert (loss[i, :cut] == ro.response_mask[:cut]).all()
     return jobs
@@ -83,7 +84,9 @@ def test_axpo_step_through_transformers(hf_engine, chat, env_factory, grader):
     check_step(res, rec, hf_engine, chat, tol=2e-4)
     assert grader.calls > 0 and res.metrics["axpo/triggered_questions"] >= 1
     verl = pytest.importorskip("verl")
-    batch = res.verl_batch(pad_token_id=chat.tokenizer.pad_token_id)
+    from axpo_rllm.integrations.verl.batch import build_verl_batch  # needs verl (absent in .venv-vllm)
+
+    batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id)
     assert isinstance(batch, verl.DataProto) and len(batch) == len(res.rows)
     roles = list(batch.non_tensor_batch["axpo_role"])
     assert roles.count("continuation") == res.plan.used and roles.count("source_prefix") == len(res.plan.jobs)

@@ -61,7 +61,7 @@ def test_unclosed_thinking_is_reasoning_only():
 )
 def test_malformed_calls_carry_a_model_facing_error(text, needle):
     turn = parse_turn_text(text, TOOLS)
-    assert turn.kind is TurnKind.MALFORMED_CALL and turn.is_call
+    assert turn.kind is TurnKind.MALFORMED_CALL
     assert needle in turn.error
 
 

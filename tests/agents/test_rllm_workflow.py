@@ -15,7 +15,7 @@ pytest.importorskip("rllm")
 from agent_helpers import FakeEngine, biased, make_tasks  # noqa: E402
 
 from axpo_rllm.agents.agent import AgentConfig  # noqa: E402
-from axpo_rllm.agents.rllm_workflow import (  # noqa: E402
+from axpo_rllm.integrations.rllm.workflow import (  # noqa: E402
     AXPO_ROLE,
     AXPORllmWorkflow,
     AXPOStepCoordinator,
@@ -25,8 +25,8 @@ from axpo_rllm.agents.rllm_workflow import (  # noqa: E402
     axpo_traj_grouping_hook,
 )
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig  # noqa: E402
-from axpo_rllm.algorithm import AXPOConfig  # noqa: E402
-from axpo_rllm.records import RolloutKind, RowRole  # noqa: E402
+from axpo_rllm.core.config import AXPOConfig  # noqa: E402
+from axpo_rllm.core.records import RolloutKind, RowRole  # noqa: E402
 
 pytestmark = pytest.mark.rllm
 
@@ -107,7 +107,7 @@ def test_axpo_step_through_rllm_matches_the_framework_free_workflow(chat, chat_w
                 assert first.prompt_ids == [int(t) for t in job.request_ids]  # prefix = context
                 assert group.group_id == f"{job.question_id}/{job.source_id}:{AXPO_ROLE}"
             if row.role is RowRole.SOURCE_PREFIX:
-                assert len(last.prompt_ids) + len(last.response_ids) == len(row.rollout.prompt_ids) + jobs[traj.uid].cut
+                assert len(last.prompt_ids) + len(last.response_ids) == len(row.rollout.prompt_ids) + jobs[traj.uid].prefix_len
             seen += 1
     assert seen == sum(1 for r in direct.rows if r.segments)
     assert sum(len(g.trajectories) for g in groups) == len(direct.rows)
@@ -140,8 +140,8 @@ def test_rllm_token_engine_routes_a_prefix_family_to_one_server(chat):
 
 
 def test_the_barrier_names_the_fix_when_questions_are_missing():
-    from axpo_rllm.records import QuestionGroup
-    from axpo_rllm.synthetic import make_rollout
+    from axpo_rllm.core.records import QuestionGroup
+    from synthetic_rollouts import make_rollout
 
     coordinator = AXPOStepCoordinator(2, AXPOConfig(r=1.0, k=1), barrier_timeout_s=0.1)
     group = QuestionGroup("q0", (make_rollout("q0#0", "q0", correct=False),))

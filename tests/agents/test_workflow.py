@@ -11,8 +11,8 @@ from agent_helpers import FakeEngine, RecordingEngine, biased, make_tasks
 
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-from axpo_rllm.algorithm import AXPOConfig
-from axpo_rllm.records import RolloutKind, RowRole, Termination
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.records import RolloutKind, RowRole, Termination
 
 AGENT = AgentConfig(max_tokens_per_turn=40, max_response_tokens=400)
 
@@ -42,13 +42,13 @@ def test_axpo_step_spends_the_budget_exactly_with_token_exact_requests(chat, fak
         job = jobs[cont.source_id]
         req = first_request(rec, cont.rollout_id)
         assert req.prompt_ids == tuple(job.request_ids) and req.images == job.images
-        assert (cont.response_ids[: job.cut] == job.prefix_ids).all() and cont.prefix_length == job.cut
+        assert (cont.response_ids[: job.prefix_len] == job.prefix_ids).all() and cont.prefix_len == job.prefix_len
         assert job.prefix_ids[-1] == chat.call_open_id  # the prefix ends right after <tool_call>
     assert len(res.rows) == 16 + plan.used
     roles = {row.rollout.rollout_id: row for row in res.rows}
     for job in plan.jobs:
         src = roles[job.source_id]
-        assert src.role is RowRole.SOURCE_PREFIX and [(s.start, s.end) for s in src.segments] == [(0, job.cut)]
+        assert src.role is RowRole.SOURCE_PREFIX and [(s.start, s.end) for s in src.segments] == [(0, job.prefix_len)]
     assert res.metrics["axpo/triggered_questions"] >= 1 and res.metrics["workflow/generated_tokens_phase3"] > 0
 
 
@@ -91,10 +91,10 @@ def test_every_ablation_switch_runs_a_step(chat, fake_engine, env_factory, switc
         assert first_request(rec, cont.rollout_id).prompt_ids == tuple(job.request_ids)
     conts = [row for row in res.rows if row.role is RowRole.CONTINUATION]
     if switch.get("prefix_fix") is False:
-        assert all(c.prefix_length == 0 for c in res.continuations)
+        assert all(c.prefix_len == 0 for c in res.continuations)
     if switch.get("resample_target") == "no_tool":
         for job in res.plan.jobs:
-            assert job.cut > 0 and chat.think_close_id == job.prefix_ids[-1]
+            assert job.prefix_len > 0 and chat.think_close_id == job.prefix_ids[-1]
     if switch.get("prefix_credit") is False:
         assert not any(row.role is RowRole.SOURCE_PREFIX for row in res.rows)
     if switch.get("separate_groups") is False:
@@ -156,10 +156,12 @@ def test_repeated_task_ids_are_refused(chat, fake_engine, env_factory):
         wf.run_step(make_tasks(2) * 2)
 
 
-def test_no_verl_dependency_until_a_batch_is_asked_for(chat, fake_engine, env_factory):
+def test_the_step_rows_become_a_verl_batch(chat, fake_engine, env_factory):
     pytest.importorskip("verl")
+    from axpo_rllm.integrations.verl.batch import build_verl_batch  # the workflow itself never imports verl
+
     wf, _ = workflow(chat, fake_engine, env_factory)
     res = wf.run_step(make_tasks(2))
-    batch = res.verl_batch(pad_token_id=chat.tokenizer.pad_token_id)
+    batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id)
     assert batch.batch["responses"].shape[0] == len(res.rows)
     assert np.array_equal(np.unique(batch.non_tensor_batch["uid"]), np.unique([r.adv_group for r in res.rows]))

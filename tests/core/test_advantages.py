@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, group_normalize, plan_resampling, token_arrays
-from axpo_rllm.diagnostics import step_diagnostics
-from axpo_rllm.records import QuestionGroup, RowRole, Termination
-from axpo_rllm.synthetic import make_continuation, make_rollout
+from axpo_rllm.core.advantages import build_training_rows, group_normalize, token_arrays
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import plan_resampling
+from axpo_rllm.core.diagnostics import step_diagnostics
+from axpo_rllm.core.records import QuestionGroup, RowRole, Termination
+from synthetic_rollouts import make_continuation, make_rollout
 
 EPS = 1e-6
 
@@ -39,7 +41,7 @@ def step(**switches):
     conts = []
     for job in plan.jobs:
         src = q0.rollouts[0] if job.source_id == "a" else q0.rollouts[1]
-        conts += [make_continuation(src, job.cut, i, correct=(i == 0)) for i in range(job.k)]
+        conts += [make_continuation(src, job.prefix_len, i, correct=(i == 0)) for i in range(job.k)]
     rows = build_training_rows([q0, q1], plan, conts, cfg)
     return plan, conts, {row.rollout.rollout_id: row for row in rows}, rows
 
@@ -134,7 +136,7 @@ def test_no_recovery_gives_zero_prefix_reward():
     q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
     cfg = AXPOConfig(r=0.5, k=2)
     plan = plan_resampling([q], cfg)
-    conts = [make_continuation(q.rollouts[0], plan.jobs[0].cut, i, correct=False) for i in range(2)]
+    conts = [make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, i, correct=False) for i in range(2)]
     rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, conts, cfg)}
     assert rows["s0"].score == 0.0
     # all-zero groups: every advantage is exactly 0 (the signal AXPO failed to recover)
@@ -197,8 +199,8 @@ def test_over_turn_and_errored_continuations_are_counted_but_masked(termination)
     q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
     cfg = AXPOConfig(r=0.5, k=2)
     plan = plan_resampling([q], cfg)
-    good = make_continuation(q.rollouts[0], plan.jobs[0].cut, 0, correct=True)
-    bad = make_continuation(q.rollouts[0], plan.jobs[0].cut, 1, correct=False)
+    good = make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, 0, correct=True)
+    bad = make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, 1, correct=False)
     object.__setattr__(bad, "termination", termination)
     rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, [good, bad], cfg)}
     assert rows[bad.rollout_id].segments == ()

@@ -52,10 +52,15 @@ def test_wheel_ships_envs_and_agents_inside_axpo_rllm_with_yaml_and_entry_points
     assert tops == {"axpo_rllm"}, f"top-level names in the wheel: {tops}"
     assert "axpo_rllm/envs/__init__.py" in names and "axpo_rllm/agents/__init__.py" in names
     assert "axpo_rllm/configs/axpo.yaml" in names and "axpo_rllm/configs/ablation/grpo.yaml" in names
+    assert "axpo_rllm/configs/main_smoke.yaml" in names and "axpo_rllm/configs/loader.py" in names
+    for layer in ("core", "engines", "envs/adapters", "agents", "integrations/verl", "integrations/rllm", "train", "demo"):
+        assert f"axpo_rllm/{layer}/__init__.py" in names, layer
+    helpers = [n for n in names if n.rsplit("/", 1)[-1] in ("synthetic_rollouts.py", "tool_biased_engine.py", "testing.py", "synthetic.py")]
+    assert not helpers, f"test helpers ship in the wheel: {helpers}"
     for package in expected_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "[verl.plugins]" in entry_points and "axpo = axpo_rllm.verl_plugin" in entry_points
+    assert "[verl.plugins]" in entry_points and "axpo = axpo_rllm.integrations.verl.estimator" in entry_points
     assert "[axpo_rllm.tools]" in entry_points and "crop = axpo_rllm.envs.tools.crop:CropTool" in entry_points
 
 
@@ -66,7 +71,7 @@ def test_wheel_in_a_fresh_venv_imports_and_finds_its_yaml(wheel, tmp_path):
     run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)])
     probe = (
         "import importlib.util, importlib.resources, sys\n"
-        "import axpo_rllm.envs, axpo_rllm.agents, axpo_rllm.records\n"
+        "import axpo_rllm.envs, axpo_rllm.agents, axpo_rllm.core.records\n"
         "assert importlib.util.find_spec('envs') is None, 'top-level envs installed'\n"
         "assert importlib.util.find_spec('agents') is None, 'top-level agents installed'\n"
         "text = importlib.resources.files('axpo_rllm.configs').joinpath('axpo.yaml').read_text()\n"
@@ -85,7 +90,7 @@ def test_wheel_in_a_fresh_venv_imports_and_finds_its_yaml(wheel, tmp_path):
 
 
 def test_shipped_yaml_loads_with_every_ablation():
-    from axpo_rllm.config import ABLATIONS, axpo_config, load_config
+    from axpo_rllm.configs.loader import ABLATIONS, axpo_config, load_config
 
     assert axpo_config(load_config()).k == 4
     switches = {name: axpo_config(load_config(name)) for name in ABLATIONS}
@@ -103,5 +108,5 @@ def test_shipped_yaml_loads_with_every_ablation():
 
 
 def test_cli_plan_demo_runs():
-    out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "16", "--max-response", "128"])
+    out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "16"])
     assert "axpo/prefixes_selected" in out and "training rows" in out

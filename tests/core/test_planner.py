@@ -1,21 +1,14 @@
-"""AXPO_SPEC §1–§4: trigger, token-exact prefix, uncertainty, breadth-first budget, switches, errors."""
+"""AXPO_SPEC §1–§4: trigger, token-exact prefix, confidence c_s, breadth-first budget, switches, errors."""
 
 import math
 
 import numpy as np
 import pytest
 
-from axpo_rllm.algorithm import (
-    AXPOConfig,
-    allocate_breadth_first,
-    check_continuations,
-    extra_budget,
-    is_triggered,
-    plan_resampling,
-    uncertainty,
-)
-from axpo_rllm.records import Candidate, QuestionGroup, RecordError, Rollout, Termination, ToolCallSpan
-from axpo_rllm.synthetic import TOOL_CLOSE, TOOL_OPEN, make_continuation, make_rollout
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import allocate_breadth_first, check_continuations, extra_budget, is_triggered, plan_resampling, confidence
+from axpo_rllm.core.records import Candidate, QuestionGroup, RecordError, Rollout, Termination, ToolCallSpan
+from synthetic_rollouts import TOOL_CLOSE, TOOL_OPEN, make_continuation, make_rollout
 
 
 def group(qid, specs):
@@ -42,7 +35,7 @@ def test_prefix_is_prompt_plus_response_up_to_and_including_the_call_opener():
     (job,) = plan.jobs
     src = g.rollouts[0]
     # think tokens 0..3, <tool_call> at 4: the prefix is response[:5] and ends with the opener.
-    assert job.cut == 5
+    assert job.prefix_len == 5
     assert list(job.prefix_ids) == list(src.response_ids[:5])
     assert job.prefix_ids[-1] == TOOL_OPEN and TOOL_CLOSE not in job.prefix_ids
     assert list(job.request_ids) == [1, 2, 3] + list(src.response_ids[:5])
@@ -60,7 +53,7 @@ def test_prefix_of_a_later_turn_keeps_earlier_turns_and_their_images_verbatim():
     others = [make_rollout(f"q-{i}", "q", correct=False) for i in range(1, 4)]
     plan = plan_resampling([QuestionGroup("q", (r, *others))], AXPOConfig(r=1.0, k=2))
     (job,) = plan.jobs
-    assert job.cut == 3, "the prefix ends at the body of the first call, valid or not"
+    assert job.prefix_len == 3, "the prefix ends at the body of the first call, valid or not"
     assert job.images == ("task_img",)
     assert job.turns_used == 1
 
@@ -78,14 +71,14 @@ def test_prefix_images_include_earlier_tool_outputs():
 
 
 # §3 ------------------------------------------------------------------------------------------
-def test_uncertainty_is_mean_probability_of_the_call_body_including_the_closer():
+def test_confidence_is_mean_probability_of_the_call_body_including_the_closer():
     r = make_rollout("x", "q", correct=False, call_body=[0.2, 0.4, 0.9])
-    assert uncertainty(r) == pytest.approx((0.2 + 0.4 + 0.9) / 3, abs=1e-6)
+    assert confidence(r) == pytest.approx((0.2 + 0.4 + 0.9) / 3, abs=1e-6)
 
 
-def test_uncertainty_ignores_observation_tokens_in_the_no_tool_window():
+def test_confidence_ignores_observation_tokens_in_the_no_tool_window():
     r = make_rollout("x", "q", correct=False, tail=4)
-    assert uncertainty(r, "no_tool") == pytest.approx(math.exp(-0.2), abs=1e-6)
+    assert confidence(r, "no_tool") == pytest.approx(math.exp(-0.2), abs=1e-6)
 
 
 # §4 ------------------------------------------------------------------------------------------
@@ -141,13 +134,13 @@ def test_confidence_ranking_reverses_uncertainty():
 def test_prefix_fix_off_buys_fresh_rollouts_from_the_question():
     g = [group("q", [(False, [0.1, 0.1]), (True, None), (False, None), (False, None)])]
     (job,) = plan_resampling(g, AXPOConfig(r=0.5, k=2, prefix_fix=False)).jobs
-    assert job.cut == 0 and list(job.request_ids) == [1, 2, 3] and job.turns_used == 0
+    assert job.prefix_len == 0 and list(job.request_ids) == [1, 2, 3] and job.turns_used == 0
 
 
 def test_no_tool_target_cuts_where_the_rollout_answers():
     g = [group("q", [(False, None), (False, [0.3, 0.3]), (False, None), (True, [0.9, 0.9])])]
     plan = plan_resampling(g, AXPOConfig(r=0.5, k=2, resample_target="no_tool"))
-    assert [j.source_id for j in plan.jobs] == ["q-0"] and plan.jobs[0].cut == 4
+    assert [j.source_id for j in plan.jobs] == ["q-0"] and plan.jobs[0].prefix_len == 4
     assert not plan_resampling(g, AXPOConfig(r=0.5, k=2)).jobs, "the tool subgroup has a correct rollout"
 
 
@@ -190,7 +183,7 @@ def test_tool_span_over_observation_tokens_is_rejected():
         (dict(response_logprobs=[float("nan"), -1, -1]), "log-probabilities"),
         (dict(images=("img",)), "image_offsets"),
         (dict(answer_start=9), "answer_start"),
-        (dict(prefix_length=2), "must not have"),
+        (dict(prefix_len=2), "must not have"),
     ],
 )
 def test_inconsistent_rollouts_name_the_bad_value(kwargs, match):

@@ -19,10 +19,12 @@ from verl.trainer.ppo.core_algos import AdvantageEstimator, agg_loss, compute_po
 from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, plan_resampling, token_arrays  # noqa: E402
-from axpo_rllm.synthetic import make_continuation, make_rollout, random_step  # noqa: E402
-from axpo_rllm.verl_batch import build_verl_batch  # noqa: E402
-from axpo_rllm.records import QuestionGroup  # noqa: E402
+from axpo_rllm.core.advantages import build_training_rows, token_arrays
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import plan_resampling  # noqa: E402
+from synthetic_rollouts import make_continuation, make_rollout, random_step  # noqa: E402
+from axpo_rllm.integrations.verl.batch import build_verl_batch  # noqa: E402
+from axpo_rllm.core.records import QuestionGroup  # noqa: E402
 from verl import DataProto  # noqa: E402
 
 
@@ -33,13 +35,13 @@ def test_registered_through_the_entry_point_in_a_fresh_interpreter():
         import verl
         from verl.trainer.ppo.core_algos import get_adv_estimator_fn
         fn = get_adv_estimator_fn("axpo")
-        assert "axpo_rllm.verl_plugin" in sys.modules, "loaded by verl, not by us"
+        assert "axpo_rllm.integrations.verl.estimator" in sys.modules, "loaded by verl, not by us"
         print(fn.__module__, fn.__name__)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "axpo_rllm.verl_plugin compute_axpo_advantage"
+    assert out.stdout.strip().splitlines()[-1] == "axpo_rllm.integrations.verl.estimator compute_axpo_advantage"
 
 
 def test_plugins_off_means_no_estimator():
@@ -97,7 +99,7 @@ def axpo_step(separate=True, credit=True, seed=0):
     assert plan.jobs, "the random step must trigger"
     by_id = {r.rollout_id: r for g in groups for r in g.rollouts}
     conts = [
-        make_continuation(by_id[j.source_id], j.cut, i, correct=(i == 0 and n % 2 == 0))
+        make_continuation(by_id[j.source_id], j.prefix_len, i, correct=(i == 0 and n % 2 == 0))
         for n, j in enumerate(plan.jobs)
         for i in range(j.k)
     ]
@@ -123,8 +125,8 @@ def test_masked_tokens_never_reach_the_loss():
     for i, row in enumerate(rows):
         n = len(row.rollout.response_ids)
         if roles[i] == "continuation":
-            assert mask[i, : row.rollout.prefix_length].sum() == 0, "a continuation's prefix is context"
-            assert mask[i, row.rollout.prefix_length : n].sum() > 0
+            assert mask[i, : row.rollout.prefix_len].sum() == 0, "a continuation's prefix is context"
+            assert mask[i, row.rollout.prefix_len : n].sum() > 0
         elif roles[i] == "source_prefix":
             cut = row.rollout.first_tool_call.body_start
             assert mask[i, cut:].sum() == 0, "the source's own continuation is masked"
@@ -174,7 +176,7 @@ def test_keep_tail_cannot_travel_through_verl():
     cfg = AXPOConfig(r=0.25, k=4, source_tail="keep")
     plan = plan_resampling(groups, cfg)
     by_id = {r.rollout_id: r for g in groups for r in g.rollouts}
-    conts = [make_continuation(by_id[j.source_id], j.cut, i, correct=i == 0) for j in plan.jobs for i in range(j.k)]
+    conts = [make_continuation(by_id[j.source_id], j.prefix_len, i, correct=i == 0) for j in plan.jobs for i in range(j.k)]
     rows = build_training_rows(groups, plan, conts, cfg)
     with pytest.raises(ValueError, match="source_tail=keep"):
         build_verl_batch(rows, pad_token_id=0)

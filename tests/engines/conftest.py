@@ -46,7 +46,7 @@ def noise_image(seed: int, width: int = 84, height: int = 56):
 
 @pytest.fixture(scope="session")
 def tiny_qwen3():
-    from axpo_rllm.tiny_model import tiny_model_dir
+    from axpo_rllm.demo.tiny_model import tiny_model_dir
 
     return tiny_model_dir("qwen3_vl")
 

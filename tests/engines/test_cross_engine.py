@@ -72,7 +72,7 @@ def test_scores_match_transformers_on_any_sequence(vllm_engine, hf_engine, promp
 _QWEN3_SCRIPT = r"""
 import asyncio, json, sys
 from axpo_rllm.engines import GenerationRequest, TransformersEngine, VLLMEngine
-from axpo_rllm.tiny_model import tiny_model_dir
+from axpo_rllm.demo.tiny_model import tiny_model_dir
 import numpy as np
 from PIL import Image
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from axpo_rllm import tiny_model
+from axpo_rllm.demo import tiny_model
 
 
 def test_build_is_complete(tmp_path):

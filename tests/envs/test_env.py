@@ -16,7 +16,7 @@ from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 from axpo_rllm.envs.tools.crop import CropTool
 from axpo_rllm.envs.tools.search import SearchTool
 from axpo_rllm.envs.verifiers import Grader, GraderStats
-from axpo_rllm.records import Task
+from axpo_rllm.core.records import Task
 
 
 class StampTool(Tool):

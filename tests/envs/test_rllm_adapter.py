@@ -8,11 +8,11 @@ import sys
 import pytest
 from PIL import Image
 
-from axpo_rllm.envs import rllm_adapter
-from axpo_rllm.envs.rllm_adapter import ParsedCall, parse_action, task_from_dict
+from axpo_rllm.envs.adapters import rllm as rllm_adapter
+from axpo_rllm.envs.adapters.rllm import ParsedCall, parse_action, task_from_dict
 from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
 from axpo_rllm.envs.tools.base import ToolContext
-from axpo_rllm.records import Task
+from axpo_rllm.core.records import Task
 
 
 def image(w=200, h=100):
@@ -64,7 +64,7 @@ def test_clear_import_error_without_rllm(monkeypatch):
     rllm_adapter._env_class.cache_clear()
     try:
         with pytest.raises(ImportError, match="needs rllm"):
-            from axpo_rllm.envs.rllm_adapter import AXPOToolEnv  # noqa: F401
+            from axpo_rllm.envs.adapters.rllm import AXPOToolEnv  # noqa: F401
         with pytest.raises(ImportError, match="needs rllm"):
             rllm_adapter.rllm_tool_map(["crop"])
         assert not rllm_adapter.rllm_available()
@@ -92,14 +92,14 @@ def corpus():
 def test_env_is_an_rllm_base_env(rllm):
     from rllm.environments.base.base_env import BaseEnv
 
-    from axpo_rllm.envs.rllm_adapter import AXPOToolEnv
+    from axpo_rllm.envs.adapters.rllm import AXPOToolEnv
 
     assert issubclass(AXPOToolEnv, BaseEnv) and AXPOToolEnv.is_multithread_safe()
 
 
 @pytest.mark.rllm
 def test_episode_through_the_rllm_env(rllm, corpus):
-    from axpo_rllm.envs.rllm_adapter import AXPOToolEnv
+    from axpo_rllm.envs.adapters.rllm import AXPOToolEnv
 
     server, qa = corpus
     question, answer = qa[0]
@@ -154,7 +154,7 @@ def test_rllm_workflow_accepts_the_env(rllm, corpus):
 
     from rllm.workflows.workflow import Workflow
 
-    from axpo_rllm.envs.rllm_adapter import AXPOToolEnv
+    from axpo_rllm.envs.adapters.rllm import AXPOToolEnv
 
     server, qa = corpus
 

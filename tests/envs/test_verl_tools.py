@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
-from axpo_rllm.envs.verl_tools import AXPOVerlTool, verl_schema
+from axpo_rllm.envs.adapters.verl import AXPOVerlTool, verl_schema
 
 verl_registry = pytest.importorskip("verl.tools.tool_registry")
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse  # noqa: E402

@@ -5,11 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from axpo_rllm import simulator as sim
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, check_continuations, uncertainty
+from axpo_rllm.demo import simulator as sim
+from axpo_rllm.core.advantages import build_training_rows
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import check_continuations, confidence
 from axpo_rllm.cli import main
-from axpo_rllm.records import QuestionGroup, RolloutKind
-from axpo_rllm.synthetic import make_rollout
+from axpo_rllm.core.records import QuestionGroup, RolloutKind
+from synthetic_rollouts import make_rollout
 
 SMALL = sim.SimConfig(questions=32, steps=2, seed=3)
 
@@ -42,7 +44,7 @@ def test_default_calibration_shows_the_papers_grpo_symptoms(default_model_report
     assert f"{c.tool_use_rate:.3f}" in text and f"{c.all_wrong_rate:.3f}" in text
 
 
-def test_uncertainty_is_the_chosen_clusters_probability_plus_noise():
+def test_confidence_is_the_chosen_clusters_probability_plus_noise():
     policy = sim.SimulatedPolicy(sim.PolicyModel())
     rng = np.random.default_rng(0)
     q = policy.question(rng, "q0")
@@ -51,8 +53,8 @@ def test_uncertainty_is_the_chosen_clusters_probability_plus_noise():
     head = np.array([1, 2, sim.TOOL_OPEN])
     args = (head, np.ones(3, np.int8), np.full(3, -0.1))
     c = {
-        name: np.mean([uncertainty(policy._tool_tail(rng, q, f"{name}{i}", prefix, *args, kind=RolloutKind.ORIGINAL,
-                                                     source_id="", prefix_length=0)) for i in range(50)])
+        name: np.mean([confidence(policy._tool_tail(rng, q, f"{name}{i}", prefix, *args, kind=RolloutKind.ORIGINAL,
+                                                     source_id="", prefix_len=0)) for i in range(50)])
         for name, prefix in (("collapsed", collapsed), ("spread", spread))
     }
     assert c["spread"] < c["collapsed"] - 0.05
@@ -80,19 +82,19 @@ def test_continuations_are_token_exact_and_accepted_by_the_core(small_spends):
         build_training_rows(spend.groups, spend.plan, spend.extra, spend.config)
         for job in spend.plan.jobs:
             for cont in by_job[job.source_id]:
-                assert cont.kind is RolloutKind.CONTINUATION and cont.prefix_length == job.cut
-                assert np.array_equal(cont.response_ids[: job.cut], job.prefix_ids)
+                assert cont.kind is RolloutKind.CONTINUATION and cont.prefix_len == job.prefix_len
+                assert np.array_equal(cont.response_ids[: job.prefix_len], job.prefix_ids)
                 if name.startswith("AXPO"):
                     # cut right after <tool_call>: tool-using by construction, the call itself redrawn
                     assert job.prefix_ids[-1] == sim.TOOL_OPEN and cont.used_tool
-                    assert cont.first_tool_call.body_start == job.cut
+                    assert cont.first_tool_call.body_start == job.prefix_len
                 elif name.startswith("ARPO"):
                     # cut after the observation: the call is part of the kept prefix
-                    assert cont.first_tool_call.end <= job.cut and cont.response_mask[job.cut - 1] == 0
+                    assert cont.first_tool_call.end <= job.prefix_len and cont.response_mask[job.prefix_len - 1] == 0
                 elif name == "no-tool resampling":
                     assert not cont.used_tool and job.prefix_ids[-1] == sim.THINK_END
                 else:  # w/o prefix fix: fresh rollouts from the question
-                    assert job.cut == 0
+                    assert job.prefix_len == 0
 
 
 def test_axpo_recovers_a_group_only_when_a_continuation_is_correct(small_spends):

@@ -17,7 +17,7 @@ def _modest_threads():
 
 @pytest.fixture(scope="session")
 def world():
-    from axpo_rllm.tasks import SyntheticWorld
+    from axpo_rllm.demo.world import SyntheticWorld
 
     return SyntheticWorld(seed=3, n_facts=40)
 
@@ -61,6 +61,6 @@ def chat(engine):
 
 @pytest.fixture()
 def policy(engine):
-    from axpo_rllm.actor import Policy
+    from axpo_rllm.train.actor import Policy
 
     return Policy(engine.model, engine.image_processor, engine.tokenizer.pad_token_id)

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from axpo_rllm.evaluate import group_scores, pass_at_k
-from axpo_rllm.records import QuestionGroup
-from axpo_rllm.synthetic import make_rollout
+from axpo_rllm.train.evaluate import group_scores, pass_at_k
+from axpo_rllm.core.records import QuestionGroup
+from synthetic_rollouts import make_rollout
 
 
 def brute_force(n: int, c: int, k: int) -> float:

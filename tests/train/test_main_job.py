@@ -8,8 +8,8 @@ import time
 import pytest
 
 from axpo_rllm.cli import build_parser
-from axpo_rllm.config import axpo_config
-from axpo_rllm.main_job import job_config
+from axpo_rllm.configs.loader import axpo_config
+from axpo_rllm.demo.main_job import job_config
 
 
 def test_layers_smoke_steps_and_overrides():

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from axpo_rllm.config import ABLATIONS, axpo_config
-from axpo_rllm.rllm_train import DEFAULT_WORKFLOW, launch_config, main, resolve_workflow, workflow_config
+from axpo_rllm.configs.loader import ABLATIONS, axpo_config
+from axpo_rllm.integrations.rllm.launcher import DEFAULT_WORKFLOW, launch_config, main, resolve_workflow, workflow_config
 
 HAS_RLLM = importlib.util.find_spec("rllm") is not None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from axpo_rllm.sft import SFTConfig, eval_loss, teacher_trajectories, tokenize_trajectory, tokenizer_corpus, train_sft
+from axpo_rllm.demo.teacher import teacher_trajectories
+from axpo_rllm.train.sft import SFTConfig, eval_loss, tokenize_trajectory, tokenizer_corpus, train_sft
 
 SYSTEM = "You are a helpful assistant."
 
@@ -63,7 +64,7 @@ def test_sft_lowers_the_teacher_loss(trajectories, chat, policy, make_env):
 def test_first_turn_stats_reads_well_formed_turns(chat, make_env, world):
     """A fake engine that replays the teacher's first turn is 100% well-formed."""
     from axpo_rllm.engines.base import GenerationResult
-    from axpo_rllm.sft import first_turn_stats
+    from axpo_rllm.train.sft import first_turn_stats
 
     env = make_env()
     tasks = world.tasks(4, "eval", families=["color", "code"])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from axpo_rllm.envs.verifiers import Grader, get_verifier
-from axpo_rllm.records import Task
-from axpo_rllm.tasks import DEFAULT_MIX, FAMILIES, TOOL_OF_FAMILY, SyntheticWorld
+from axpo_rllm.core.records import Task
+from axpo_rllm.demo.world import DEFAULT_MIX, FAMILIES, TOOL_OF_FAMILY, SyntheticWorld
 
 
 def fingerprint(task: Task):
@@ -70,7 +70,7 @@ def test_unknown_family_or_split_is_refused(world):
 
 def test_visual_attributes_are_in_the_pixels(world):
     """The answer of a direct task is readable from coarse pixels (what a tiny vision tower can learn)."""
-    from axpo_rllm.tasks import BACKGROUND, COLORS
+    from axpo_rllm.demo.world import BACKGROUND, COLORS
 
     for t in world.tasks(12, families=["color", "position", "size"]):
         pixels = np.asarray(t.images[0]).reshape(-1, 3)

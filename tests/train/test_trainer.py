@@ -9,10 +9,10 @@ import zlib
 import pytest
 import torch
 
-from axpo_rllm.config import axpo_config, load_config
+from axpo_rllm.configs.loader import axpo_config, load_config
 from axpo_rllm.envs.verifiers import VerifyResult
-from axpo_rllm.records import TrainingRow
-from axpo_rllm.trainer import AXPOTrainer, RLConfig, sync_weights
+from axpo_rllm.core.records import TrainingRow
+from axpo_rllm.train.trainer import AXPOTrainer, RLConfig, sync_weights
 
 CALL_TEXT = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
 
@@ -27,9 +27,9 @@ class CoinGrader:
 
 @pytest.fixture(scope="module")
 def setup(model_dir, tools, world, tmp_path_factory):
-    from axpo_rllm.actor import Policy
+    from axpo_rllm.train.actor import Policy
     from axpo_rllm.agents.agent import AgentConfig, ChatFormat
-    from axpo_rllm.agents.testing import ToolBiasedEngine
+    from tool_biased_engine import ToolBiasedEngine
     from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
     from axpo_rllm.engines.transformers_engine import TransformersEngine
     from axpo_rllm.envs.env import MultimodalToolEnv
@@ -130,7 +130,7 @@ def test_fully_masked_rows_add_no_gradient(stepped):
 
 
 def world_tasks():
-    from axpo_rllm.tasks import SyntheticWorld
+    from axpo_rllm.demo.world import SyntheticWorld
 
     return SyntheticWorld(seed=3, n_facts=40).tasks(2, "train", families=["crop", "color"])
 

@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image
+
 __all__ = [
     "ISOLATION_LEVELS",
     "Isolation",
@@ -323,8 +325,6 @@ class _Worker:
         )
 
     def _read_image(self, size: Any, deadline: float) -> Any:
-        from PIL import Image
-
         w, h = int(size[0]), int(size[1])
         if not (0 < w and 0 < h and w * h <= self.limits.max_image_pixels):
             raise ValueError(f"worker announced an image of {w}x{h}")

@@ -45,7 +45,7 @@ def drop_privileges():
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     try:  # no set-uid binary may give privileges back
-        import ctypes
+        import ctypes  # the worker's own imports are kept to what each step needs (start-up cost per call)
 
         ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     except Exception:
@@ -63,7 +63,7 @@ def set_limits():
 
 def warm_imports():
     global Image
-    from PIL import Image  # noqa: F811
+    from PIL import Image  # noqa: F811  # imported after the limits are set: what the model's code may use
 
     # What tobytes/asarray/save/draw import lazily on first use (~20-50 ms): pay it before the call.
     from PIL import ImageDraw, ImageEnhance, ImageFile, ImageFilter, ImageOps, ImageStat  # noqa: F401

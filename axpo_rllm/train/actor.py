@@ -3,9 +3,8 @@
 One function serves SFT (loss = −log p on assistant tokens) and RL (the actor's ``log_prob`` and
 the reference's ``ref_log_prob`` of verl's losses). Sequences are ``prompt_ids + response_ids``
 with **one unexpanded** ``<|image_pad|>`` per image (the engines' convention); here each pad is
-expanded to its vision-token count, the images go through the model's image processor, and
-``mm_token_type_ids`` marks the image tokens (Qwen-VL places its M-RoPE positions with it:
-without it Qwen2-VL/Qwen3-VL raise and Qwen2.5-VL drifts by ~6e-4, FIELD_NOTES §2).
+expanded to its vision-token count and ``mm_token_type_ids`` marks the image tokens, with the
+same helpers the engines use (:mod:`axpo_rllm.engines.vision`).
 
 Rows are right-padded; the model computes M-RoPE positions per row from the attention mask.
 """
@@ -15,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from axpo_rllm.engines.vision import expand_image_pads, reset_rope_state, vision_inputs
 
 __all__ = ["Policy", "response_logprobs"]
 
@@ -27,36 +28,19 @@ class Policy:
         self.image_processor = image_processor
         self.image_pad_id = int(model.config.image_token_id)
         self.pad_token_id = int(pad_token_id)
-        self.merge = int(image_processor.merge_size) ** 2
 
     def inputs(self, sequences: Sequence[Sequence[int]], images: Sequence[Sequence[Any]]) -> tuple[dict, list[list[int]]]:
         """Model inputs for a right-padded batch, and per row the expanded index of every
         original token (so that positions in ``sequences`` map to logits)."""
-        flat = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for row in images for im in row]
-        inputs: dict = {}
-        counts: list[int] = []
-        if flat:
-            vision = self.image_processor(images=flat, return_tensors="pt")
-            inputs["pixel_values"] = vision["pixel_values"]
-            inputs["image_grid_thw"] = vision["image_grid_thw"]
-            counts = [int(g.prod()) // self.merge for g in vision["image_grid_thw"]]
+        inputs, counts = vision_inputs(self.image_processor, [im for row in images for im in row])
         pads = iter(counts)
         expanded: list[list[int]] = []
         index: list[list[int]] = []
         for seq, row_images in zip(sequences, images):
-            ids: list[int] = []
-            where: list[int] = []
-            n_pads = 0
-            for t in seq:
-                if t == self.image_pad_id:
-                    n_pads += 1
-                    ids.extend([t] * next(pads))
-                    where.append(len(ids) - 1)
-                else:
-                    where.append(len(ids))
-                    ids.append(int(t))
+            n_pads = sum(1 for t in seq if t == self.image_pad_id)
             if n_pads != len(row_images):
                 raise ValueError(f"a row holds {n_pads} image pads but {len(row_images)} images; expected one unexpanded pad per image")
+            ids, where = expand_image_pads(seq, self.image_pad_id, pads)
             expanded.append(ids)
             index.append(where)
         width = max(len(ids) for ids in expanded)
@@ -69,13 +53,6 @@ class Policy:
         inputs["attention_mask"] = attention
         inputs["mm_token_type_ids"] = (input_ids == self.image_pad_id).to(torch.int32)
         return inputs, index
-
-    def reset_rope_state(self) -> None:
-        """Qwen-VL caches ``rope_deltas`` between calls (for cached decoding); a training forward
-        must compute its own positions."""
-        inner = getattr(self.model, "model", None)
-        if inner is not None and hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None
 
 
 def response_logprobs(
@@ -94,7 +71,7 @@ def response_logprobs(
     width = width if width is not None else max((len(r) for r in responses), default=0)
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
     inputs, index = policy.inputs(sequences, images)
-    policy.reset_rope_state()
+    reset_rope_state(policy.model)
     logits = policy.model(**inputs, use_cache=False).logits.float()
     logp_all = torch.log_softmax(logits, dim=-1)
     rows, cols, targets, out_rows, out_cols = [], [], [], [], []

@@ -15,7 +15,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from axpo_rllm.records import QuestionGroup, Task
+from axpo_rllm.agents.agent import AgentConfig
+from axpo_rllm.agents.chat_format import ChatFormat
+from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.records import QuestionGroup, Task
+from axpo_rllm.engines.base import RolloutEngine
 
 __all__ = ["pass_at_k", "group_scores", "evaluate"]
 
@@ -59,13 +64,13 @@ def group_scores(groups: Sequence[QuestionGroup], family: Callable[[str], str], 
 
 
 def evaluate(
-    engine: Any,
-    chat: Any,
+    engine: RolloutEngine,
+    chat: ChatFormat,
     env_factory: Callable[[], Any],
     tasks: Sequence[Task],
     *,
     k: int = 4,
-    agent_config: Any = None,
+    agent_config: AgentConfig | None = None,
     seed: int = 0,
     chunk: int = 16,
 ) -> dict[str, float]:
@@ -73,10 +78,6 @@ def evaluate(
 
     Runs the AXPO workflow with AXPO off (plain sampling), ``chunk`` questions at a time.
     """
-    from axpo_rllm.agents.agent import AgentConfig
-    from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-    from axpo_rllm.algorithm import AXPOConfig
-
     if not tasks:
         raise ValueError("evaluate needs at least one task")
     config = WorkflowConfig(n=k, axpo=AXPOConfig(enable=False), agent=agent_config or AgentConfig(), seed=seed)

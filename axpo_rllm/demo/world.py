@@ -16,9 +16,9 @@ crop     What color is the small square in the top-left ...?  crop     search_qa
 ======== ==================================================== ======== ==========
 
 With the default mix 75% of the tasks are answered directly and 25% need a tool, the shape of
-the paper's SFT data (AXPO_SPEC §9). Every task is a :class:`~axpo_rllm.records.Task` with PIL
+the paper's SFT data (AXPO_SPEC §9). Every task is a :class:`~axpo_rllm.core.records.Task` with PIL
 images, built deterministically from ``(seed, split, index)``; ``metadata["teacher"]`` holds the
-call a teacher would make (tool name and arguments, or None) so that :mod:`axpo_rllm.sft` can
+call a teacher would make (tool name and arguments, or None) so that :mod:`axpo_rllm.train.sft` can
 write teacher trajectories. The search facts come from one made-up corpus
 (:func:`~axpo_rllm.envs.search_server.make_fact_corpus`: names no model can know); train and eval
 splits ask about disjoint facts.
@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageDraw
 
 from axpo_rllm.envs.search_server import Document, make_fact_corpus
-from axpo_rllm.records import Task
+from axpo_rllm.core.records import Task
 
 __all__ = [
     "FAMILIES",

@@ -23,6 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import jinja2
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
 __all__ = [
     "FAMILIES",
     "SPECIAL_TOKENS",
@@ -199,8 +211,6 @@ def default_corpus(seed: int = 0, n_sentences: int = 400, n_conversations: int =
 
 def _render_plain(messages: list[dict], tools: list[dict] | None) -> str:
     """Render the chat template with jinja2 directly (no tokenizer exists yet when training it)."""
-    import jinja2
-
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message):
@@ -213,9 +223,6 @@ def _render_plain(messages: list[dict], tools: list[dict] | None) -> str:
 
 def _train_tokenizer(corpus: Sequence[str]):
     """A Qwen2-style byte-level BPE (``tokenizers``), wrapped as a transformers fast tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -294,12 +301,8 @@ def _build_config(family: str, vocab_size: int, ids: dict[str, int]):
         tie_word_embeddings=False,
     )
     if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
         vision.update(window_size=112, fullatt_block_indexes=[_VISION_DEPTH - 1], hidden_act="silu")
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
-    from transformers import Qwen3VLConfig
-
     vision.update(num_position_embeddings=256, deepstack_visual_indexes=[_VISION_DEPTH - 1])
     return Qwen3VLConfig(text_config=text, vision_config=vision, **top)
 
@@ -386,11 +389,7 @@ def build_tiny_qwen_vl(
 
 def _model_class(family: str):
     if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         return Qwen2_5_VLForConditionalGeneration
-    from transformers import Qwen3VLForConditionalGeneration
-
     return Qwen3VLForConditionalGeneration
 
 
@@ -401,8 +400,6 @@ def _reinit_(model, seed: int) -> None:
     decoding is decided by 1e-6 differences and cross-engine checks become flaky; unit-scale
     logits give clear argmaxes and prompt-dependent outputs.
     """
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -426,8 +423,6 @@ def _write_generation_config(out: Path, ids: dict[str, int]) -> None:
 
 
 def _cache_key(family: str, seed: int, corpus_texts: Sequence[str]) -> str:
-    import transformers
-
     h = hashlib.sha256()
     for part in (BUILDER_VERSION, family, seed, transformers.__version__, *corpus_texts):
         h.update(str(part).encode())

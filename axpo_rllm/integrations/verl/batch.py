@@ -7,7 +7,7 @@ Columns follow verl's PPO trainer: ``prompts`` (left-padded), ``responses`` (rig
 ``rollout_id`` and, when rows carry images, ``multi_modal_data`` (``{"image": [...]}`` per row).
 
 verl's own ``compute_advantage(batch, "axpo", config=...)`` on this batch yields exactly the
-per-token advantages of ``axpo_rllm.algorithm.token_arrays`` (tested).
+per-token advantages of ``axpo_rllm.core.advantages.token_arrays`` (tested).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from axpo_rllm.algorithm import token_arrays
-from axpo_rllm.records import TrainingRow
+from axpo_rllm.core.advantages import token_arrays
+from axpo_rllm.core.records import TrainingRow
 
 __all__ = ["build_verl_batch"]
 

@@ -33,6 +33,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from rllm.engine.rollout.rollout_engine import ModelOutput
 from rllm.engine.rollout.rollout_engine import RolloutEngine as RllmRolloutEngine
 from rllm.trainer.algorithms.advantage import register_rllm_adv_estimator
@@ -40,11 +41,15 @@ from rllm.types import Episode as RllmEpisode
 from rllm.types import Step, Trajectory, TrajectoryGroup
 from rllm.workflows.workflow import TerminationReason, Workflow
 
-from axpo_rllm.agents.agent import ChatFormat
+from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-from axpo_rllm.algorithm import AXPOConfig, build_training_rows, group_normalize, plan_resampling
+from axpo_rllm.core.advantages import group_normalize, original_groups
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import plan_resampling
+from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
+from axpo_rllm.core.step import finish_step
 from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
-from axpo_rllm.records import QuestionGroup, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
+from axpo_rllm.envs.adapters.rllm import task_from_dict
 
 __all__ = [
     "AXPO_ROLE",
@@ -85,8 +90,6 @@ def axpo_advantages(rewards: list[np.ndarray], algorithm_config: Any, **kwargs) 
         cfg = _group_config(group)
         scores = np.asarray(group_rewards, dtype=np.float32)
         index = np.zeros(len(scores), dtype=np.int64)
-        import torch
-
         adv = group_normalize(
             torch.from_numpy(scores), torch.from_numpy(index), epsilon=cfg.epsilon,
             norm_by_std=getattr(algorithm_config, "norm_adv_by_std_in_grpo", cfg.norm_by_std), unbiased=cfg.std_unbiased,
@@ -231,9 +234,7 @@ def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any =
         rollouts = [t.metadata["axpo_rollout"] for t in trajs.values()]
         originals = [r for r in rollouts if r.kind is RolloutKind.ORIGINAL]
         conts = [r for r in rollouts if r.kind is RolloutKind.CONTINUATION]
-        from axpo_rllm.algorithm import original_groups
-
-        rows = build_training_rows(original_groups(originals), plan, conts, config)
+        rows = finish_step(original_groups(originals), plan, conts, config).rows  # phase 4 (core.step)
         members: dict[str, list[tuple[TrainingRow, Trajectory]]] = {}
         for row in rows:
             if len(row.segments) > 1:
@@ -386,8 +387,6 @@ class AXPORllmWorkflow(Workflow):
         self._completed_trajectories = []
 
     async def run(self, task: dict, uid: str, **kwargs) -> RllmEpisode:
-        from axpo_rllm.envs.rllm_adapter import task_from_dict
-
         axpo_task = task if isinstance(task, Task) else task_from_dict(task)
         self.task, self.uid = task, uid
         limit = asyncio.Semaphore(self.axpo.config.max_concurrency)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from axpo_rllm.algorithm import AXPOConfig
+from axpo_rllm.core.config import AXPOConfig
 
 __all__ = ["ABLATIONS", "load_config", "axpo_config", "config_text"]
 

@@ -7,9 +7,9 @@ a fresh interpreter.
 
 verl hands an estimator only ``token_level_rewards``, ``response_mask``, ``index`` (the ``uid``
 column) and the ``algorithm`` config. AXPO therefore travels *in the batch*: the group builder
-(``axpo_rllm.algorithm.build_training_rows``) gives every continuation group its own uid, puts the
+(``axpo_rllm.core.advantages.build_training_rows``) gives every continuation group its own uid, puts the
 recovery reward in the source's row and edits ``response_mask`` to the loss mask
-(``axpo_rllm.verl_batch.build_verl_batch``). On such a batch this estimator is the group
+(``axpo_rllm.integrations.verl.batch.build_verl_batch``). On such a batch this estimator is the group
 normalisation of AXPO_SPEC §6; on a batch with nothing triggered it is verl's GRPO.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from axpo_rllm.algorithm import group_ids_to_index, group_normalize
+from axpo_rllm.core.advantages import group_ids_to_index, group_normalize
 
 __all__ = ["compute_axpo_advantage", "ESTIMATOR_NAME"]
 

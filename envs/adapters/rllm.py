@@ -4,8 +4,8 @@ Thin, at the edge (STYLE): all behaviour lives in the framework-free env and too
 imports without rllm; the rllm-backed classes are built on first access (PEP 562 module
 ``__getattr__``) and raise a clear ImportError then if rllm is missing::
 
-    from axpo_rllm.envs.rllm_adapter import AXPOToolEnv      # needs rllm
-    from axpo_rllm.envs.rllm_adapter import rllm_tool_map     # builds classes lazily too
+    from axpo_rllm.envs.adapters.rllm import AXPOToolEnv      # needs rllm
+    from axpo_rllm.envs.adapters.rllm import rllm_tool_map     # builds classes lazily too
 
 rllm contracts relied on (rllm-org/rllm 0.3.0.pre, FIELD_NOTES §4): ``BaseEnv.reset(task) ->
 (obs, info)``, ``step(action) -> (obs, reward, done, info)``, ``from_dict(info)``,
@@ -24,8 +24,9 @@ from typing import Any, Mapping
 
 from axpo_rllm.envs.env import MultimodalToolEnv, Observation, run_sync
 from axpo_rllm.envs.tools.base import Tool, ToolContext
+from axpo_rllm.envs.tools.registry import discover_tools
 from axpo_rllm.envs.verifiers import Grader
-from axpo_rllm.records import Task
+from axpo_rllm.core.records import Task
 
 # AXPOToolEnv is built on first access by the module __getattr__ below (it subclasses rllm's BaseEnv).
 __all__ = ["AXPOToolEnv", "rllm_tool_class", "rllm_tool_map", "task_from_dict", "parse_action", "ParsedCall", "rllm_available"]  # noqa: F822
@@ -51,7 +52,7 @@ def _rllm():
         from rllm.tools.tool_base import ToolOutput
     except ImportError as e:
         raise ImportError(
-            "axpo_rllm.envs.rllm_adapter needs rllm (https://github.com/rllm-org/rllm; it is not on PyPI: "
+            "axpo_rllm.envs.adapters.rllm needs rllm (https://github.com/rllm-org/rllm; it is not on PyPI: "
             f"install it from source). Importing it failed with: {e}"
         ) from e
     return BaseEnv, RllmTool, ToolOutput
@@ -262,8 +263,6 @@ def rllm_tool_class(tool_cls: type[Tool], **config: Any) -> type:
 
 def rllm_tool_map(names: list[str] | None = None, configs: Mapping[str, Mapping] | None = None) -> dict[str, type]:
     """``{name: rllm Tool class}`` for ``MultiTool(tool_map=...)``, from our entry points."""
-    from axpo_rllm.envs.tools.registry import discover_tools
-
     configs = configs or {}
     return {name: rllm_tool_class(cls, **dict(configs.get(name, {}))) for name, cls in discover_tools(only=names).items()}
 

@@ -6,8 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from axpo_rllm.algorithm import AXPOConfig, check_continuations, is_triggered
-from axpo_rllm.records import QuestionGroup, ResamplePlan, Rollout, Termination
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import check_continuations, is_triggered
+from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, Termination
 
 __all__ = ["step_diagnostics"]
 
@@ -44,8 +45,8 @@ def step_diagnostics(
         "axpo/extra_samples_used": float(plan.used),
         "axpo/budget_used_fraction": plan.used / plan.budget if plan.budget else float("nan"),
         "axpo/recovery_rate": _mean(recovered),
-        "axpo/c_selected_mean": _mean([c.uncertainty for c in plan.candidates if c.source_id in selected_ids]),
-        "axpo/c_unselected_mean": _mean([c.uncertainty for c in plan.candidates if c.source_id not in selected_ids]),
+        "axpo/c_selected_mean": _mean([c.confidence for c in plan.candidates if c.source_id in selected_ids]),
+        "axpo/c_unselected_mean": _mean([c.confidence for c in plan.candidates if c.source_id not in selected_ids]),
         "axpo/acc_tool": _mean([r.correct for r in tool]),
         "axpo/acc_no_tool": _mean([r.correct for r in no_tool]),
         "axpo/acc_continuations": _mean([r.correct for r in continuations]),

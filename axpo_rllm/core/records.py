@@ -75,8 +75,8 @@ class ToolCallSpan:
 
     ``open_start <= body_start <= end``: ``[open_start, body_start)`` are the token(s) that open the
     call (``<tool_call>``), ``[body_start, end)`` the call's content up to and including the
-    closing ``</tool_call>``. AXPO's prefix ends at ``body_start`` (AXPO_SPEC §2) and its
-    uncertainty is the mean probability over ``[body_start, end)`` (§3).
+    closing ``</tool_call>``. AXPO's ``prefix_len`` is the first call's ``body_start`` (AXPO_SPEC §2)
+    and its confidence c_s is the mean probability over ``[body_start, end)`` (§3).
     """
 
     open_start: int
@@ -155,8 +155,9 @@ class Rollout:
     kind: RolloutKind = RolloutKind.ORIGINAL
     source_id: str = ""
     """For a continuation: the ``rollout_id`` of the source rollout; empty otherwise."""
-    prefix_length: int = 0
-    """For a continuation: number of ``response_ids`` copied from the source prefix; 0 otherwise."""
+    prefix_len: int = 0
+    """For a continuation: number of ``response_ids`` copied from the source prefix (the planner's
+    cut index); 0 otherwise."""
     error: str = ""
     """Why the rollout ended in ``Termination.ERROR`` (empty otherwise)."""
 
@@ -206,10 +207,10 @@ class Rollout:
         if self.kind is RolloutKind.CONTINUATION:
             if not self.source_id:
                 raise RecordError(f"continuation {rid} has no source_id")
-            if not (0 <= self.prefix_length <= n):
-                raise RecordError(f"continuation {rid}: prefix_length {self.prefix_length} outside [0, {n}]")
-        elif self.prefix_length or self.source_id:
-            raise RecordError(f"original rollout {rid} must not have source_id/prefix_length")
+            if not (0 <= self.prefix_len <= n):
+                raise RecordError(f"continuation {rid}: prefix_len {self.prefix_len} outside [0, {n}]")
+        elif self.prefix_len or self.source_id:
+            raise RecordError(f"original rollout {rid} must not have source_id/prefix_len")
 
     @property
     def used_tool(self) -> bool:
@@ -220,13 +221,9 @@ class Rollout:
     def first_tool_call(self) -> ToolCallSpan | None:
         return self.tool_calls[0] if self.tool_calls else None
 
-    @property
-    def num_model_tokens(self) -> int:
-        return int(self.response_mask.sum())
-
-    def images_before(self, cut: int) -> tuple[Any, ...]:
-        """The images that ``prompt_ids + response_ids[:cut]`` refer to (prompt images included)."""
-        return tuple(img for img, off in zip(self.images, self.image_offsets) if off < cut)
+    def images_before(self, prefix_len: int) -> tuple[Any, ...]:
+        """The images that ``prompt_ids + response_ids[:prefix_len]`` refer to (prompt images included)."""
+        return tuple(img for img, off in zip(self.images, self.image_offsets) if off < prefix_len)
 
 
 @dataclass(frozen=True)
@@ -274,21 +271,22 @@ class ResampleJob:
     """``rollout_id`` of the source rollout the planner selected."""
     prompt_ids: np.ndarray
     prefix_ids: np.ndarray
-    """The source's ``response_ids[:cut]``; empty when ``prefix_fix`` is off (fresh rollouts)."""
+    """The source's ``response_ids[:prefix_len]``; empty when ``prefix_fix`` is off (fresh rollouts)."""
     prefix_mask: np.ndarray
     prefix_logprobs: np.ndarray
     images: tuple[Any, ...]
     """Images referenced by ``prompt_ids + prefix_ids`` (task images plus earlier tool outputs)."""
     k: int
-    uncertainty: float
-    """c_s: mean probability of the source's tool-call tokens (§3)."""
+    confidence: float
+    """c_s: mean probability of the source's tool-call tokens (§3; higher = more certain)."""
     round: int
     """Breadth-first round (0-based) in which the planner picked this prefix."""
     turns_used: int
     """Assistant turns already opened inside the prefix; continuations keep the same turn cap."""
 
     @property
-    def cut(self) -> int:
+    def prefix_len(self) -> int:
+        """The cut index in the source's ``response_ids`` (0 with ``prefix_fix`` off)."""
         return len(self.prefix_ids)
 
     @property
@@ -303,8 +301,10 @@ class Candidate:
 
     question_id: str
     source_id: str
-    cut: int
-    uncertainty: float
+    prefix_len: int
+    """Where the source would be cut (:func:`axpo_rllm.core.planner.prefix_len`)."""
+    confidence: float
+    """c_s (§3; higher = more certain)."""
     rank_key: float
     """What the ranking sorts by, ascending (c for ``uncertainty``, -c for ``confidence``, a draw for ``random``)."""
 
@@ -352,7 +352,7 @@ class TrainingRow:
 
     The loss mask is ``rollout.response_mask`` restricted to the union of ``segments``; the
     per-token advantage is each segment's advantage on its tokens and 0 elsewhere.
-    ``axpo_rllm.algorithm.token_arrays`` pads a list of rows into (bs, R) tensors.
+    ``axpo_rllm.core.advantages.token_arrays`` pads a list of rows into (bs, R) tensors.
     """
 
     rollout: Rollout

@@ -13,7 +13,7 @@ Stages, in order (nothing is downloaded; no GPU)::
     eval    the same held-out tasks after RL; a summary table
 
 Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml``) + ``configs/main_cpu.yaml`` + ``--smoke``
-+ overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
+(``configs/main_smoke.yaml``) + overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
 """
 
 from __future__ import annotations
@@ -30,21 +30,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer
 
-__all__ = ["SMOKE", "job_config", "Runtime", "run", "COMPACT_SCHEMAS"]
+from axpo_rllm.agents.agent import AgentConfig
+from axpo_rllm.agents.chat_format import ChatFormat
+from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
+from axpo_rllm.configs.loader import axpo_config, config_text, load_config
+from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.demo.teacher import teacher_trajectories
+from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
+from axpo_rllm.demo.world import SyntheticWorld
+from axpo_rllm.engines.transformers_engine import TransformersEngine
+from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
+from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
+from axpo_rllm.train.actor import Policy
+from axpo_rllm.train.evaluate import evaluate
+from axpo_rllm.train.sft import SFTConfig, eval_loss, first_turn_stats, tokenize_trajectory, tokenizer_corpus, train_sft
+from axpo_rllm.train.trainer import AXPOTrainer, rl_config_from
+
+__all__ = ["job_config", "Runtime", "run", "COMPACT_SCHEMAS"]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-
-SMOKE = {
-    "model": {"tokenizer_conversations": 24},
-    "sft": {"examples": 32, "minutes": 0.3, "max_steps": 3, "batch_size": 8, "probe_tasks": 4},
-    "rl": {"steps": 1, "batch_questions": 4},
-    "eval": {"tasks": 3, "k": 4},
-    "agent": {"max_tokens_per_turn": 32, "max_response_tokens": 160},
-    "job": {"cache_sft": False},
-}
-"""Every stage tiny: the whole pipeline in well under two minutes (the end-to-end test)."""
 
 COMPACT_SCHEMAS: dict[str, tuple[str, dict]] = {
     "crop": ("Crop a box [x1, y1, x2, y2] (0-1000) of an image.",
@@ -63,12 +73,10 @@ def job_config(
     smoke: bool = False,
     steps: int | None = None,
 ) -> DictConfig:
-    """axpo.yaml (+ ablation) + main_cpu.yaml (+ smoke) + ``--steps`` + overrides, validated."""
-    from axpo_rllm.config import axpo_config, config_text, load_config
-
+    """axpo.yaml (+ ablation) + main_cpu.yaml (+ main_smoke.yaml) + ``--steps`` + overrides, validated."""
     layers = [load_config(ablation), OmegaConf.create(config_text("main_cpu.yaml"))]
     if smoke:
-        layers.append(OmegaConf.create(SMOKE))
+        layers.append(OmegaConf.create(config_text("main_smoke.yaml")))
         base_n = int(layers[0].actor_rollout_ref.rollout.n)
         layers.append(OmegaConf.create({"actor_rollout_ref": {"rollout": {"n": max(4, base_n // 2)}}}))
     if steps is not None:
@@ -81,11 +89,9 @@ def job_config(
     return cfg
 
 
-def _agent_config(cfg: DictConfig):
-    from axpo_rllm.agents.agent import AgentConfig
-
-    node = OmegaConf.to_container(cfg.agent, resolve=True)
-    return AgentConfig(system_prompt=SYSTEM_PROMPT, **node)
+def _agent_config(cfg: DictConfig) -> AgentConfig:
+    return dataclass_from_mapping(AgentConfig, OmegaConf.to_container(cfg.agent, resolve=True), "agent config",
+                                  system_prompt=SYSTEM_PROMPT)
 
 
 def _digest(*parts: Any) -> str:
@@ -110,10 +116,6 @@ class Runtime:
     policy: Any = None
 
     def __enter__(self) -> "Runtime":
-        from axpo_rllm.envs.env import build_tools
-        from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
-        from axpo_rllm.tasks import SyntheticWorld
-
         cfg = self.cfg
         self.world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts))
         self.server = RetrievalServer(BM25Index(self.world.corpus)).start()
@@ -129,8 +131,6 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         if self.engine is not None:
             self.engine.close()
-        from axpo_rllm.envs.env import run_sync
-
         for tool in self.tools.values():
             try:
                 run_sync(tool.aclose())
@@ -142,8 +142,6 @@ class Runtime:
     # -- pieces ------------------------------------------------------------------------------------
 
     def env(self):
-        from axpo_rllm.envs.env import MultimodalToolEnv
-
         return MultimodalToolEnv(tools=self.tools)
 
     @property
@@ -152,12 +150,6 @@ class Runtime:
 
     def build_model(self) -> Path:
         """The tiny Qwen-VL whose tokenizer was trained on rendered teacher conversations (cached)."""
-        from transformers import AutoTokenizer
-
-        from axpo_rllm.agents.agent import ChatFormat
-        from axpo_rllm.sft import teacher_trajectories, tokenizer_corpus
-        from axpo_rllm.tiny_model import tiny_model_dir
-
         family, seed = str(self.cfg.model.family), int(self.cfg.model.seed)
         base = tiny_model_dir(family, seed)
         chat0 = ChatFormat(AutoTokenizer.from_pretrained(base))
@@ -168,10 +160,6 @@ class Runtime:
 
     def load(self, model_dir: Path) -> None:
         """Engine + policy on one shared module (the engine samples what the actor trains)."""
-        from axpo_rllm.actor import Policy
-        from axpo_rllm.agents.agent import ChatFormat
-        from axpo_rllm.engines.transformers_engine import TransformersEngine
-
         if self.engine is not None:
             self.engine.close()
         self.engine = TransformersEngine(model_dir)
@@ -179,8 +167,6 @@ class Runtime:
         self.policy = Policy(self.engine.model, self.engine.image_processor, self.engine.tokenizer.pad_token_id)
 
     def first_turn_stats(self, tasks) -> dict[str, float]:
-        from axpo_rllm.sft import first_turn_stats
-
         env = self.env()
         return first_turn_stats(
             self.engine, self.chat, tasks, env.tool_schemas(), env.tool_names, SYSTEM_PROMPT,
@@ -188,8 +174,6 @@ class Runtime:
         )
 
     def evaluate(self, tasks) -> dict[str, float]:
-        from axpo_rllm.evaluate import evaluate
-
         return evaluate(self.engine, self.chat, self.env, tasks, k=int(self.cfg.eval.k),
                         agent_config=_agent_config(self.cfg), seed=int(self.cfg.job.seed))
 
@@ -200,13 +184,10 @@ class Runtime:
 
 def stage_sft(rt: Runtime, log) -> dict[str, Any]:
     """SFT from the freshly built model, or the cached checkpoint of an identical earlier run."""
-    from axpo_rllm.sft import SFTConfig, eval_loss, teacher_trajectories, tokenize_trajectory, train_sft
-    from axpo_rllm.tiny_model import cache_root
-
     cfg = rt.cfg
     node = OmegaConf.to_container(cfg.sft, resolve=True)
     probe_n = int(node.pop("probe_tasks"))
-    sft_cfg = SFTConfig(**node, seed=int(cfg.job.seed))
+    sft_cfg = dataclass_from_mapping(SFTConfig, node, "sft config", seed=int(cfg.job.seed))
     probe = rt.world.tasks(probe_n, "eval")
     key = _digest(str(rt.model_dir), node, OmegaConf.to_container(cfg.tasks), OmegaConf.to_container(cfg.tools),
                   OmegaConf.to_container(cfg.agent), int(cfg.job.seed))
@@ -254,11 +235,6 @@ def stage_sft(rt: Runtime, log) -> dict[str, Any]:
 
 
 def stage_rl(rt: Runtime, run_dir: Path, log) -> list[dict]:
-    from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-    from axpo_rllm.config import axpo_config
-    from axpo_rllm.tasks import SyntheticWorld
-    from axpo_rllm.trainer import AXPOTrainer, rl_config_from
-
     cfg = rt.cfg
     rl = rl_config_from(cfg.rl, log_path=str(run_dir / "metrics.jsonl"))
     wf_cfg = WorkflowConfig(
@@ -283,9 +259,7 @@ def stage_rl(rt: Runtime, run_dir: Path, log) -> list[dict]:
     return trainer.fit(stream, log=show)
 
 
-def _summary_table(summary: dict) -> Any:
-    from rich.table import Table
-
+def _summary_table(summary: dict) -> Table:
     table = Table(title=f"AXPO embedded CPU job — ablation: {summary['ablation']}")
     table.add_column("metric")
     table.add_column("before", justify="right")
@@ -315,9 +289,6 @@ def _summary_table(summary: dict) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """``axpo-rllm main``: every stage, a summary table, ``runs/<name>/summary.json``."""
-    import torch
-    from rich.console import Console
-
     console = Console()
     cfg = job_config(getattr(args, "ablation", None), getattr(args, "overrides", None) or (),
                      smoke=bool(getattr(args, "smoke", False)), steps=getattr(args, "steps", None))

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from axpo_rllm.records import QuestionGroup, Rollout, RolloutKind, Termination, ToolCallSpan
+from axpo_rllm.core.records import QuestionGroup, Rollout, RolloutKind, Termination, ToolCallSpan
 
 __all__ = ["make_rollout", "make_continuation", "random_step", "TOOL_OPEN", "TOOL_CLOSE"]
 
@@ -87,7 +87,7 @@ def make_continuation(source: Rollout, cut: int, index: int, *, correct: bool, n
         turns=2,
         kind=RolloutKind.CONTINUATION,
         source_id=source.rollout_id,
-        prefix_length=cut,
+        prefix_len=cut,
     )
 
 

@@ -1,8 +1,8 @@
 """GPU launcher: AXPO as an rllm training run (``AgentTrainer(backend="verl")``).
 
-    python -m axpo_rllm.rllm_train [--ablation NAME] [--print-config] [key=value ...]
+    python -m axpo_rllm.integrations.rllm.launcher [--ablation NAME] [--print-config] [key=value ...]
 
-e.g. ``python -m axpo_rllm.rllm_train actor_rollout_ref.model.path=Qwen/Qwen3-VL-4B-Thinking
+e.g. ``python -m axpo_rllm.integrations.rllm.launcher actor_rollout_ref.model.path=Qwen/Qwen3-VL-4B-Thinking
 data.train_files=... trainer.n_gpus_per_node=8``. GRPO and every ablation of the paper are the
 same run under ``--ablation`` (``configs/ablation/*.yaml``): one pipeline, config switches.
 
@@ -12,7 +12,7 @@ it — ``algorithm.adv_estimator=axpo``, ``algorithm.axpo.*``, the asymmetric cl
 to the reference — then the command-line overrides, and hands the result to rllm's
 ``AgentTrainer`` with our workflow class, AXPO's grouping hook and the per-role estimator map
 (rllm computes advantages itself: ``axpo`` is registered with rllm's estimator registry when
-``axpo_rllm.agents.rllm_workflow`` is imported, in every worker that runs the workflow).
+``axpo_rllm.integrations.rllm.workflow`` is imported, in every worker that runs the workflow).
 
 N lives in the workflow: one rllm run is one question, the workflow draws its N rollouts and its
 continuations and meets the other questions of the step at a barrier, so ``rllm.rollout.n`` is
@@ -24,15 +24,22 @@ run starts: without it the launcher fails with an error that says how to install
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from axpo_rllm.agents.agent import AgentConfig
+from axpo_rllm.agents.workflow import WorkflowConfig
+from axpo_rllm.configs.loader import axpo_config, load_config
+from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.envs.env import MultimodalToolEnv
+
 __all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "resolve_workflow", "main"]
 
-DEFAULT_WORKFLOW = "axpo_rllm.agents.rllm_workflow:AXPORllmWorkflow"
+DEFAULT_WORKFLOW = "axpo_rllm.integrations.rllm.workflow:AXPORllmWorkflow"
 """The rllm ``Workflow`` running AXPO's phases inside rllm (override: ``axpo_launch.workflow_class``)."""
 
 RLLM_CONFIG_MODULE = "rllm.trainer.config"
@@ -58,8 +65,6 @@ def launch_config(
     The AXPO layer is validated (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before
     any GPU is touched.
     """
-    from axpo_rllm.config import axpo_config, load_config
-
     axpo = load_config(ablation)
     launcher = OmegaConf.create(
         {
@@ -91,7 +96,7 @@ def launch_config(
 
 def _import_rllm() -> Any:
     try:
-        from rllm.trainer.unified_trainer import AgentTrainer  # type: ignore[import-not-found]
+        from rllm.trainer.unified_trainer import AgentTrainer  # type: ignore[import-not-found]  # optional: rllm
     except ImportError as exc:
         raise RllmMissing(f"{INSTALL_HINT} ({exc})") from exc
     return AgentTrainer
@@ -100,7 +105,7 @@ def _import_rllm() -> Any:
 def compose_rllm_base(overrides: Sequence[str] = ()) -> DictConfig:
     """rllm's own hydra config (needs rllm)."""
     _import_rllm()
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_module  # only to compose rllm's own config
 
     with initialize_config_module(config_module=RLLM_CONFIG_MODULE, version_base=None):
         return compose(config_name=RLLM_CONFIG_NAME, overrides=list(overrides))
@@ -123,23 +128,17 @@ def resolve_workflow(path: str) -> type:
 
 def workflow_config(cfg: DictConfig):
     """The workflow's settings from the launch config: N, AXPO's switches, the agent's turn cap."""
-    from axpo_rllm.agents.agent import AgentConfig
-    from axpo_rllm.agents.workflow import WorkflowConfig
-    from axpo_rllm.config import axpo_config
-
     agent = OmegaConf.to_container(cfg.agent, resolve=True) if "agent" in cfg else {}
-    return WorkflowConfig(n=int(cfg.actor_rollout_ref.rollout.n), axpo=axpo_config(cfg), agent=AgentConfig(**agent))
+    return WorkflowConfig(n=int(cfg.actor_rollout_ref.rollout.n), axpo=axpo_config(cfg),
+                          agent=dataclass_from_mapping(AgentConfig, agent, "agent config"))
 
 
 def workflow_args(cfg: DictConfig) -> dict:
     """What ``AXPORllmWorkflow`` needs: the shared step coordinator, the model's processor, a fresh
     tool env per episode, and the workflow config (needs the model path and transformers)."""
-    import functools
+    from transformers import AutoProcessor  # heavy; only a real launch needs the model's processor
 
-    from transformers import AutoProcessor
-
-    from axpo_rllm.agents.rllm_workflow import AXPOStepCoordinator
-    from axpo_rllm.envs.env import MultimodalToolEnv
+    from axpo_rllm.integrations.rllm.workflow import AXPOStepCoordinator  # needs rllm (--print-config does not)
 
     config = workflow_config(cfg)
     return {
@@ -153,7 +152,7 @@ def workflow_args(cfg: DictConfig) -> dict:
 def load_datasets(cfg: DictConfig):
     """(train, val) rllm datasets: registered names (``data.train_dataset`` / ``data.val_dataset``
     with ``data.*_split``) through rllm's ``DatasetRegistry``."""
-    from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]
+    from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm
 
     data = cfg.get("data", {}) or {}
     name = data.get("train_dataset")
@@ -166,7 +165,7 @@ def load_datasets(cfg: DictConfig):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m axpo_rllm.rllm_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m axpo_rllm.integrations.rllm.launcher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ablation", default=None)
     parser.add_argument("--print-config", action="store_true", help="print the AXPO layer of the config and exit (no rllm needed)")
@@ -183,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = compose_rllm_base()
     cfg = launch_config(args.ablation, args.overrides, base=base)
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
-    from axpo_rllm.agents.rllm_workflow import AXPO_ROLE, axpo_traj_grouping_hook
+    from axpo_rllm.integrations.rllm.workflow import AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm
 
     train, val = load_datasets(cfg)
     trainer = AgentTrainer(

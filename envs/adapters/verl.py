@@ -5,7 +5,7 @@ group; the yaml picks which one with ``config.tool`` and passes its constructor 
 ``config.tool_config``::
 
     tools:
-      - class_name: axpo_rllm.envs.verl_tools.AXPOVerlTool
+      - class_name: axpo_rllm.envs.adapters.verl.AXPOVerlTool
         config: {type: native, tool: crop, tool_config: {coordinates: relative_1000}}
         tool_schema: {...}        # optional; default: the tool's own schema
 

@@ -47,16 +47,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from axpo_rllm.algorithm import (
-    AXPOConfig,
-    build_training_rows,
-    extra_budget,
-    is_triggered,
-    plan_resampling,
-    token_arrays,
-    uncertainty,
-)
-from axpo_rllm.records import (
+from axpo_rllm.core.advantages import build_training_rows, token_arrays
+from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import confidence, extra_budget, is_triggered, plan_resampling
+from axpo_rllm.core.records import (
     QuestionGroup,
     ResampleJob,
     ResamplePlan,
@@ -65,6 +59,7 @@ from axpo_rllm.records import (
     Termination,
     ToolCallSpan,
 )
+from axpo_rllm.core.step import StepOutcome, axpo_step
 
 __all__ = [
     "PolicyModel",
@@ -75,6 +70,7 @@ __all__ = [
     "SimReport",
     "STRATEGIES",
     "simulate",
+    "demo_step",
     "sweep",
     "format_table",
     "format_calibration",
@@ -293,13 +289,13 @@ class SimulatedPolicy:
             head_ids = np.concatenate([think_ids, [TOOL_OPEN]])
             head_lp = np.concatenate([think_lp, [-0.05]])
             return self._tool_tail(rng, q, rollout_id, prefix, head_ids, np.ones(len(head_ids), np.int8), head_lp,
-                                   kind=kind, source_id=source_id, prefix_length=0)
+                                   kind=kind, source_id=source_id, prefix_len=0)
         sound = bool(rng.random() < q.no_tool_soundness)
         return self._answer_tail(rng, q, rollout_id, sound, think_ids, np.ones(len(think_ids), np.int8), think_lp,
-                                 kind=kind, source_id=source_id, prefix_length=0)
+                                 kind=kind, source_id=source_id, prefix_len=0)
 
     def _tool_tail(self, rng, q, rollout_id, prefix: ToolPrefix, head_ids, head_mask, head_lp, *, kind, source_id,
-                   prefix_length) -> Rollout:
+                   prefix_len) -> Rollout:
         """From a head ending in ``<tool_call>``: draw a call cluster, the call, its observation, a
         second turn and the answer; correct with P(success | prefix, cluster)."""
         cluster = min(int(np.searchsorted(np.cumsum(prefix.masses), rng.random(), side="right")), len(prefix.masses) - 1)
@@ -319,11 +315,11 @@ class SimulatedPolicy:
             rollout_id=rollout_id, question_id=q.question_id, prompt_ids=q.prompt_ids,
             response_ids=ids, response_mask=mask, response_logprobs=logprobs, tool_calls=(span,),
             reward=float(correct), correct=correct, termination=Termination.ANSWER, turns=2,
-            answer_start=len(ids) - len(ans_ids) + 1, kind=kind, source_id=source_id, prefix_length=prefix_length,
+            answer_start=len(ids) - len(ans_ids) + 1, kind=kind, source_id=source_id, prefix_len=prefix_len,
         )
 
     def _answer_tail(self, rng, q, rollout_id, sound: bool, head_ids, head_mask, head_lp, *, kind, source_id,
-                     prefix_length, think_range=None, tool_calls=(), latent: Latent | None = None,
+                     prefix_len, think_range=None, tool_calls=(), latent: Latent | None = None,
                      success: float | None = None) -> Rollout:
         """From a head (reasoning, or reasoning + call + observation): maybe more reasoning
         (``think_range``), then the answer."""
@@ -342,7 +338,7 @@ class SimulatedPolicy:
             response_ids=ids, response_mask=mask, response_logprobs=logprobs, tool_calls=tuple(tool_calls),
             reward=float(correct), correct=correct, termination=Termination.ANSWER, turns=2 if tool_calls else 1,
             answer_start=len(ids) - len(ans_ids) + (0 if closed else 1), kind=kind, source_id=source_id,
-            prefix_length=prefix_length,
+            prefix_len=prefix_len,
         )
 
     # -- continuations from a fixed prefix -------------------------------------------------------
@@ -351,7 +347,7 @@ class SimulatedPolicy:
         prefix = self.latent[source.rollout_id].prefix
         return self._tool_tail(rng, q, f"{source.rollout_id}/c{index}", prefix, job.prefix_ids, job.prefix_mask,
                                job.prefix_logprobs, kind=RolloutKind.CONTINUATION, source_id=source.rollout_id,
-                               prefix_length=job.cut)
+                               prefix_len=job.prefix_len)
 
     def observation_continuation(self, rng, q: Question, source: Rollout, job: ResampleJob, index: int) -> Rollout:
         """ARPO-style: call and observation fixed; only the second turn and the answer are redrawn,
@@ -359,7 +355,7 @@ class SimulatedPolicy:
         latent = self.latent[source.rollout_id]
         return self._answer_tail(
             rng, q, f"{source.rollout_id}/b{index}", False, job.prefix_ids, job.prefix_mask, job.prefix_logprobs,
-            kind=RolloutKind.CONTINUATION, source_id=source.rollout_id, prefix_length=job.cut,
+            kind=RolloutKind.CONTINUATION, source_id=source.rollout_id, prefix_len=job.prefix_len,
             think_range=self.model.second_think_tokens, tool_calls=source.tool_calls, latent=latent, success=float(latent.prefix.success[latent.cluster]),
         )
 
@@ -368,7 +364,7 @@ class SimulatedPolicy:
         sound = self.latent[source.rollout_id].sound
         return self._answer_tail(rng, q, f"{source.rollout_id}/a{index}", sound, job.prefix_ids,
                                  job.prefix_mask, job.prefix_logprobs, kind=RolloutKind.CONTINUATION,
-                                 source_id=source.rollout_id, prefix_length=job.cut)
+                                 source_id=source.rollout_id, prefix_len=job.prefix_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +416,8 @@ class Spend:
     """Every extra sample: continuations, or extra original rollouts."""
     config: AXPOConfig
     """How ``build_training_rows`` turns the records into advantages."""
+    rows: list | None = None
+    """The training rows when the strategy went through the core's step (else built by ``measure``)."""
 
 
 EMPTY_PLAN = ResamplePlan(budget=0, jobs=(), triggered=(), candidates=())
@@ -442,14 +440,24 @@ def grpo(cfg: SimConfig, step: Step) -> Spend:
 
 
 def planned(axpo: AXPOConfig, kind: int) -> Callable[[SimConfig, Step], Spend]:
-    """A strategy that is the core planner (``plan_resampling``) plus the draw of each job's K samples."""
+    """A strategy that is the core's step (``axpo_step``: plan, resample, rows) with the draw of
+    each job's K samples as its resampling phase."""
 
     def strategy(cfg: SimConfig, step: Step) -> Spend:
         config = dataclasses.replace(axpo, r=cfg.r, k=cfg.k, seed=cfg.seed)
-        plan = plan_resampling(step.groups, config, step.index)
-        return Spend(plan.budget, step.groups, plan, draw_jobs(cfg, step, plan, kind), config)
+        outcome = axpo_step(step.groups, lambda plan: draw_jobs(cfg, step, plan, kind), config, step.index)
+        return Spend(outcome.plan.budget, step.groups, outcome.plan, outcome.continuations, config, outcome.rows)
 
     return strategy
+
+
+def demo_step(axpo: AXPOConfig, questions: int, n: int, seed: int = 0) -> StepOutcome:
+    """One simulated step through the core's phases under ``axpo`` (``axpo-rllm plan-demo``): the
+    continuations are drawn the way the matching strategy draws them."""
+    cfg = SimConfig(questions=questions, n=n, r=axpo.r, k=axpo.k, steps=1, seed=seed)
+    step = draw_step(cfg, 0)
+    kind = FRESH if not axpo.prefix_fix else ANSWER if axpo.resample_target == "no_tool" else TOOL_CALL
+    return axpo_step(step.groups, lambda plan: draw_jobs(cfg, step, plan, kind), axpo, step.index)
 
 
 def draw_jobs(cfg: SimConfig, step: Step, plan: ResamplePlan, kind: int) -> list[Rollout]:
@@ -569,10 +577,6 @@ class StrategyResult:
         return 100.0 * self._ratio(self.recovered, self.extra_used)
 
     @property
-    def recovery_rate(self) -> float:
-        return self._ratio(self.recovered, self.triggered)
-
-    @property
     def share_nonzero(self) -> float:
         return self._ratio(self.signal_nonzero, self.questions)
 
@@ -591,10 +595,6 @@ class StrategyResult:
     @property
     def hit_rate(self) -> float:
         return self._ratio(self.hits_on_triggered, self.extra_on_triggered)
-
-    @property
-    def prefix_recovery_rate(self) -> float:
-        return self._ratio(self.prefixes_recovered, self.prefixes)
 
     @property
     def tokens_per_recovered(self) -> float:
@@ -623,7 +623,7 @@ def measure(result: StrategyResult, step: Step, spend: Spend) -> None:
         raise AssertionError(f"{result.name} spent {len(spend.extra)} extra samples over its budget {spend.budget}")
     result.budget += spend.budget
     result.extra_used += len(spend.extra)
-    result.extra_tokens += sum(len(x.response_ids) - x.prefix_length for x in spend.extra)
+    result.extra_tokens += sum(len(x.response_ids) - x.prefix_len for x in spend.extra)
     result.extra_tool += sum(x.used_tool for x in spend.extra)
     on_triggered = [x for x in spend.extra if x.question_id in step.triggered]
     result.extra_on_triggered += len(on_triggered)
@@ -633,8 +633,8 @@ def measure(result: StrategyResult, step: Step, spend: Spend) -> None:
     result.recovered += len({x.question_id for x in hits})
     result.prefixes += len(spend.plan.jobs)
     result.prefixes_recovered += len({x.source_id for x in hits if x.kind is RolloutKind.CONTINUATION})
-    rows = build_training_rows(spend.groups, spend.plan, [x for x in spend.extra if x.kind is RolloutKind.CONTINUATION],
-                               spend.config)
+    rows = spend.rows if spend.rows is not None else build_training_rows(
+        spend.groups, spend.plan, [x for x in spend.extra if x.kind is RolloutKind.CONTINUATION], spend.config)
     nonzero, positive = tool_call_signal(rows)
     result.questions += len(step.groups)
     result.signal_nonzero += len(nonzero)
@@ -687,7 +687,7 @@ def calibrate(steps: Sequence[Step]) -> Calibration:
         acc_no_tool=mean([r.correct for r in originals if not r.used_tool]),
         clusters_per_prefix=mean([int((p.masses >= 0.05).sum()) for p in prefixes]),
         collapsed_share=mean([float(p.masses.max() >= 0.9) for p in prefixes]),
-        c_entropy_spearman=_spearman([uncertainty(r) for r in tool], [p.entropy for p in prefixes]),
+        c_entropy_spearman=_spearman([confidence(r) for r in tool], [p.entropy for p in prefixes]),
         viable_share=mean([p.viable for p in prefixes]),
         viable_share_in_all_wrong=mean([p.viable for p in in_all_wrong]),
         triggered_per_step=mean([len(s.triggered) for s in steps]),
@@ -841,10 +841,10 @@ def format_sweep(points: Sequence[tuple[str, object, SimReport]]) -> str:
 
 def plot(report: SimReport, path: str, points: Sequence[tuple[str, object, SimReport]] = ()) -> str:
     """A small PNG: recovered groups per 100 extra samples, tool-call signal, and the sweep's AXPO/2x ratio."""
-    import matplotlib
+    import matplotlib  # optional (the `plot` extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display here
 
     results = [r for r in report.results.values() if r.extra_used]
     panels = 3 if points else 2

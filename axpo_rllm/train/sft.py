@@ -1,11 +1,7 @@
-"""SFT of the tiny policy on programmatic teacher trajectories (the stage before AXPO).
-
-The teacher (AXPO_SPEC §9: ~25% of the trajectories call a tool; only correct answers kept)::
-
-    direct  <think>reasoning</think>\\boxed{answer}<|im_end|>
-    tool    <think>reasoning</think><tool_call>{"name": ..., "arguments": ...}</tool_call>
-            [the real tool's observation, rendered by the agent's ChatFormat]
-            <think>reasoning</think>\\boxed{answer}<|im_end|>
+"""SFT on demonstration trajectories (the stage before AXPO): assistant turns and the real tool
+observations between them, tokenised as the agent would hold them, trained with −log p on the
+assistant tokens. The demonstrations themselves come from elsewhere (the embedded default's
+programmatic teacher: :mod:`axpo_rllm.demo.teacher`).
 
 Token-exact with the agent: the prompt, the observation turns and the turn boundaries are built by
 :class:`~axpo_rllm.agents.agent.ChatFormat`, the class the agent renders rollouts with, and the
@@ -20,7 +16,7 @@ retrained on the project's own prompts (the fixed system/tools text becomes a fe
 
 from __future__ import annotations
 
-import json
+import asyncio
 import math
 import random
 import time
@@ -29,35 +25,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from axpo_rllm.records import Task
-from axpo_rllm.tasks import family_of
+import torch
+
+from axpo_rllm.agents.chat_format import ChatFormat
+from axpo_rllm.agents.parsing import CALL_CLOSE, TurnKind, parse_turn_text
+from axpo_rllm.core.records import Task
+from axpo_rllm.engines.base import GenerationRequest
+from axpo_rllm.envs.verifiers import extract_boxed
+from axpo_rllm.train.actor import Policy, response_logprobs
 
 __all__ = [
     "SFTConfig",
     "TeacherTrajectory",
     "SFTExample",
-    "teacher_trajectory",
-    "teacher_trajectories",
     "tokenize_trajectory",
     "tokenizer_corpus",
     "train_sft",
     "first_turn_stats",
 ]
-
-THINK = {
-    "color": "I look at the shape and name its color.",
-    "position": "I check which half of the image holds the shape.",
-    "size": "I compare the shape with the whole image.",
-    "code": "I compute this with python on the image.",
-    "search": "I do not know this fact, so I search for it.",
-    "crop": "The square is small, so I crop that corner.",
-}
-THINK_AFTER_TOOL = {
-    "code": "The code printed the value.",
-    "search": "The first result states the fact.",
-    "crop": "The crop shows the square clearly.",
-}
-
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -100,34 +85,7 @@ class SFTExample:
     uses_tool: bool
 
 
-def _call_text(name: str, arguments: dict) -> str:
-    # The exact form the chat template renders for an assistant tool call.
-    return '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (name, json.dumps(arguments, ensure_ascii=False))
-
-
-def _answer_text(thinking: str, answer: str) -> str:
-    return f"<think>\n{thinking}\n</think>\n\\boxed{{{answer}}}"
-
-
-def teacher_trajectory(task: Task, env) -> TeacherTrajectory:
-    """Run the teacher on ``task`` with the real tools of ``env`` (a :class:`MultimodalToolEnv`)."""
-    family = family_of(task)
-    call = task.metadata.get("teacher")
-    if call is None:
-        return TeacherTrajectory(task, (_answer_text(THINK[family], task.answer),), ())
-    env.reset(task)
-    obs = env.call_tool(call["name"], call["arguments"])
-    if obs.is_error:
-        raise RuntimeError(f"teacher call {call} on task {task.task_id} failed: {obs.model_text}")
-    first = f"<think>\n{THINK[family]}\n</think>\n" + _call_text(call["name"], call["arguments"])
-    return TeacherTrajectory(task, (first, _answer_text(THINK_AFTER_TOOL[family], task.answer)), ((obs.model_text, tuple(obs.images)),))
-
-
-def teacher_trajectories(tasks: Sequence[Task], env) -> list[TeacherTrajectory]:
-    return [teacher_trajectory(t, env) for t in tasks]
-
-
-def tokenize_trajectory(traj: TeacherTrajectory, chat, tool_schemas: list[dict], system_prompt: str | None) -> SFTExample:
+def tokenize_trajectory(traj: TeacherTrajectory, chat: ChatFormat, tool_schemas: list[dict], system_prompt: str | None) -> SFTExample:
     """Token ids exactly as the agent would hold them had it produced this trajectory."""
     prompt = chat.prompt_ids(traj.task, tool_schemas, system_prompt)
     eos = chat.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -149,7 +107,7 @@ def tokenize_trajectory(traj: TeacherTrajectory, chat, tool_schemas: list[dict],
     return SFTExample(np.asarray(prompt, np.int64), np.asarray(ids, np.int64), np.asarray(mask, np.int8), tuple(images), traj.uses_tool)
 
 
-def tokenizer_corpus(trajectories: Sequence[TeacherTrajectory], chat, tool_schemas: list[dict], system_prompt: str | None) -> list[str]:
+def tokenizer_corpus(trajectories: Sequence[TeacherTrajectory], chat: ChatFormat, tool_schemas: list[dict], system_prompt: str | None) -> list[str]:
     """The rendered conversations as plain text (control tokens dropped), for BPE training."""
     out = []
     for traj in trajectories:
@@ -158,11 +116,7 @@ def tokenizer_corpus(trajectories: Sequence[TeacherTrajectory], chat, tool_schem
     return out
 
 
-def _batch_loss(policy, batch: Sequence[SFTExample]):
-    import torch
-
-    from axpo_rllm.actor import response_logprobs
-
+def _batch_loss(policy: Policy, batch: Sequence[SFTExample]):
     logp = response_logprobs(policy, [e.prompt_ids for e in batch], [e.response_ids for e in batch], [e.images for e in batch])
     mask = torch.zeros_like(logp)
     for i, e in enumerate(batch):
@@ -177,8 +131,6 @@ def train_sft(
     log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """AdamW on the teacher tokens; returns the per-step history (``step``, ``loss``, ``lr``, ``elapsed_s``)."""
-    import torch
-
     if not examples:
         raise ValueError("train_sft needs at least one example")
     model = policy.model
@@ -224,8 +176,6 @@ def train_sft(
 
 def eval_loss(policy, examples: Sequence[SFTExample], batch_size: int = 16) -> float:
     """Mean teacher-token loss over ``examples`` (no gradient)."""
-    import torch
-
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
@@ -244,12 +194,6 @@ def first_turn_stats(engine, chat, tasks: Sequence[Task], tool_schemas: list[dic
     ``\\boxed{}`` answer that ends the turn (EOS). ``tool_call_share``: turns that open a call
     (valid or not; a malformed call is still tool use, as in the agent).
     """
-    import asyncio
-
-    from axpo_rllm.agents.parsing import CALL_CLOSE, TurnKind, parse_turn_text
-    from axpo_rllm.engines.base import GenerationRequest
-    from axpo_rllm.envs.verifiers import extract_boxed
-
     requests = [
         GenerationRequest(
             prompt_ids=tuple(chat.prompt_ids(t, tool_schemas, system_prompt)), images=t.images, max_tokens=max_tokens,

@@ -28,15 +28,20 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
+from verl.trainer.ppo.ray_trainer import compute_advantage
 
-from axpo_rllm.actor import Policy, response_logprobs
-from axpo_rllm.records import Task
+from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.core.records import Task
+from axpo_rllm.integrations.verl import estimator as _registers_axpo  # noqa: F401  # "axpo" in verl's registry, entry point or not
+from axpo_rllm.integrations.verl.batch import build_verl_batch
+from axpo_rllm.train.actor import Policy, response_logprobs
 
 __all__ = ["RLConfig", "AXPOTrainer", "frozen_reference", "sync_weights", "actor_loss_config"]
 
@@ -116,8 +121,6 @@ class AXPOTrainer:
         rl: RLConfig = RLConfig(),
         reference: Policy | None = None,
     ) -> None:
-        from axpo_rllm import verl_plugin  # noqa: F401  # registers "axpo" even without the entry point
-
         self.policy = policy
         self.reference = reference if reference is not None else frozen_reference(policy)
         self.workflow = workflow
@@ -161,10 +164,6 @@ class AXPOTrainer:
 
     def make_batch(self, rows):
         """The verl batch of ``rows`` with advantages from verl's own ``compute_advantage``."""
-        from verl.trainer.ppo.ray_trainer import compute_advantage
-
-        from axpo_rllm.verl_batch import build_verl_batch
-
         batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id)
         algo = self.cfg.algorithm
         batch = compute_advantage(
@@ -220,8 +219,6 @@ class AXPOTrainer:
         ``old``: log-probs before the update per micro-batch (None: on-policy, the current ones
         detached, so the ratio starts at 1 as in verl's single-epoch update).
         """
-        from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
-
         mask = batch.batch["response_mask"].float()
         advantages = batch.batch["advantages"].float()
         total_tokens = int(mask.sum())
@@ -276,13 +273,5 @@ class AXPOTrainer:
 def rl_config_from(cfg: DictConfig, **overrides: Any) -> RLConfig:
     """An :class:`RLConfig` from a ``rl`` node (unknown keys are an error)."""
     node = dict(OmegaConf.to_container(cfg, resolve=True)) if cfg is not None else {}
-    node.update(overrides)
-    known = set(RLConfig.__dataclass_fields__)
-    unknown = sorted(set(node) - known)
-    if unknown:
-        raise ValueError(f"unknown rl config key(s) {unknown}; known: {sorted(known)}")
-    return RLConfig(**node)
+    return dataclass_from_mapping(RLConfig, {**node, **overrides}, "rl config")
 
-
-def as_dict(config: RLConfig) -> dict:
-    return asdict(config)

@@ -40,7 +40,7 @@ def _torchvision_ops_load() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return True  # no torchvision at all: nothing to patch
-    import torch
+    import torch  # this module is imported by a .pth in every process: torch only once torchvision loads
 
     for folder in spec.submodule_search_locations:
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -61,7 +61,7 @@ def define_missing_op_schemas() -> list[str]:
     """
     if _KEEP_ALIVE or _torchvision_ops_load():
         return []
-    import torch
+    import torch  # see _torchvision_ops_load
 
     lib = torch.library.Library("torchvision", "DEF")
     defined = []

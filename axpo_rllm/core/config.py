@@ -1,0 +1,81 @@
+"""The AXPO hyper-parameters (one dataclass, the paper's defaults) and the one unknown-key check
+every config dataclass of the package goes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Literal, Mapping, TypeVar
+
+__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "dataclass_from_mapping"]
+
+Ranking = Literal["uncertainty", "random", "confidence"]
+Target = Literal["tool", "no_tool"]
+SourceTail = Literal["mask", "keep"]
+
+D = TypeVar("D")
+
+
+def dataclass_from_mapping(cls: type[D], node: Mapping[str, Any] | None, what: str, **extra: Any) -> D:
+    """``cls(**node, **extra)`` where a key ``cls`` does not declare is an error naming it and the
+    known keys (a typo in a yaml or an override fails at load time, not mid-run)."""
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    data = dict(node.items()) if node is not None else {}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**{**data, **extra})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters (one dataclass, the paper's defaults). Every ablation of AXPO_SPEC §8 is one
+# field here; GRPO is ``enable=False``.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AXPOConfig:
+    enable: bool = True
+    """False: plain GRPO (no planning, no resampling)."""
+    r: float = 0.25
+    """Extra-sample ratio: E = floor(r·B·N)."""
+    k: int = 4
+    """Continuations per selected prefix (all K or none)."""
+    ranking: Ranking = "uncertainty"
+    """``uncertainty`` (least confident first), ``random`` (ablation), ``confidence`` (most confident first)."""
+    prefix_fix: bool = True
+    """False = 'w/o prefix fix': the budget buys fresh rollouts from the question (empty prefix)."""
+    resample_target: Target = "tool"
+    """``no_tool`` = the 'no-tool resampling' ablation: prefixes of non-tool rollouts, cut where they answer."""
+    prefix_credit: bool = True
+    """False = 'w/o prefix credit': the source keeps its own reward and full-trajectory advantage."""
+    separate_groups: bool = True
+    """False = 'w/o separate advantage group': continuations are normalised inside q's group."""
+    source_tail: SourceTail = "mask"
+    """What happens to a credited source's own tokens after the prefix: masked, or kept with
+    the advantage they had before the reward replacement."""
+    norm_by_std: bool = True
+    """Divide by the group std (GRPO) or only centre (Dr.GRPO); verl's ``norm_adv_by_std_in_grpo``."""
+    std_unbiased: bool = True
+    """Bessel-corrected std, as verl's GRPO (``torch.std``)."""
+    epsilon: float = 1e-6
+    seed: int = 0
+    """Seeds the ``random`` ranking (combined with the step number)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.r <= 16.0, f"r must be in [0, 16], got {self.r!r}"),
+            (isinstance(self.k, int) and self.k >= 1, f"k must be an int >= 1, got {self.k!r}"),
+            (self.ranking in ("uncertainty", "random", "confidence"),
+             f"ranking must be uncertainty|random|confidence, got {self.ranking!r}"),
+            (self.resample_target in ("tool", "no_tool"), f"resample_target must be tool|no_tool, got {self.resample_target!r}"),
+            (self.source_tail in ("mask", "keep"), f"source_tail must be mask|keep, got {self.source_tail!r}"),
+            (self.epsilon >= 0.0, f"epsilon must be >= 0, got {self.epsilon!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"AXPOConfig: {message}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "AXPOConfig":
+        """Build from a dict / omegaconf node (e.g. verl's ``algorithm.axpo``); unknown keys are an error."""
+        return dataclass_from_mapping(cls, cfg, "AXPOConfig")

@@ -1,0 +1,92 @@
+"""Qwen-VL vision helpers shared by the engines and the actor (one implementation each).
+
+- :func:`vision_inputs` + :func:`expand_image_pads`: the prompt convention of every engine is one
+  unexpanded ``<|image_pad|>`` per image; a forward pass needs each pad repeated to the image's
+  vision-token count (``prod(grid_thw) / merge_size²``) and ``mm_token_type_ids`` marking them
+  (Qwen-VL places its M-RoPE positions with it: without it Qwen2-VL/Qwen3-VL raise and Qwen2.5-VL
+  drifts by ~6e-4, FIELD_NOTES §2).
+- :func:`reset_rope_state`: Qwen-VL caches ``rope_deltas`` on the module between calls.
+- :func:`banned_ids` / :func:`ban_logit_bias`: ids never sampled (by default the vision pads: a
+  random model emits them, which breaks the next turn's image count).
+
+Pure Python over what the caller passes (the processor, the model); torch is imported by the
+callers that build tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+__all__ = [
+    "BAN_LOGIT_BIAS",
+    "rgb",
+    "vision_inputs",
+    "expand_image_pads",
+    "reset_rope_state",
+    "banned_ids",
+    "ban_logit_bias",
+]
+
+BAN_LOGIT_BIAS = -100.0
+"""vLLM clamps logit biases to [-100, 100]; -100 puts a banned id at exp(-100) ~ 4e-44 of the
+mass, below float32's resolution next to any real token, so it is never sampled."""
+
+
+def rgb(image: Any) -> Any:
+    """The image in RGB (the processors' input mode)."""
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
+def vision_inputs(image_processor: Any, images: Sequence[Any]) -> tuple[dict, list[int]]:
+    """``pixel_values`` / ``image_grid_thw`` for ``images`` (in order) and each image's
+    vision-token count after the merger (empty dict and list for no images)."""
+    if not images:
+        return {}, []
+    vision = image_processor(images=[rgb(im) for im in images], return_tensors="pt")
+    merge = int(image_processor.merge_size) ** 2
+    counts = [int(g.prod()) // merge for g in vision["image_grid_thw"]]
+    return {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}, counts
+
+
+def expand_image_pads(ids: Sequence[int], image_pad_id: int, counts: Iterator[int]) -> tuple[list[int], list[int]]:
+    """Repeat each image pad of ``ids`` to its count (drawn from ``counts`` in order).
+
+    Returns the expanded ids and, for every original position, its index in the expanded
+    sequence (a pad maps to its last copy, so the token after it keeps its logit position).
+    Raises ValueError when ``counts`` runs out before the pads do.
+    """
+    expanded: list[int] = []
+    where: list[int] = []
+    for t in ids:
+        if t == image_pad_id:
+            n = next(counts, None)
+            if n is None:
+                raise ValueError("more image pads than images: expected one unexpanded pad per image")
+            expanded.extend([int(t)] * n)
+            where.append(len(expanded) - 1)
+        else:
+            where.append(len(expanded))
+            expanded.append(int(t))
+    return expanded, where
+
+
+def reset_rope_state(model: Any) -> None:
+    """Forget the M-RoPE offset Qwen-VL cached on the module during the previous call.
+
+    Qwen-VL keeps ``rope_deltas`` between calls and reuses it for cached decoding: a text-only
+    request after an image request would otherwise decode at the image request's positions, and
+    a training forward must compute its own positions.
+    """
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None
+
+
+def banned_ids(requested: Sequence[int] | None, image_pad_id: int, video_pad_id: int) -> tuple[int, ...]:
+    """The request's banned ids, or the default (the image and video pads) when it names none."""
+    return (image_pad_id, video_pad_id) if requested is None else tuple(int(t) for t in requested)
+
+
+def ban_logit_bias(requested: Sequence[int] | None, image_pad_id: int, video_pad_id: int) -> dict[int, float]:
+    """vLLM's ``logit_bias`` that bans :func:`banned_ids` (empty when nothing is banned)."""
+    return {t: BAN_LOGIT_BIAS for t in banned_ids(requested, image_pad_id, video_pad_id)}
