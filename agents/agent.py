@@ -44,7 +44,7 @@ from axpo_rllm.agents.parsing import (
     parse_turn_text,
 )
 from axpo_rllm.core.records import ResampleJob, Rollout, RolloutKind, Task, Termination, ToolCallSpan
-from axpo_rllm.engines.base import EngineError, GenerationRequest, GenerationResult, RolloutEngine
+from axpo_rllm.engines.base import BackendContractError, EngineError, GenerationRequest, GenerationResult, RolloutEngine
 
 __all__ = ["AgentConfig", "ChatFormat", "EpisodeStats", "Episode", "Agent", "derive_seed"]
 # ChatFormat lives in chat_format; re-exported here because the agent is where callers meet it.
@@ -165,7 +165,9 @@ class Agent:
         state: _State | None = None,
     ) -> Episode:
         """One episode (``job`` given: a continuation of the job's prefix). Never raises for engine,
-        tool or env failures: they end the rollout with ``Termination.ERROR`` and the reason."""
+        tool or env failures: they end the rollout with ``Termination.ERROR`` and the reason. A
+        :class:`~axpo_rllm.engines.base.BackendContractError` (e.g. no log-probs) propagates: every
+        request would fail the same way, so the step must stop."""
         started = time.perf_counter()
         env.reset(task)
         if state is None:
@@ -173,6 +175,8 @@ class Agent:
         try:
             termination, reward, correct = await self._loop(env, task, state, rollout_id, seed, job)
             error = ""
+        except BackendContractError:
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded with its reason, never dropped
             termination, reward, correct = Termination.ERROR, 0.0, False
             error = f"{type(exc).__name__}: {exc}"

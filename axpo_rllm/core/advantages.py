@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.failures import failed
 from axpo_rllm.core.planner import check_continuations
 from axpo_rllm.core.records import (
     LossSegment,
@@ -38,6 +39,7 @@ __all__ = [
 # §6 Advantages.
 #   continuation group (per prefix):  A^res_k = (r_k − mean_k r) / (std_k r + ε), continuation tokens only
 #   prefix credit:                     r_prefix = 1 if any continuation is correct else 0
+#                                       (failed continuations left out; all failed: no credit)
 #   q's group:                          source reward := r_prefix; mean′, std′ recomputed;
 #                                       A^prefix = (r_prefix − mean′) / (std′ + ε) on the prefix tokens only
 #   everything else:                    plain GRPO
@@ -95,7 +97,9 @@ def build_training_rows(
     """
     by_job = check_continuations(plan, continuations) if plan.jobs else {}
     jobs = {job.source_id: job for job in plan.jobs}
-    recovery = {sid: float(any(c.correct for c in conts)) for sid, conts in by_job.items()}
+    # Failure policy (core.failures): failed continuations are not evidence about the prefix.
+    recovery = {sid: float(any(c.correct for c in conts if not failed(c)))
+                for sid, conts in by_job.items() if any(not failed(c) for c in conts)}
     credit = config.prefix_credit
     keep_tail = config.source_tail == "keep"
 
@@ -109,10 +113,10 @@ def build_training_rows(
         for rollout in group.rollouts:
             job = jobs.get(rollout.rollout_id)
             rollouts.append(rollout)
-            adv_groups.append(rollout.question_id)
-            if job is None or not credit or job.prefix_len == 0:
+            adv_groups.append(_statistics_group(rollout, rollout.question_id))
+            if job is None or not credit or job.prefix_len == 0 or rollout.rollout_id not in recovery:
                 roles.append(RowRole.ORDINARY)
-                scores.append(float(rollout.reward))
+                scores.append(0.0 if failed(rollout) else float(rollout.reward))
                 windows.append((0, len(rollout.response_ids)) if reaches_loss(rollout) else None)
                 tails.append(-1)
             else:
@@ -125,8 +129,8 @@ def build_training_rows(
         for cont in by_job[job.source_id]:
             rollouts.append(cont)
             roles.append(RowRole.CONTINUATION)
-            adv_groups.append(group_id)
-            scores.append(float(cont.reward))
+            adv_groups.append(_statistics_group(cont, group_id))
+            scores.append(0.0 if failed(cont) else float(cont.reward))
             # the prefix is context, not action
             windows.append((job.prefix_len, len(cont.response_ids)) if reaches_loss(cont) else None)
             tails.append(-1)
@@ -143,18 +147,25 @@ def build_training_rows(
     return rows
 
 
+def _statistics_group(rollout: Rollout, group: str) -> str:
+    """The group a row is normalised in: a failed rollout is a group of its own (score 0, so
+    advantage 0), which keeps it out of its group's mean and std on every path — here, in verl's
+    estimator (one uid per group) and in rllm's (one TrajectoryGroup per group)."""
+    return f"{group}::failed::{rollout.rollout_id}" if failed(rollout) else group
+
+
 def reaches_loss(rollout: Rollout) -> bool:
-    """Over-turn (Mini-o3 masking) and errored rollouts count in their group's statistics with
-    their reward, but their tokens never reach the loss: an over-turn episode is not a behaviour to
-    push either way, and an errored one was cut short by the engine or env, not by the policy."""
+    """Over-turn (Mini-o3 masking) and failed rollouts never reach the loss: an over-turn episode
+    is not a behaviour to push either way (it stays in its group's statistics with its reward), and
+    a failed one was cut short by the engine or env, not by the policy (core.failures)."""
     return rollout.termination not in (Termination.OVER_TURN, Termination.ERROR)
 
 
 def pre_replacement_advantages(groups: Sequence[QuestionGroup], norm: Mapping[str, Any]) -> dict[str, float]:
     """Plain GRPO advantages of the originals (what a source's tail keeps under source_tail=keep)."""
     originals = [r for g in groups for r in g.rollouts]
-    scores = torch.tensor([float(r.reward) for r in originals], dtype=torch.float32)
-    adv = group_normalize(scores, group_ids_to_index([r.question_id for r in originals]), **norm)
+    scores = torch.tensor([0.0 if failed(r) else float(r.reward) for r in originals], dtype=torch.float32)
+    adv = group_normalize(scores, group_ids_to_index([_statistics_group(r, r.question_id) for r in originals]), **norm)
     return {r.rollout_id: a for r, a in zip(originals, adv.tolist())}
 
 

@@ -58,6 +58,9 @@ class AXPOConfig:
     std_unbiased: bool = True
     """Bessel-corrected std, as verl's GRPO (``torch.std``)."""
     epsilon: float = 1e-6
+    max_failed_share: float = 0.05
+    """The failure policy's bound (:mod:`axpo_rllm.core.failures`): a step in which a larger share
+    of rollouts failed raises instead of training."""
     seed: int = 0
     """Seeds the ``random`` ranking (combined with the step number)."""
 
@@ -70,6 +73,7 @@ class AXPOConfig:
             (self.resample_target in ("tool", "no_tool"), f"resample_target must be tool|no_tool, got {self.resample_target!r}"),
             (self.source_tail in ("mask", "keep"), f"source_tail must be mask|keep, got {self.source_tail!r}"),
             (self.epsilon >= 0.0, f"epsilon must be >= 0, got {self.epsilon!r}"),
+            (0.0 <= self.max_failed_share <= 1.0, f"max_failed_share must be in [0, 1], got {self.max_failed_share!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Sequence
 from axpo_rllm.core.advantages import build_training_rows
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.diagnostics import step_diagnostics
+from axpo_rllm.core.failures import check_failure_share
 from axpo_rllm.core.planner import plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, TrainingRow
 
@@ -43,8 +44,13 @@ class StepOutcome:
 
 def finish_step(groups: Sequence[QuestionGroup], plan: ResamplePlan, continuations: Sequence[Rollout],
                 config: AXPOConfig) -> StepOutcome:
-    """Phase 4: the training rows (§6) and the diagnostics (§7) of a planned, resampled step."""
+    """Phase 4: the training rows (§6) and the diagnostics (§7) of a planned, resampled step.
+
+    Raises :class:`~axpo_rllm.core.failures.StepFailedError` when more than
+    ``config.max_failed_share`` of the step's rollouts failed (the failure policy).
+    """
     continuations = list(continuations)
+    check_failure_share([r for g in groups for r in g.rollouts] + continuations, config.max_failed_share)
     rows = build_training_rows(groups, plan, continuations, config)
     return StepOutcome(list(groups), plan, continuations, rows, step_diagnostics(groups, plan, continuations, config))
 

@@ -23,10 +23,12 @@ from typing import Any, Callable, Sequence
 
 __all__ = [
     "EngineError",
+    "BackendContractError",
     "GenerationRequest",
     "GenerationResult",
     "RolloutEngine",
     "InProcessEngine",
+    "checked_result",
     "BatchingExecutor",
     "check_image_pads",
 ]
@@ -38,6 +40,20 @@ class EngineError(RuntimeError):
     """A generation could not be produced; the workflow records it as an ``error`` rollout.
 
     ``request_id`` names the failed request (empty when the failure was not request-specific).
+    """
+
+    def __init__(self, message: str, request_id: str = "") -> None:
+        super().__init__(f"[request {request_id}] {message}" if request_id else message)
+        self.request_id = request_id
+
+
+class BackendContractError(RuntimeError):
+    """The backend broke the token-in/token-out contract for a request that was well formed:
+    no log-probs, ids and log-probs of different lengths, an unknown finish reason.
+
+    Not an :class:`EngineError`: retrying cannot help (every request would fail the same way, e.g.
+    a server asked for log-probs in a form it reads as "none"), so the agent and the workflow let it
+    propagate and the step stops with this message instead of training on failed rollouts.
     """
 
     def __init__(self, message: str, request_id: str = "") -> None:
@@ -115,6 +131,25 @@ class GenerationResult:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
 
 
+def checked_result(request: GenerationRequest, token_ids: Sequence[int], logprobs: Sequence[float] | None,
+                   finish_reason: str, backend: str, **fields: Any) -> "GenerationResult":
+    """A :class:`GenerationResult`, or :class:`BackendContractError` naming ``backend`` when it
+    returned no log-probs (or not one per token) or an unknown finish reason."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        got = "none" if logprobs is None else f"{len(logprobs)}"
+        raise BackendContractError(
+            f"{backend} returned {len(token_ids)} token ids but {got} log-probs; the trainer needs the "
+            "sampled token's log-prob for every generated token (check how the backend reads the "
+            "request's log-prob setting)",
+            request.request_id,
+        )
+    if finish_reason not in FINISH_REASONS:
+        raise BackendContractError(f"{backend} returned finish_reason={finish_reason!r}; expected one of {FINISH_REASONS}",
+                                   request.request_id)
+    return GenerationResult(token_ids=token_ids, logprobs=logprobs, finish_reason=finish_reason,
+                            request_id=request.request_id, **fields)
+
+
 def check_image_pads(request: GenerationRequest, image_pad_id: int) -> None:
     """Raise :class:`EngineError` unless ``prompt_ids`` hold exactly one pad per image, none adjacent.
 
@@ -176,8 +211,13 @@ class InProcessEngine(RolloutEngine):
     """
 
     def _start_batching(self, name: str) -> None:
-        self._executor = BatchingExecutor(self._run_batch, name=name)
+        self._executor = BatchingExecutor(self._run_batch, name=name, validate=self._validate)
         self._closed = False
+
+    def _validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`EngineError` for a request the backend would reject (checked per request
+        before batching, so it fails alone). Default: one unexpanded image pad per image."""
+        check_image_pads(request, self.image_pad_id)
 
     @abc.abstractmethod
     def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -223,10 +263,20 @@ class BatchingExecutor:
     only fast when they reach it as one batch. Requests submitted while a batch runs form the next
     batch. The backend runs on one worker thread (an in-process vLLM is not thread-safe) so the
     event loop stays free.
+
+    Failures stay with the request that caused them: ``validate`` (when given) checks each request
+    before it joins a batch, and a batch the backend rejects is split in halves and retried until
+    the failing requests are alone (a backend that is down fails every request, each with its error).
     """
 
-    def __init__(self, run_batch: Callable[[list[GenerationRequest]], list[GenerationResult]], name: str) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[GenerationRequest]], list[GenerationResult]],
+        name: str,
+        validate: Callable[[GenerationRequest], None] | None = None,
+    ) -> None:
         self._run_batch = run_batch
+        self._validate = validate
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: list[_Pending] = []
         self._drainer: asyncio.Task | None = None
@@ -240,21 +290,46 @@ class BatchingExecutor:
         return list(await asyncio.gather(*(item.future for item in items)))
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         await asyncio.sleep(0)  # let every coroutine started in this tick enqueue first
         while self._pending:
             batch, self._pending = self._pending, []
+            await self._run_isolated(self._admit(batch))
+
+    def _admit(self, batch: list[_Pending]) -> list[_Pending]:
+        """The requests that pass ``validate``; the others fail alone, now."""
+        if self._validate is None:
+            return batch
+        admitted = []
+        for p in batch:
             try:
-                results = await loop.run_in_executor(self._thread, self._run_batch, [p.request for p in batch])
-            except Exception as exc:  # noqa: BLE001 - every waiter must learn of the failure
-                error = exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(error)
+                self._validate(p.request)
+            except Exception as exc:  # noqa: BLE001 - the request's own error, for its waiter only
+                _fail(p, exc)
                 continue
-            for p, result in zip(batch, results):
-                if not p.future.done():
-                    p.future.set_result(result)
+            admitted.append(p)
+        return admitted
+
+    async def _run_isolated(self, batch: list[_Pending]) -> None:
+        """Run ``batch``; if the backend rejects it, bisect so that only failing requests fail."""
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._thread, self._run_batch, [p.request for p in batch])
+            if len(results) != len(batch):
+                raise BackendContractError(f"the backend returned {len(results)} results for {len(batch)} requests")
+        except Exception as exc:  # noqa: BLE001 - every waiter must learn of its failure
+            if len(batch) == 1 or isinstance(exc, BackendContractError):
+                for p in batch:
+                    _fail(p, exc)
+                return
+            half = len(batch) // 2
+            await self._run_isolated(batch[:half])
+            await self._run_isolated(batch[half:])
+            return
+        for p, result in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(result)
 
     def run_sync(self, fn: Callable, *args):
         """Run ``fn`` on the backend thread and wait (for scoring and shutdown)."""
@@ -266,3 +341,11 @@ class BatchingExecutor:
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _fail(pending: _Pending, exc: Exception) -> None:
+    if pending.future.done():
+        return
+    if not isinstance(exc, (EngineError, BackendContractError)):
+        exc = EngineError(f"{type(exc).__name__}: {exc}", pending.request.request_id)
+    pending.future.set_exception(exc)

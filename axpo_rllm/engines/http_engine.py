@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from .base import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads
+from .base import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads, checked_result
 from .vision import ban_logit_bias
 
 __all__ = ["HTTPEngine", "VLLMServer", "image_to_data_url"]
@@ -136,20 +136,16 @@ def _to_result(data: dict, request: GenerationRequest) -> GenerationResult:
     try:
         choice = data["choices"][0]
         token_ids = list(choice["token_ids"])
-        content = (choice.get("logprobs") or {}).get("content") or []
-        logprobs = [float(item["logprob"]) for item in content]
+        content = (choice.get("logprobs") or {}).get("content")
+        logprobs = None if content is None and token_ids else [float(item["logprob"]) for item in content or ()]
         details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
         cached = details.get("cached_tokens")
-        return GenerationResult(
-            token_ids=token_ids,
-            logprobs=logprobs,
-            finish_reason=choice.get("finish_reason") or "stop",
-            stop_reason=choice.get("stop_reason"),
-            num_cached_tokens=-1 if cached is None else int(cached),
-            request_id=request.request_id,
-        )
+        finish = choice.get("finish_reason") or "stop"
+        stop_reason = choice.get("stop_reason")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EngineError(f"unexpected response {str(data)[:300]!r}: {exc}", request.request_id) from exc
+    return checked_result(request, token_ids, logprobs, finish, "the vLLM server", stop_reason=stop_reason,
+                          num_cached_tokens=-1 if cached is None else int(cached))
 
 
 def _free_port(host: str) -> int:

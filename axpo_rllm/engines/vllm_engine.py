@@ -21,6 +21,7 @@ from .base import (
     GenerationResult,
     InProcessEngine,
     check_image_pads,
+    checked_result,
 )
 from .vision import ban_logit_bias
 
@@ -160,15 +161,9 @@ def _some_ids(requests: Sequence[GenerationRequest], limit: int = 5) -> str:
 def _to_result(out, request: GenerationRequest) -> GenerationResult:
     completion = out.outputs[0]
     token_ids = list(completion.token_ids)
-    if completion.logprobs is None or len(completion.logprobs) != len(token_ids):
-        raise EngineError("vLLM returned no logprob for some generated tokens", request.request_id)
-    logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
     cached = out.num_cached_tokens
-    return GenerationResult(
-        token_ids=token_ids,
-        logprobs=logprobs,
-        finish_reason=completion.finish_reason or "stop",
-        stop_reason=completion.stop_reason,
-        num_cached_tokens=-1 if cached is None else int(cached),
-        request_id=request.request_id,
-    )
+    return checked_result(request, token_ids, logprobs, completion.finish_reason or "stop", "vLLM",
+                          stop_reason=completion.stop_reason, num_cached_tokens=-1 if cached is None else int(cached))

@@ -147,3 +147,47 @@ def test_the_barrier_names_the_fix_when_questions_are_missing():
     group = QuestionGroup("q0", (make_rollout("q0#0", "q0", correct=False),))
     with pytest.raises(RuntimeError, match="n_parallel_tasks"):
         asyncio.run(coordinator.submit(group))
+
+
+def test_logprobs_reach_verl_and_back_through_rllms_own_verl_engine():
+    """rllm's real ``VerlEngine.get_token_output_from_token_input`` in front of a server manager that
+    reads ``logprobs`` with verl's own line (tests/integrations/test_rllm_sampling.py)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from rllm.engine.rollout.verl_engine import VerlEngine
+
+    from axpo_rllm.engines.base import BackendContractError, GenerationRequest
+
+    path = Path(importlib.util.find_spec("verl").origin).parent / "workers/rollout/vllm_rollout/vllm_async_server.py"
+    line = re.search(r'^\s*(sampling_params\["logprobs"\] = .*pop\("logprobs".*)$', path.read_text(), re.M).group(1).strip()
+
+    class ServerManager:
+        def __init__(self, drop=False):
+            self.drop = drop
+
+        async def generate(self, request_id, prompt_ids, sampling_params, image_data=None, video_data=None):
+            scope = {"sampling_params": dict(sampling_params)}
+            exec(line, {}, scope)  # noqa: S102 - verl's own reading of the request
+            on = scope["sampling_params"]["logprobs"] is not None and not self.drop
+
+            class Out:
+                token_ids, stop_reason = [5, 6], "stop"
+                log_probs = [-0.1, -0.2] if on else None
+
+            return Out()
+
+    def verl_engine(manager):
+        engine = object.__new__(VerlEngine)  # its __init__ wants a live verl rollout; the method under test does not
+        engine.server_manager, engine.is_validation = manager, False
+        engine.train_sampling_params = dict(temperature=1.0, top_p=1.0, logprobs=1)
+        engine.val_sampling_params = dict(engine.train_sampling_params)
+        engine.max_prompt_length, engine.max_response_length = 64, 8
+        return engine
+
+    request = GenerationRequest(prompt_ids=(1, 2), max_tokens=4, request_id="q0#1/t0")
+    ok = asyncio.run(RllmTokenEngine(verl_engine(ServerManager())).generate(request))
+    assert ok.logprobs == (-0.1, -0.2)
+    with pytest.raises(BackendContractError, match="returned 2 token ids but none log-probs"):
+        asyncio.run(RllmTokenEngine(verl_engine(ServerManager(drop=True))).generate(request))

@@ -12,6 +12,7 @@ from agent_helpers import FakeEngine, RecordingEngine, biased, make_tasks
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.failures import StepFailedError
 from axpo_rllm.core.records import RolloutKind, RowRole, Termination
 
 AGENT = AgentConfig(max_tokens_per_turn=40, max_response_tokens=400)
@@ -111,7 +112,7 @@ def test_every_ablation_switch_runs_a_step(chat, fake_engine, env_factory, switc
 
 def test_failed_rollouts_are_retried_then_recorded_and_the_budget_stays_exact(chat, chat_words, env_factory):
     engine = FakeEngine(chat, chat_words, fail_ids=("q0#1/", "~c1/"))
-    wf, _ = workflow(chat, engine, env_factory, rollout_retries=1)
+    wf, _ = workflow(chat, engine, env_factory, rollout_retries=1, max_failed_share=0.5)
     res = wf.run_step(make_tasks(4))
     failed = [r for r in res.rollouts if r.termination is Termination.ERROR]
     assert {r.rollout_id for r in failed} >= {"q0#1"}
@@ -126,6 +127,41 @@ def test_failed_rollouts_are_retried_then_recorded_and_the_budget_stays_exact(ch
     assert "q0#1" not in {j.source_id for j in res.plan.jobs}  # a failed episode is never a source
 
 
+def test_an_outage_over_the_bound_stops_the_step_with_its_reasons(chat, chat_words, env_factory):
+    engine = FakeEngine(chat, chat_words, fail_ids=("q0#", "q1#0/"))  # 5 of 16 rollouts, every attempt
+    wf, _ = workflow(chat, engine, env_factory, rollout_retries=1, enable=False)
+    with pytest.raises(StepFailedError, match=r"5 of 16 rollouts failed \(31\.2% > max_failed_share 5\.0%\): EngineError x5 \(e\.g\. q0#0: .*scripted failure"):
+        wf.run_step(make_tasks(4))
+
+
+def test_under_the_bound_failed_rollouts_leave_the_group_statistics(chat, chat_words, env_factory):
+    engine = FakeEngine(chat, chat_words, fail_ids=("q0#1/",))  # 1 of 16 = 6.25%
+    wf, _ = workflow(chat, engine, env_factory, rollout_retries=0, enable=False, max_failed_share=0.1)
+    res = wf.run_step(make_tasks(4))
+    rows = {r.rollout.rollout_id: r for r in res.rows}
+    assert rows["q0#1"].segments == () and rows["q0#1"].adv_group == "q0::failed::q0#1"
+    assert res.metrics["axpo/failed_rollouts"] == 1 and res.metrics["axpo/failed/EngineError"] == 1
+    assert res.metrics["axpo/failed_share"] == pytest.approx(1 / 16)
+    live = [rows[f"q0#{i}"] for i in (0, 2, 3)]
+    rewards = np.array([r.score for r in live])
+    want = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)  # GRPO over the three that answered
+    assert [r.segments[0].advantage for r in live] == pytest.approx(list(want), abs=1e-5)
+    assert all(r.rollout.termination is not Termination.ERROR for r in live)
+
+
+def test_a_backend_without_logprobs_stops_the_step_instead_of_failing_rollouts(chat, chat_words, env_factory):
+    from axpo_rllm.engines.base import BackendContractError, checked_result
+
+    class NoLogprobs(FakeEngine):
+        async def generate(self, request):
+            result = await super().generate(request)
+            return checked_result(request, result.token_ids, None, result.finish_reason, "a server that dropped them")
+
+    wf, _ = workflow(chat, NoLogprobs(chat, chat_words), env_factory, enable=False, max_failed_share=1.0)
+    with pytest.raises(BackendContractError, match="a server that dropped them returned .* token ids but none log-probs"):
+        wf.run_step(make_tasks(2))
+
+
 def test_a_hung_episode_times_out_and_is_recorded(chat, chat_words, env_factory):
     class Slow(FakeEngine):
         async def generate(self, request):
@@ -133,7 +169,8 @@ def test_a_hung_episode_times_out_and_is_recorded(chat, chat_words, env_factory)
                 await asyncio.sleep(30)
             return await super().generate(request)
 
-    wf, _ = workflow(chat, Slow(chat, chat_words), env_factory, rollout_retries=0, rollout_timeout_s=0.5, enable=False)
+    wf, _ = workflow(chat, Slow(chat, chat_words), env_factory, rollout_retries=0, rollout_timeout_s=0.5, enable=False,
+                     max_failed_share=0.25)
     res = wf.run_step(make_tasks(2))
     (hung,) = [r for r in res.rollouts if r.termination is Termination.ERROR]
     assert hung.rollout_id == "q1#2" and hung.error.startswith("Timeout")
@@ -144,10 +181,13 @@ def test_an_env_that_cannot_start_is_a_recorded_failure(chat, fake_engine):
     def broken():
         raise OSError("no sandbox")
 
-    wf, _ = workflow(chat, fake_engine, broken, rollout_retries=0, enable=False)
+    wf, _ = workflow(chat, fake_engine, broken, rollout_retries=0, enable=False, max_failed_share=1.0)
     res = wf.run_step(make_tasks(1))
     assert all(r.termination is Termination.ERROR and "no sandbox" in r.error for r in res.rollouts)
     assert len(res.rows) == 4
+    wf, _ = workflow(chat, fake_engine, broken, rollout_retries=0, enable=False)  # the default bound
+    with pytest.raises(StepFailedError, match=r"4 of 4 rollouts failed .*EnvError x4 .*no sandbox"):
+        wf.run_step(make_tasks(1))
 
 
 def test_repeated_task_ids_are_refused(chat, fake_engine, env_factory):

@@ -157,15 +157,29 @@ def test_grpo_mode_is_plain_grpo_everywhere():
     assert all(r.role is RowRole.ORDINARY for r in rows.values())
 
 
-@pytest.mark.parametrize("termination", [Termination.OVER_TURN, Termination.ERROR])
-def test_over_turn_and_errored_rollouts_stay_in_the_statistics_but_not_in_the_loss(termination):
+def test_over_turn_rollouts_stay_in_the_statistics_but_not_in_the_loss():
     q = QuestionGroup("q", (
         make_rollout("x", "q", correct=True),
-        make_rollout("y", "q", correct=False, termination=termination),
+        make_rollout("y", "q", correct=False, termination=Termination.OVER_TURN),
     ))
     rows = build_training_rows([q], plan_resampling([q], AXPOConfig(enable=False)), [], AXPOConfig(enable=False))
     assert rows[1].segments == ()
     assert rows[0].segments[0].advantage == pytest.approx(0.5 / (math.sqrt(0.5) + EPS), abs=1e-6)
+
+
+def test_failed_rollouts_leave_the_statistics_and_the_loss():
+    """Failure policy (core.failures): a failed rollout is its own group with score 0."""
+    q = QuestionGroup("q", (
+        make_rollout("x", "q", correct=True),
+        make_rollout("z", "q", correct=False),
+        make_rollout("w", "q", correct=False),
+        make_rollout("y", "q", correct=False, termination=Termination.ERROR),
+    ))
+    rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan_resampling([q], AXPOConfig(enable=False)), [], AXPOConfig(enable=False))}
+    assert rows["y"].segments == () and rows["y"].score == 0.0 and rows["y"].adv_group != "q"
+    # mean over x, z, w = 1/3, Bessel std = sqrt(1/3): x = (2/3)/0.57735 = 1.1547, z = w = -0.57735
+    assert rows["x"].segments[0].advantage == pytest.approx(1.1547005, abs=1e-5)
+    assert rows["z"].segments[0].advantage == pytest.approx(-0.5773503, abs=1e-5)
 
 
 def test_group_normalize_matches_the_textbook_formula():
@@ -194,15 +208,41 @@ def test_diagnostics_of_the_worked_step():
     assert d["axpo/acc_tool"] == 0.0 and d["axpo/acc_no_tool"] == pytest.approx(2 / 6)
 
 
-@pytest.mark.parametrize("termination", [Termination.OVER_TURN, Termination.ERROR])
-def test_over_turn_and_errored_continuations_are_counted_but_masked(termination):
+def test_over_turn_continuations_are_counted_but_masked():
     q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
     cfg = AXPOConfig(r=0.5, k=2)
     plan = plan_resampling([q], cfg)
     good = make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, 0, correct=True)
     bad = make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, 1, correct=False)
-    object.__setattr__(bad, "termination", termination)
+    object.__setattr__(bad, "termination", Termination.OVER_TURN)
     rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, [good, bad], cfg)}
     assert rows[bad.rollout_id].segments == ()
     assert adv(rows[good.rollout_id]) == pytest.approx(0.7071058, abs=1e-6), "the masked one still counts in the group"
     assert rows["s0"].score == 1.0
+
+
+def test_failed_continuations_leave_the_group_and_r_prefix():
+    q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
+    cfg = AXPOConfig(r=0.5, k=2)
+    plan = plan_resampling([q], cfg)
+    cut = plan.jobs[0].prefix_len
+    good, bad = (make_continuation(q.rollouts[0], cut, i, correct=i == 0) for i in range(2))
+    object.__setattr__(bad, "termination", Termination.ERROR)
+    rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, [good, bad], cfg)}
+    assert rows[bad.rollout_id].segments == () and rows[bad.rollout_id].score == 0.0
+    assert adv(rows[good.rollout_id]) == pytest.approx(1 / (1 + EPS), abs=1e-6), "alone in its group: verl's singleton rule"
+    assert rows["s0"].role is RowRole.SOURCE_PREFIX and rows["s0"].score == 1.0
+
+
+def test_a_prefix_whose_continuations_all_failed_earns_no_credit():
+    q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
+    cfg = AXPOConfig(r=0.5, k=2)
+    plan = plan_resampling([q], cfg)
+    conts = [make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, i, correct=True) for i in range(2)]
+    for c in conts:
+        object.__setattr__(c, "termination", Termination.ERROR)
+    rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, conts, cfg)}
+    assert rows["s0"].role is RowRole.ORDINARY and rows["s0"].score == 0.0
+    assert rows["s0"].segments[0] == (0, len(q.rollouts[0].response_ids), rows["s0"].segments[0].advantage)
+    d = step_diagnostics([q], plan, conts, cfg)
+    assert math.isnan(d["axpo/recovery_rate"]) and d["axpo/failed_rollouts"] == 2

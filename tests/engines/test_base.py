@@ -89,3 +89,59 @@ def test_backend_failure_reaches_every_waiter_as_engine_error():
     errors = asyncio.run(main())
     executor.shutdown()
     assert all(isinstance(e, EngineError) and "backend down" in str(e) for e in errors)
+
+
+def _submit_each(executor, requests):
+    async def main():
+        return await asyncio.gather(*(executor.submit_many([r]) for r in requests), return_exceptions=True)
+
+    out = asyncio.run(main())
+    executor.shutdown()
+    return out
+
+
+def test_one_bad_request_fails_alone_and_the_batch_is_bisected():
+    """A backend that rejects any batch holding request 13 (a context overflow, say)."""
+    calls: list[list[int]] = []
+
+    def picky(requests):
+        calls.append([r.prompt_ids[0] for r in requests])
+        if any(r.prompt_ids[0] == 13 for r in requests):
+            raise RuntimeError("prompt 13 is longer than max_model_len")
+        return [GenerationResult(token_ids=r.prompt_ids, logprobs=(0.0,), finish_reason="stop") for r in requests]
+
+    requests = [GenerationRequest(prompt_ids=(i,), request_id=f"r{i}") for i in range(10, 18)]
+    out = _submit_each(BatchingExecutor(picky, name="test"), requests)
+    bad = out[3]
+    assert isinstance(bad, EngineError) and "max_model_len" in str(bad)
+    assert [o[0].token_ids for i, o in enumerate(out) if i != 3] == [(i,) for i in range(10, 18) if i != 13]
+    assert calls[0] == list(range(10, 18)) and [13] in calls, "split until the bad request is alone"
+    assert len(calls) <= 2 * 3 + 1, "bisection, not one call per request"
+
+
+def test_validate_rejects_a_request_before_it_joins_a_batch():
+    seen: list[list[int]] = []
+
+    def run(requests):
+        seen.append([r.prompt_ids[0] for r in requests])
+        return [GenerationResult(token_ids=r.prompt_ids, logprobs=(0.0,), finish_reason="stop") for r in requests]
+
+    def validate(request):
+        if request.prompt_ids[0] == 2:
+            raise EngineError("prompt_ids hold 1 image pad(s) but 0 image(s) were given", request.request_id)
+
+    out = _submit_each(BatchingExecutor(run, name="test", validate=validate), [GenerationRequest(prompt_ids=(i,)) for i in range(4)])
+    assert isinstance(out[2], EngineError) and "image pad" in str(out[2])
+    assert seen == [[0, 1, 3]] and [o[0].token_ids for o in (out[0], out[1], out[3])] == [(0,), (1,), (3,)]
+
+
+def test_a_result_without_logprobs_is_a_contract_error_not_an_engine_error():
+    from axpo_rllm.engines.base import BackendContractError, checked_result
+
+    request = GenerationRequest(prompt_ids=(1, 2), request_id="q0#0/t0")
+    with pytest.raises(BackendContractError, match=r"\[request q0#0/t0\] the server returned 3 token ids but none log-probs"):
+        checked_result(request, [5, 6, 7], None, "stop", "the server")
+    with pytest.raises(BackendContractError, match="3 token ids but 2 log-probs"):
+        checked_result(request, [5, 6, 7], [-1.0, -1.0], "stop", "the server")
+    assert not issubclass(BackendContractError, EngineError), "the agent retries EngineErrors; a contract error must stop the step"
+    assert checked_result(request, [5], [-0.5], "length", "the server").logprobs == (-0.5,)

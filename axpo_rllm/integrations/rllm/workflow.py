@@ -50,6 +50,7 @@ from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, Rollout
 from axpo_rllm.core.step import finish_step
 from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
 from axpo_rllm.envs.adapters.rllm import task_from_dict
+from axpo_rllm.integrations.rllm.sampling import result_from_token_output, verl_sampling_kwargs
 
 __all__ = [
     "AXPO_ROLE",
@@ -278,28 +279,9 @@ class RllmTokenEngine(RolloutEngine):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         family = request.request_id.split("/", 1)[0].split("~", 1)[0]
-        kwargs: dict[str, Any] = dict(
-            application_id=f"axpo-{family}" if family else None, max_tokens=request.max_tokens,
-            temperature=request.temperature, top_p=request.top_p, logprobs=0,
-        )
-        if request.images:
-            kwargs["image_data"] = list(request.images)
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.stop:
-            kwargs["stop"] = list(request.stop)
-        if request.stop_token_ids:
-            kwargs["stop_token_ids"] = list(request.stop_token_ids)
-        if request.banned_token_ids:
-            kwargs["logit_bias"] = {int(t): -100.0 for t in request.banned_token_ids}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs = verl_sampling_kwargs(request, f"axpo-{family}" if family else None)
         out = await self.rllm_engine.get_token_output_from_token_input(token_input=list(request.prompt_ids), **kwargs)
-        ids = list(out.token_ids)
-        logprobs = list(out.log_probs or [])
-        if len(logprobs) != len(ids):
-            raise ValueError(f"request {request.request_id}: the rllm engine returned {len(ids)} ids but {len(logprobs)} logprobs")
-        finish = "length" if out.stop_reason == "length" or len(ids) >= request.max_tokens else "stop"
-        return GenerationResult(token_ids=ids, logprobs=logprobs, finish_reason=finish, request_id=request.request_id)
+        return result_from_token_output(request, out)
 
     async def score(self, prompt_ids, images, continuation_ids) -> list[float]:
         raise NotImplementedError("teacher-forced scoring is not part of rllm's RolloutEngine interface")
