@@ -3,12 +3,18 @@
 One episode, turn by turn::
 
     prompt  = chat template(system, tools block from the env's schemas, user turn with the task's images)
-    turn t  = engine(prompt + response so far) -> model tokens (mask 1, their raw logprobs)
-              stopped at </tool_call> (kept) or EOS
-    parse   -> answer (verify, stop) | one valid call (run it) | a malformed call (error observation)
+    turn t  = engine(prompt + response so far) -> model tokens (mask 1, their raw logprobs), run to
+              end-of-turn (EOS) or the token budget — never stopped at a ``</tool_call>`` text, so a
+              call drafted inside the reasoning does not end the turn
+    parse   -> answer (verify, stop) | the turn's calls, in order (valid ones run together; a
+              malformed one is answered with its error) (agents/parsing.py)
     obs     = the observation turn rendered through the chat template and appended as tokens
               ("<|im_end|>\\n<|im_start|>user\\n<tool_response>…</tool_response><|im_end|>\\n<|im_start|>assistant\\n",
-              one unexpanded image pad per returned image; mask 0, logprob 0)
+              one ``<tool_response>`` per call, one unexpanded image pad per returned image, tool
+              text as plain text; mask 0, logprob 0)
+
+The context budget (``max_context_tokens``) counts every image as the tokens its pad expands to
+(the processor's own resize rule), task images and tool images alike.
 
 Why tokens, never text: the model's own ids are kept across turns (re-tokenising its text can give
 other ids), so a continuation request can send exactly ``prompt + prefix`` (AXPO_SPEC §2).
@@ -27,6 +33,7 @@ it holds an answer; a budget exhausted before a turn or an observation could fit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -39,8 +46,9 @@ from axpo_rllm.agents.parsing import (
     CALL_CLOSE,
     CALL_OPEN,
     THINK_CLOSE,
+    ParsedCall,
     TurnKind,
-    locate_call_tokens,
+    locate_calls,
     parse_turn_text,
 )
 from axpo_rllm.core.records import ResampleJob, Rollout, RolloutKind, Task, Termination, ToolCallSpan
@@ -233,8 +241,8 @@ class Agent:
         state.turns = turn + 1 if turn_start > 0 or (job is not None and job.prefix_len > 0) else turn  # a resumed turn is open
         while True:
             forced = cfg.cap_policy == "force_answer" and turn == cfg.max_turns - 1
-            context = len(state.prompt_ids) + len(state.ids)
-            budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids), cfg.max_context_tokens - context)
+            budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids),
+                         cfg.max_context_tokens - self._context_tokens(state))
             if budget < 1:
                 return Termination.MAX_TOKENS, 0.0, False
             banned = None
@@ -247,10 +255,9 @@ class Agent:
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 seed=derive_seed(seed, turn, len(state.ids)),
-                stop=() if forced else (CALL_CLOSE,),
                 banned_token_ids=banned,
                 request_id=f"{rollout_id}/t{turn}",
-            )
+            )  # the turn runs to end-of-turn (EOS) or its token budget, never to a `</tool_call>` text
             result = await self._generate(request, state.stats)
             state.turns = turn + 1
             state.ids.extend(result.token_ids)
@@ -258,7 +265,7 @@ class Agent:
             state.mask.extend([1] * len(result.token_ids))
             turn_ids = state.ids[turn_start:]
             text = chat.decode(turn_ids)
-            parsed = parse_turn_text(text, tool_names)
+            parsed = parse_turn_text(text, tool_names, think_open=chat.think_open)
             if forced or parsed.kind is TurnKind.ANSWER:
                 state.answer_start = turn_start + chat.answer_offset(turn_ids)
                 answer = parsed.answer if parsed.kind is TurnKind.ANSWER else text.split(THINK_CLOSE, 1)[-1].strip()
@@ -271,33 +278,15 @@ class Agent:
                     termination = Termination.ANSWER
                 return termination, float(verdict.reward), bool(verdict.correct)
 
-            loc = locate_call_tokens(
-                turn_ids, open_id=chat.call_open_id, close_id=chat.call_close_id, think_close_id=chat.think_close_id
-            )
-            valid = parsed.kind is TurnKind.TOOL_CALL
-            if loc is not None and loc.end > loc.body:
-                state.calls.append(
-                    ToolCallSpan(turn_start + loc.open, turn_start + loc.body, turn_start + loc.end, turn=turn, name=parsed.name, valid=valid)
-                )
-            elif valid:  # the text names a call but the ids hold no <tool_call> token: not executable as recorded
-                valid = False
-                parsed = parsed.__class__(TurnKind.MALFORMED_CALL, thinking=parsed.thinking, name=parsed.name,
-                                          error=f"write the call as {CALL_OPEN}{{json}}{CALL_CLOSE}")
+            calls = self._record_calls(state, parsed, turn_ids, turn_start, turn)
             if turn == cfg.max_turns - 1:  # mask policy: a call in the last turn (Mini-o3 over-turn)
                 return Termination.OVER_TURN, 0.0, False
-
-            if valid:
-                state.stats.tool_calls += 1
-                obs = await env.acall_tool(parsed.name, parsed.arguments)
-                if obs.is_error:
-                    state.stats.tool_errors += 1
-                obs_text, obs_images = obs.model_text, tuple(obs.images)
-            else:
-                state.stats.malformed_calls += 1
-                obs_text, obs_images = f"Error: {parsed.error}", ()
+            responses = await self._answer_calls(env, calls, state.stats)
             hint = cfg.final_turn_hint if (cfg.cap_policy == "force_answer" and turn + 1 == cfg.max_turns - 1) else None
-            obs_ids = chat.observation_ids(obs_text, len(obs_images), state.ids[-1] if state.ids else None, hint)
-            if len(state.ids) + len(obs_ids) >= cfg.max_response_tokens or len(state.prompt_ids) + len(state.ids) + len(obs_ids) >= cfg.max_context_tokens:
+            obs_ids = chat.observation_ids([(t, len(ims)) for t, ims in responses], state.ids[-1] if state.ids else None, hint)
+            obs_images = [im for _, ims in responses for im in ims]
+            grown = len(obs_ids) + sum(chat.image_tokens(im) - 1 for im in obs_images)
+            if len(state.ids) + len(obs_ids) >= cfg.max_response_tokens or self._context_tokens(state) + grown >= cfg.max_context_tokens:
                 return Termination.MAX_TOKENS, 0.0, False
             base = len(state.ids)
             state.offsets.extend(base + i for i, t in enumerate(obs_ids) if t == chat.image_pad_id)
@@ -307,6 +296,44 @@ class Agent:
             state.mask.extend([0] * len(obs_ids))
             turn += 1
             turn_start = len(state.ids)
+
+    def _context_tokens(self, state: _State) -> int:
+        """The context as the model sees it: every image pad counted as the tokens it expands to."""
+        images = sum(self.chat.image_tokens(im) - 1 for im in state.images)
+        return len(state.prompt_ids) + len(state.ids) + images
+
+    def _record_calls(self, state: _State, parsed, turn_ids: Sequence[int], turn_start: int, turn: int) -> list[ParsedCall]:
+        """Every call of the turn as a :class:`ToolCallSpan` of the rollout (valid or not, in order);
+        returns the calls, a call whose opener is not the ``<tool_call>`` token made malformed."""
+        chat = self.chat
+        spans = locate_calls(turn_ids, parsed.calls, open_id=chat.call_open_id, close_id=chat.call_close_id, decode=chat.decode)
+        calls = []
+        for call, span in zip(parsed.calls, spans):
+            if span is None:  # the text names a call the ids do not hold: not executable as recorded
+                calls.append(call if call.error else dataclasses.replace(call, error=f"write the call as {CALL_OPEN}{{json}}{CALL_CLOSE}"))
+                continue
+            if span.end > span.body:
+                state.calls.append(ToolCallSpan(turn_start + span.open, turn_start + span.body, turn_start + span.end,
+                                                turn=turn, name=call.name, valid=call.valid))
+            calls.append(call)
+        return calls
+
+    async def _answer_calls(self, env, calls: Sequence[ParsedCall], stats: EpisodeStats) -> list[tuple[str, tuple]]:
+        """One ``(text, images)`` per call, in call order: the env runs the valid ones together; a
+        malformed one is answered with its error."""
+        valid = [c for c in calls if c.valid]
+        observations = iter(await env.acall_tools([(c.name, c.arguments) for c in valid]) if valid else ())
+        out = []
+        for call in calls:
+            if not call.valid:
+                stats.malformed_calls += 1
+                out.append((f"Error: {call.error}", ()))
+                continue
+            obs = next(observations)
+            stats.tool_calls += 1
+            stats.tool_errors += int(obs.is_error)
+            out.append((obs.model_text, tuple(obs.images)))
+        return out
 
     async def _generate(self, request: GenerationRequest, stats: EpisodeStats) -> GenerationResult:
         attempt = 0

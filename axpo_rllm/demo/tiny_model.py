@@ -40,12 +40,14 @@ __all__ = [
     "SPECIAL_TOKENS",
     "AGENT_TOKENS",
     "CHAT_TEMPLATE",
+    "THINKING_CHAT_TEMPLATE",
+    "chat_template",
     "build_tiny_qwen_vl",
     "tiny_model_dir",
     "default_corpus",
 ]
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when the built directory changes, so that stale caches are not reused."""
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -128,6 +130,33 @@ CHAT_TEMPLATE = (
 ``<|vision_start|><|image_pad|><|vision_end|>`` each (expanded later by the processor/engine);
 tool replies become a user turn of ``<tool_response>`` blocks, and images a tool returns are
 image parts inside them (Qwen has no image-bearing tool role)."""
+
+THINKING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% elif message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "<|im_start|>{{ message.role }}\n{{ render_content(message.content) }}<|im_end|>\n",
+    "{% elif message.role == 'user' %}"
+    "<|im_start|>user\n{{ render_content(message.content) }}<|im_end|>\n"
+    "{% elif message.role == 'assistant' and not message.tool_calls %}"
+    "<|im_start|>assistant\n<think>\n{{ render_content(message.content) }}<|im_end|>\n",
+).replace(
+    "{% elif message.role == 'assistant' %}<|im_start|>assistant\n{{ render_content(message.content) }}",
+    "{% elif message.role == 'assistant' %}<|im_start|>assistant\n<think>\n{{ render_content(message.content) }}",
+).replace(
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+)
+"""Qwen3-VL-*-Thinking's format on top of it: the generation prompt opens ``<think>\n`` (every
+turn starts inside the reasoning), tool replies stay user turns of ``<tool_response>`` blocks with
+their images. An assistant message's content is what the model wrote after that ``<think>\n``
+(reasoning, ``</think>``, then the answer or calls); the real template re-renders earlier reasoning
+as ``<think>\n{reasoning.strip()}\n</think>\n\n`` — a whitespace difference the agent never
+re-renders (agents/chat_format.py)."""
+
+
+def chat_template(family: str) -> str:
+    """The tiny model's chat template: Qwen2.5-VL's for ``qwen2_5_vl``, the Thinking variant for ``qwen3_vl``."""
+    return THINKING_CHAT_TEMPLATE if family == "qwen3_vl" else CHAT_TEMPLATE
+
 
 _TEXT_SHAPES = {
     # family: (mrope_section, interleaved, rope_theta)
@@ -250,7 +279,6 @@ def _train_tokenizer(corpus: Sequence[str]):
     )
     fast.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|endoftext|>"]})
     fast.add_tokens(list(AGENT_TOKENS), special_tokens=False)
-    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -355,7 +383,7 @@ def _write_processor_files(out: Path, family: str) -> None:
     video["size"] = {"shortest_edge": image["min_pixels"], "longest_edge": image["max_pixels"] * 4}
     video["do_sample_frames"] = False
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(chat_template(family))
 
 
 def build_tiny_qwen_vl(
@@ -376,6 +404,7 @@ def build_tiny_qwen_vl(
     out.mkdir(parents=True, exist_ok=True)
     corpus = default_corpus(seed) + list(corpus_texts or [])
     tokenizer = _train_tokenizer(corpus)
+    tokenizer.chat_template = chat_template(family)
     ids = _token_ids(tokenizer)
     config = _build_config(family, len(tokenizer), ids)
     model = _model_class(family)(config)

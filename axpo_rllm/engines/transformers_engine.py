@@ -22,26 +22,9 @@ from .base import (
     InProcessEngine,
     check_image_pads,
 )
-from .vision import banned_ids, expand_image_pads, reset_rope_state, vision_inputs
+from .vision import banned_ids, expand_image_pads, load_image_processor, reset_rope_state, vision_inputs
 
 __all__ = ["TransformersEngine", "load_image_processor"]
-
-
-def load_image_processor(model_dir: str | Path):
-    """The model's image processor, without torchvision when it is missing.
-
-    ``AutoProcessor`` needs torchvision (the video processor); the main CPU venv has none, so fall
-    back to the PIL implementation of the same Qwen2-VL image processor. With torchvision present
-    the processor vLLM itself uses is taken, so both engines see identical pixels.
-    """
-    try:
-        from transformers import AutoProcessor  # imports torchvision's video processor: may fail
-
-        return AutoProcessor.from_pretrained(model_dir).image_processor
-    except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(model_dir)
 
 
 class TransformersEngine(InProcessEngine):

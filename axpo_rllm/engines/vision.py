@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 
 __all__ = [
     "BAN_LOGIT_BIAS",
+    "load_image_processor",
+    "image_token_count",
     "rgb",
     "vision_inputs",
     "expand_image_pads",
@@ -30,6 +32,32 @@ __all__ = [
 BAN_LOGIT_BIAS = -100.0
 """vLLM clamps logit biases to [-100, 100]; -100 puts a banned id at exp(-100) ~ 4e-44 of the
 mass, below float32's resolution next to any real token, so it is never sampled."""
+
+
+def load_image_processor(model_dir: Any) -> Any:
+    """The model's image processor, without torchvision when it is missing.
+
+    ``AutoProcessor`` needs torchvision (the video processor); the main CPU venv has none, so fall
+    back to the PIL implementation of the same Qwen2-VL image processor. With torchvision present
+    the processor vLLM itself uses is taken, so every engine sees identical pixels.
+    """
+    try:
+        from transformers import AutoProcessor  # heavy; imports torchvision's video processor: may fail
+
+        return AutoProcessor.from_pretrained(model_dir).image_processor
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+
+
+def image_token_count(image_processor: Any, image: Any) -> int:
+    """How many tokens one ``<|image_pad|>`` becomes for ``image``: the processor's own resize
+    rule (``get_number_of_image_patches``) over the merger (``merge_size²``), without processing
+    pixels."""
+    width, height = image.size
+    patches = image_processor.get_number_of_image_patches(height, width, {})
+    return int(patches) // int(image_processor.merge_size) ** 2
 
 
 def rgb(image: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from axpo_rllm.agents.chat_format import ChatFormat
-from axpo_rllm.agents.parsing import CALL_CLOSE, TurnKind, parse_turn_text
+from axpo_rllm.agents.parsing import THINK_OPEN, TurnKind, parse_turn_text
 from axpo_rllm.core.records import Task
 from axpo_rllm.engines.base import GenerationRequest
 from axpo_rllm.envs.verifiers import extract_boxed
@@ -86,21 +86,24 @@ class SFTExample:
 
 
 def tokenize_trajectory(traj: TeacherTrajectory, chat: ChatFormat, tool_schemas: list[dict], system_prompt: str | None) -> SFTExample:
-    """Token ids exactly as the agent would hold them had it produced this trajectory."""
+    """Token ids exactly as the agent would hold them had it produced this trajectory.
+
+    Every assistant turn ends with ``<|im_end|>``, trained: the agent's turns run to end-of-turn
+    (a model that never learns it after a call or an answer never stops)."""
     prompt = chat.prompt_ids(traj.task, tool_schemas, system_prompt)
     eos = chat.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids: list[int] = []
     mask: list[int] = []
     images = list(traj.task.images)
     for i, text in enumerate(traj.turns):
-        turn = chat.encode(text)
-        if i == len(traj.turns) - 1:
-            turn = turn + [eos]
+        if chat.think_open and text.startswith(THINK_OPEN):  # the generation prompt already opened it
+            text = text[len(THINK_OPEN):].lstrip("\n")
+        turn = chat.encode(text) + [eos]
         ids += turn
         mask += [1] * len(turn)
         if i < len(traj.observations):
             obs_text, obs_images = traj.observations[i]
-            obs = chat.observation_ids(obs_text, len(obs_images), ids[-1])
+            obs = chat.observation_ids([(obs_text, len(obs_images))], ids[-1])
             ids += obs
             mask += [0] * len(obs)
             images += list(obs_images)
@@ -197,7 +200,7 @@ def first_turn_stats(engine, chat, tasks: Sequence[Task], tool_schemas: list[dic
     requests = [
         GenerationRequest(
             prompt_ids=tuple(chat.prompt_ids(t, tool_schemas, system_prompt)), images=t.images, max_tokens=max_tokens,
-            temperature=temperature, seed=seed * 100_003 + i, stop=(CALL_CLOSE,), request_id=f"first-turn-{i}",
+            temperature=temperature, seed=seed * 100_003 + i, request_id=f"first-turn-{i}",
         )
         for i, t in enumerate(tasks)
     ]
@@ -209,11 +212,11 @@ def first_turn_stats(engine, chat, tasks: Sequence[Task], tool_schemas: list[dic
     well, calls, lengths = 0, 0, []
     for res in results:
         text = chat.decode(res.token_ids)
-        parsed = parse_turn_text(text, tool_names)
+        parsed = parse_turn_text(text, tool_names, think_open=chat.think_open)
         lengths.append(len(res.token_ids))
         if parsed.kind is not TurnKind.ANSWER:
             calls += 1
-        if not parsed.think_closed or "<think>" not in text:
+        if not parsed.think_closed or (THINK_OPEN not in text and not chat.think_open):
             continue
         if parsed.kind is TurnKind.TOOL_CALL:
             well += 1

@@ -101,7 +101,7 @@ def test_cap_force_answer_forces_the_last_turn(chat, env, task, grader):
     r = episode.rollout
     assert r.termination is Termination.MAX_TURNS and r.turns == 3 and len(r.tool_calls) == 2 and grader.calls == 1
     assert chat.call_open_id in requests[2].banned_token_ids and requests[2].stop == ()
-    assert requests[1].stop == ("</tool_call>",) and requests[1].banned_token_ids is None
+    assert requests[1].stop == () and requests[1].banned_token_ids is None  # turns run to end-of-turn
     assert "This is your last turn" in chat.decode(requests[2].prompt_ids[len(requests[1].prompt_ids):])
 
 

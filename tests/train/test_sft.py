@@ -36,10 +36,11 @@ def test_tokens_match_the_agents_rendering(trajectories, chat, make_env):
         n_pads = sum(t == chat.image_pad_id for t in list(ex.prompt_ids) + ids)
         assert n_pads == len(ex.images)
         if traj.uses_tool:
-            # The call turn ends at </tool_call> (where the agent's engine stops); the observation is context.
-            close = ids.index(chat.call_close_id)
-            assert mask[: close + 1] == [1] * (close + 1)
-            obs = chat.observation_ids(traj.observations[0][0], len(traj.observations[0][1]), ids[close])
+            # The call turn ends with its trained <|im_end|> right after </tool_call> (the agent's turns
+            # run to end-of-turn); the observation is context.
+            close = ids.index(chat.call_close_id) + 1
+            assert ids[close] == eos and mask[: close + 1] == [1] * (close + 1)
+            obs = chat.observation_ids([(traj.observations[0][0], len(traj.observations[0][1]))], ids[close])
             assert ids[close + 1 : close + 1 + len(obs)] == obs
             assert set(mask[close + 1 : close + 1 + len(obs)]) == {0}
             assert set(mask[close + 1 + len(obs) :]) == {1}
