@@ -5,17 +5,20 @@
   vision-token count (``prod(grid_thw) / merge_size²``) and ``mm_token_type_ids`` marking them
   (Qwen-VL places its M-RoPE positions with it: without it Qwen2-VL/Qwen3-VL raise and Qwen2.5-VL
   drifts by ~6e-4, FIELD_NOTES §2).
+- :func:`training_inputs`: one training sequence as verl's actor reads it (expanded ids, the
+  ``multi_modal_inputs`` verl's agent loop stores, (4, L) position ids computed the way verl's
+  ``AgentLoopWorker._compute_position_ids`` computes them).
 - :func:`reset_rope_state`: Qwen-VL caches ``rope_deltas`` on the module between calls.
 - :func:`banned_ids` / :func:`ban_logit_bias`: ids never sampled (by default the vision pads: a
   random model emits them, which breaks the next turn's image count).
 
-Pure Python over what the caller passes (the processor, the model); torch is imported by the
-callers that build tensors.
+Pure Python over what the caller passes (the processor, the model): importable without torch and
+transformers (the HTTP engine needs neither); :func:`training_inputs` imports torch when called.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 __all__ = [
     "BAN_LOGIT_BIAS",
@@ -24,6 +27,8 @@ __all__ = [
     "rgb",
     "vision_inputs",
     "expand_image_pads",
+    "TrainingInputs",
+    "training_inputs",
     "reset_rope_state",
     "banned_ids",
     "ban_logit_bias",
@@ -96,6 +101,72 @@ def expand_image_pads(ids: Sequence[int], image_pad_id: int, counts: Iterator[in
             where.append(len(expanded))
             expanded.append(int(t))
     return expanded, where
+
+
+class TrainingInputs(NamedTuple):
+    """One processor-expanded training sequence (see :func:`training_inputs`)."""
+
+    input_ids: list[int]
+    """The sequence with every image pad repeated to its vision-token count (length L)."""
+    index: list[int]
+    """For every position of the unexpanded sequence, its position in ``input_ids`` (a pad maps to
+    its last copy)."""
+    multi_modal_inputs: dict
+    """``pixel_values``, ``image_grid_thw`` and ``images_seqlens`` (patches per image frame), the
+    keys verl 0.9.1's agent loop stores per row; empty for a sequence without images."""
+    position_ids: Any
+    """``torch.LongTensor`` (4, L): row 0 the text positions 0..L-1, rows 1-3 the M-RoPE
+    (temporal, height, width) positions from the model's ``get_rope_index``."""
+
+
+def training_inputs(
+    ids: Sequence[int],
+    images: Sequence[Any],
+    image_processor: Any,
+    rope_index: Callable[..., tuple[Any, Any]],
+    *,
+    image_pad_id: int,
+    video_pad_id: int | None = None,
+) -> TrainingInputs:
+    """What verl's Qwen-VL actor needs for ``ids`` (prompt + response, one unexpanded pad per image).
+
+    ``images`` are the sequence's images in token order (task images, then tool outputs);
+    ``rope_index`` is the model's ``get_rope_index`` (``model.model.get_rope_index``, or the
+    processor method verl binds in ``verl.utils.tokenizer.hf_processor``), called exactly as
+    verl's ``AgentLoopWorker._compute_position_ids`` calls it: ``mm_token_type_ids`` 1 on image
+    pads (2 on video pads), ``image_grid_thw`` from ``image_processor``. Raises ValueError when
+    the pads and the images do not pair up one to one.
+    """
+    import torch  # only here: the module itself must import without torch
+
+    n_pads = sum(1 for t in ids if t == image_pad_id)
+    if n_pads != len(images):
+        raise ValueError(
+            f"the sequence holds {n_pads} image pads but {len(images)} images were given; expected one "
+            "unexpanded <|image_pad|> per image, in order"
+        )
+    vision, counts = vision_inputs(image_processor, images)
+    expanded, index = expand_image_pads(ids, image_pad_id, iter(counts))
+    input_ids = torch.tensor([expanded], dtype=torch.long)
+    attention_mask = torch.ones_like(input_ids)
+    mm_token_type_ids = torch.zeros_like(input_ids)
+    mm_token_type_ids[input_ids == image_pad_id] = 1
+    if video_pad_id is not None:
+        mm_token_type_ids[input_ids == video_pad_id] = 2
+    grid = vision.get("image_grid_thw")
+    rope, _ = rope_index(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        image_grid_thw=grid,
+        video_grid_thw=None,
+        mm_token_type_ids=mm_token_type_ids,
+    )
+    text = torch.arange(len(expanded), dtype=torch.long).unsqueeze(0)
+    position_ids = torch.cat([text, rope[:, 0].to(torch.long)], dim=0)
+    multi_modal_inputs = dict(vision)
+    if grid is not None:
+        multi_modal_inputs["images_seqlens"] = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return TrainingInputs(expanded, index, multi_modal_inputs, position_ids)
 
 
 def reset_rope_state(model: Any) -> None:

@@ -7,6 +7,10 @@ expanded to its vision-token count and ``mm_token_type_ids`` marks the image tok
 same helpers the engines use (:mod:`axpo_rllm.engines.vision`).
 
 Rows are right-padded; the model computes M-RoPE positions per row from the attention mask.
+
+:func:`batch_logprobs` reads a verl batch instead (``build_verl_batch(..., vision=...)``: ids
+already expanded, (bs, 4, L) position ids, per-row ``multi_modal_inputs``), packing each row's
+valid tokens to the left first, as verl's engine does after ``left_right_2_no_padding``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from axpo_rllm.engines.vision import expand_image_pads, reset_rope_state, vision_inputs
 
-__all__ = ["Policy", "response_logprobs"]
+__all__ = ["Policy", "response_logprobs", "batch_logprobs"]
 
 
 class Policy:
@@ -96,3 +100,70 @@ def response_logprobs(
             dist = logp_all[r_t, c_t]
             ent = ent.index_put((torch.tensor(out_rows), torch.tensor(out_cols)), -(dist.exp() * dist).sum(-1).detach())
     return (out, ent) if with_entropy else out
+
+
+def batch_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    multi_modal_inputs: Sequence[dict] | None,
+    prompt_width: int,
+    pad_token_id: int,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``(bs, R)`` of the response tokens of rows in verl's layout.
+
+    Args:
+        input_ids, attention_mask: ``(bs, P + R)``, prompts left-padded to ``prompt_width``,
+            responses right-padded (``build_verl_batch``).
+        position_ids: ``(bs, 4, P + R)`` (Qwen-VL: text row + M-RoPE) or ``(bs, P + R)``.
+        multi_modal_inputs: one dict per row (``pixel_values``, ``image_grid_thw``, ...; ``{}``
+            for a text-only row), or None for a text batch.
+
+    Each row's valid tokens are moved to the left (right padding only, so no position attends
+    from a padded one), and the vision inputs of the rows are concatenated in row order, which is
+    the order the model scatters image features into image tokens. Positions past a row's
+    response are 0; gradients flow unless called under ``torch.no_grad``.
+    """
+    bs, width = input_ids.shape
+    valid = attention_mask.bool()
+    lengths = valid.sum(-1)
+    longest = int(lengths.max())
+    ids = torch.full((bs, longest), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((bs, longest), dtype=torch.long)
+    three_d = position_ids.dim() == 3
+    pos = torch.zeros((bs, position_ids.shape[1], longest) if three_d else (bs, longest), dtype=torch.long)
+    for i in range(bs):
+        n = int(lengths[i])
+        ids[i, :n] = input_ids[i, valid[i]]
+        mask[i, :n] = 1
+        pos[i, ..., :n] = position_ids[i][..., valid[i]]
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos.transpose(0, 1) if three_d else pos,  # (4, bs, L): the model's layout
+    }
+    vision = [m for m in (multi_modal_inputs or ()) if m and "pixel_values" in m]
+    if vision:
+        inputs["pixel_values"] = torch.cat([m["pixel_values"] for m in vision], dim=0)
+        inputs["image_grid_thw"] = torch.cat([m["image_grid_thw"] for m in vision], dim=0)
+    reset_rope_state(model)
+    logits = model(**inputs, use_cache=False).logits.float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    prompt_lengths = attention_mask[:, :prompt_width].sum(-1)
+    response_lengths = attention_mask[:, prompt_width:].sum(-1)
+    response_width = width - prompt_width
+    cols = torch.arange(response_width)
+    in_response = cols.unsqueeze(0) < response_lengths.unsqueeze(1)
+    # the logit of response token j sits at packed position prompt_length + j - 1
+    at = (prompt_lengths.unsqueeze(1) + cols.unsqueeze(0) - 1).clamp(0, longest - 1)
+    rows = torch.arange(bs).unsqueeze(1).expand(bs, response_width)
+    targets = input_ids[:, prompt_width:]
+    picked = logp_all[rows, at].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = torch.where(in_response, picked, torch.zeros_like(picked))
+    if not with_entropy:
+        return out
+    dist = logp_all[rows, at]
+    entropy = -(dist.exp() * dist).sum(-1).detach()
+    return out, torch.where(in_response, entropy, torch.zeros_like(entropy))

@@ -3,9 +3,9 @@
 One step, in the order it happens (AXPO_SPEC §1–§6)::
 
     workflow.run_step(tasks)             B questions x N rollouts, plan, K continuations per prefix
-      -> build_verl_batch(rows)          verl DataProto; response_mask = AXPO's loss mask
+      -> build_verl_batch(rows, vision)  verl DataProto, processor-expanded; response_mask = AXPO's loss mask
       -> compute_advantage(batch, "axpo") verl's own dispatcher runs the registered estimator
-      -> actor log-probs (grad)          HF forward over prompt + response, images included
+      -> actor log-probs (grad)          HF forward over the batch as verl's actor reads it (images, M-RoPE)
          reference log-probs (no grad)   the frozen SFT model
       -> compute_policy_loss_vanilla     PPO clip, eps_low 0.2 / eps_high 0.4, token-mean
          + beta * kl_penalty(low_var_kl) beta = 1e-3, token-mean over the same mask
@@ -40,8 +40,8 @@ from verl.trainer.ppo.ray_trainer import compute_advantage
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.core.records import Task
 from axpo_rllm.integrations.verl import estimator as _registers_axpo  # noqa: F401  # "axpo" in verl's registry, entry point or not
-from axpo_rllm.integrations.verl.batch import build_verl_batch
-from axpo_rllm.train.actor import Policy, response_logprobs
+from axpo_rllm.integrations.verl.batch import VisionProcessing, build_verl_batch
+from axpo_rllm.train.actor import Policy, batch_logprobs
 
 __all__ = ["RLConfig", "AXPOTrainer", "frozen_reference", "sync_weights", "actor_loss_config"]
 
@@ -164,7 +164,8 @@ class AXPOTrainer:
 
     def make_batch(self, rows):
         """The verl batch of ``rows`` with advantages from verl's own ``compute_advantage``."""
-        batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id)
+        vision = VisionProcessing.from_model(self.policy.model, self.policy.image_processor)
+        batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id, vision=vision)
         algo = self.cfg.algorithm
         batch = compute_advantage(
             batch, algo.adv_estimator, norm_adv_by_std_in_grpo=bool(algo.get("norm_adv_by_std_in_grpo", True)), config=algo
@@ -198,13 +199,18 @@ class AXPOTrainer:
         return [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
 
     def forward(self, policy: Policy, batch, idx: Sequence[int], entropy: bool = False):
-        rows = batch.meta_info["rows"]
-        return response_logprobs(
-            policy,
-            [rows[i].rollout.prompt_ids for i in idx],
-            [rows[i].rollout.response_ids for i in idx],
-            [rows[i].rollout.images for i in idx],
-            width=batch.batch["response_mask"].shape[1],
+        """Response log-probs of rows ``idx``, read from the verl batch as verl's actor reads it
+        (expanded ids, (bs, 4, L) M-RoPE positions, ``multi_modal_inputs``)."""
+        t = batch.batch
+        mm = batch.non_tensor_batch.get("multi_modal_inputs")
+        return batch_logprobs(
+            policy.model,
+            t["input_ids"][idx],
+            t["attention_mask"][idx],
+            t["position_ids"][idx],
+            None if mm is None else [mm[i] for i in idx],
+            prompt_width=t["prompts"].shape[1],
+            pad_token_id=policy.pad_token_id,
             with_entropy=entropy,
         )
 
