@@ -169,6 +169,24 @@ def training_inputs(
     return TrainingInputs(expanded, index, multi_modal_inputs, position_ids)
 
 
+def first_images(multi_modal_inputs: dict, n: int) -> dict:
+    """The inputs of the first ``n`` images of ``multi_modal_inputs`` (pixel rows, grids, seqlens
+    are per image, in order): what a row cut before the later images needs."""
+    grid = multi_modal_inputs.get("image_grid_thw")
+    if grid is None or n >= len(grid):
+        return dict(multi_modal_inputs) if n else {}
+    if n == 0:
+        return {}
+    rows = int((grid[:n, 0] * grid[:n, 1] * grid[:n, 2]).sum())
+    frames = int(grid[:n, 0].sum())
+    out = dict(multi_modal_inputs)
+    out["pixel_values"] = multi_modal_inputs["pixel_values"][:rows]
+    out["image_grid_thw"] = grid[:n]
+    if "images_seqlens" in out:
+        out["images_seqlens"] = multi_modal_inputs["images_seqlens"][:frames]
+    return out
+
+
 def reset_rope_state(model: Any) -> None:
     """Forget the M-RoPE offset Qwen-VL cached on the module during the previous call.
 

@@ -49,7 +49,9 @@ def run_rllm_step(chat, engine, env_factory):
         AxpoRllmEngine(engine, chat),
         n_parallel_tasks=B, retry_limit=1, raise_on_error=True,
     )
-    tasks = make_tasks(B)
+    # Text-only tasks: unexpanded ids here; the image path (expanded ids, every image's features)
+    # is tests/integrations/test_rllm_multimodal.py.
+    tasks = make_tasks(B, with_images=False)
     episodes = asyncio.run(wf_engine.execute_tasks(task_dicts(tasks), [t.task_id for t in tasks]))
     return episodes, coordinator
 
@@ -73,7 +75,7 @@ def test_axpo_step_through_rllm_matches_the_framework_free_workflow(chat, chat_w
 
     # The same step without rllm: identical rollouts, token for token.
     direct = AXPOWorkflow(biased(FakeEngine(chat, chat_words), chat, open_rate=0.4, call_rate=0.3, body_rate=0.5),
-                          chat, env_factory, CONFIG).run_step(make_tasks(B), 0)
+                          chat, env_factory, CONFIG).run_step(make_tasks(B, with_images=False), 0)
     rllm_rollouts = {t.metadata["axpo_rollout"].rollout_id: t.metadata["axpo_rollout"] for ep in episodes for t in ep.trajectories}
     assert set(rllm_rollouts) == {r.rollout_id for r in direct.rollouts}
     for r in direct.rollouts:

@@ -51,48 +51,11 @@ from axpo_rllm.core.config import AXPOConfig  # noqa: E402
 from axpo_rllm.core.planner import plan_resampling  # noqa: E402
 from axpo_rllm.core.records import QuestionGroup, Task  # noqa: E402
 from axpo_rllm.integrations.verl.batch import VisionProcessing, build_verl_batch  # noqa: E402
+from multimodal_rollouts import rollouts  # noqa: E402  (tests/support)
 
 pytestmark = pytest.mark.slow
 
-CALL_TEXT = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
 TOL = 1e-4
-
-
-# -- the rollouts ------------------------------------------------------------------------------
-
-
-class WrongGrader:
-    def grade_task(self, task, response):
-        from axpo_rllm.envs.verifiers import VerifyResult
-
-        return VerifyResult(reward=0.0, correct=False, extracted=None)
-
-
-def noise_task(i: int, with_image: bool = True) -> Task:
-    from PIL import Image
-
-    rng = np.random.default_rng(i)
-    image = Image.fromarray(rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8), "RGB")
-    return Task(f"t{i}", f"Which color is the square in picture {i}? Answer A or B.", "A", "choice",
-                images=(image,) if with_image else (), metadata={"choices": {"A": "red", "B": "blue"}})
-
-
-def rollouts(engine, chat):
-    """Three rollouts of different lengths (verl #7899: equal-length rows break its 3-D position
-    ids): two 3-turn episodes with two crops each (task image + 2 tool images) and a text-only one."""
-    from tool_biased_engine import ToolBiasedEngine
-
-    from axpo_rllm.agents.agent import Agent, AgentConfig
-    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
-
-    biased = ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"),
-                              call_ids=chat.encode(CALL_TEXT), open_rate=0.0, call_rate=1.0)
-    env = MultimodalToolEnv(tools=build_tools(["crop"]), grader=WrongGrader())
-    out = []
-    for i, (task, per_turn) in enumerate([(noise_task(0), 60), (noise_task(1), 50), (noise_task(2, False), 40)]):
-        agent = Agent(biased, chat, AgentConfig(max_turns=3, max_tokens_per_turn=per_turn, max_response_tokens=400))
-        out.append(asyncio.run(agent.run(env, task, rollout_id=f"r{i}", question_id="q", seed=7 + i)).rollout)
-    return out
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])

@@ -41,11 +41,14 @@ class ToolBiasedEngine(RolloutEngine):
         call_rate: float = 0.25,
         body_rate: float = 0.0,
         after_tokens: int = 4,
+        open_id: int | None = None,
     ) -> None:
         self.inner = inner
         self.turn_start_ids = tuple(turn_start_ids)
         self.call_ids = tuple(call_ids)
-        self.open_id = self.call_ids[0]
+        self.open_id = self.call_ids[0] if open_id is None else int(open_id)
+        """``<tool_call>``; pass it when ``call_ids`` starts with something else (e.g. ``</think>``
+        for a chat format whose turns start inside the reasoning)."""
         self.open_rate, self.call_rate, self.body_rate = open_rate, call_rate, body_rate
         self.after_tokens = after_tokens
         self.inserted = 0

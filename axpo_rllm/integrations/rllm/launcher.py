@@ -136,16 +136,26 @@ def workflow_config(cfg: DictConfig):
 def workflow_args(cfg: DictConfig) -> dict:
     """What ``AXPORllmWorkflow`` needs: the shared step coordinator, the model's processor, a fresh
     tool env per episode, and the workflow config (needs the model path and transformers)."""
-    from transformers import AutoProcessor  # heavy; only a real launch needs the model's processor
+    from verl.utils.tokenizer import hf_processor  # heavy; verl's loader binds the model's get_rope_index
 
     from axpo_rllm.integrations.rllm.workflow import AXPOStepCoordinator  # needs rllm (--print-config does not)
+    from axpo_rllm.integrations.verl.batch import VisionProcessing  # needs verl
 
     config = workflow_config(cfg)
+    processor = hf_processor(str(cfg.actor_rollout_ref.model.path))
+    if processor is None or not hasattr(processor, "get_rope_index"):
+        raise ValueError(f"actor_rollout_ref.model.path={cfg.actor_rollout_ref.model.path!r} has no Qwen-VL processor "
+                         "(expected a Qwen2.5-VL / Qwen3-VL checkpoint)")
+    tokenizer = processor.tokenizer
+    vision = VisionProcessing(processor.image_processor, processor.get_rope_index,
+                              int(tokenizer.convert_tokens_to_ids("<|image_pad|>")),
+                              int(tokenizer.convert_tokens_to_ids("<|video_pad|>")))
     return {
         "coordinator": AXPOStepCoordinator(int(cfg.data.train_batch_size), config.axpo),
-        "chat": AutoProcessor.from_pretrained(str(cfg.actor_rollout_ref.model.path)),
+        "chat": processor,
         "env_factory": functools.partial(MultimodalToolEnv, tools=list(cfg.axpo_launch.tools)),
         "config": config,
+        "vision": vision,
     }
 
 

@@ -49,8 +49,10 @@ from axpo_rllm.core.planner import plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
 from axpo_rllm.core.step import finish_step
 from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
+from axpo_rllm.engines.vision import TrainingInputs, first_images
 from axpo_rllm.envs.adapters.rllm import task_from_dict
 from axpo_rllm.integrations.rllm.sampling import result_from_token_output, verl_sampling_kwargs
+from axpo_rllm.integrations.verl.batch import VisionProcessing
 
 __all__ = [
     "AXPO_ROLE",
@@ -163,16 +165,20 @@ class AXPOStepCoordinator:
 def rollout_to_trajectory(
     rollout: Rollout,
     window: tuple[int, int] | None = None,
-    multi_modal_fn: Callable[[Sequence[Any]], dict] | None = None,
+    inputs: TrainingInputs | None = None,
     name: str = "axpo",
 ) -> Trajectory:
     """An rllm ``Trajectory`` whose steps are the rollout's model-token runs inside ``window``.
 
     Step ``i``'s prompt is ``prompt + response[:start_i]`` exactly, so rllm's merge of
     prefix-extending steps rebuilds one row with observation tokens masked; tokens before the
-    window become prompt (a continuation's prefix is context, not action). ``multi_modal_fn``
-    turns the images the row refers to into the processor inputs rllm's verl backend expects;
-    every step carries the full list (rllm keeps only a merged row's first step's inputs).
+    window become prompt (a continuation's prefix is context, not action).
+
+    With images the ids are processor-expanded as rllm's own ``VerlEngine`` stores them:
+    ``inputs`` is the whole rollout expanded (:meth:`VisionProcessing.expand`), every step's ids
+    come from it, and every step carries the ``multi_modal_inputs`` of all the images the row refers
+    to — task images, then tool images, in order — because rllm keeps only a merged row's first
+    step's inputs. A rollout with images and no ``inputs`` is refused (its features would be lost).
     """
     start, end = window if window is not None else (0, len(rollout.response_ids))
     mask = rollout.response_mask[start:end].astype(bool)
@@ -187,19 +193,32 @@ def rollout_to_trajectory(
             i = j
         else:
             i += 1
-    images = [im for im, off in zip(rollout.images, rollout.image_offsets) if off < end]
-    mm = multi_modal_fn(images) if (multi_modal_fn is not None and images) else None
-    prompt = [int(t) for t in rollout.prompt_ids]
-    response = [int(t) for t in rollout.response_ids]
+    n_images = sum(1 for off in rollout.image_offsets if off < end)
+    if n_images and inputs is None:
+        raise ValueError(
+            f"rollout {rollout.rollout_id} refers to {n_images} image(s): build its trajectory with the "
+            "processor-expanded inputs (AXPORllmWorkflow(vision=VisionProcessing(...)))"
+        )
+    n_prompt = len(rollout.prompt_ids)
+    if inputs is not None:
+        ids, where = inputs.input_ids, inputs.index
+        mm = first_images(inputs.multi_modal_inputs, n_images) or None
+        at = lambda k: where[n_prompt + k] if n_prompt + k < len(where) else len(ids)  # noqa: E731
+    else:
+        ids = [int(t) for t in rollout.prompt_ids] + [int(t) for t in rollout.response_ids]
+        mm = None
+        at = lambda k: n_prompt + k  # noqa: E731
     steps = []
     for k, (a, b) in enumerate(runs):
+        # model tokens are never image pads, so a run stays contiguous in the expanded ids
+        prompt_ids, completion = list(ids[: at(a)]), list(ids[at(a) : at(b - 1) + 1])
         output = ModelOutput(
-            prompt_ids=prompt + response[:a],
-            completion_ids=response[a:b],
+            prompt_ids=prompt_ids,
+            completion_ids=completion,
             logprobs=[float(x) for x in rollout.response_logprobs[a:b]],
             multi_modal_inputs=mm,
-            prompt_length=len(prompt) + a,
-            completion_length=b - a,
+            prompt_length=len(prompt_ids),
+            completion_length=len(completion),
             finish_reason="stop",
         )
         steps.append(Step(
@@ -209,12 +228,12 @@ def rollout_to_trajectory(
         ))
     return Trajectory(
         uid=rollout.rollout_id, name=name, steps=steps, reward=float(rollout.reward),
-        metadata={"axpo_rollout": rollout, "axpo_window": (start, end)},
+        metadata={"axpo_rollout": rollout, "axpo_window": (start, end), "axpo_inputs": inputs},
     )
 
 
-def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any = None, compact_filtering_config: Any = None,
-                            multi_modal_fn: Callable[[Sequence[Any]], dict] | None = None) -> list[TrajectoryGroup]:
+def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any = None,
+                            compact_filtering_config: Any = None) -> list[TrajectoryGroup]:
     """rllm's ``traj_grouping_hook``: the core's training rows as ``TrajectoryGroup`` s (role ``axpo``).
 
     Every episode's trajectories are reused (rllm checks they are not copies): each is cut to its
@@ -242,7 +261,7 @@ def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any =
                 raise ValueError("source_tail=keep puts two advantages on one row; rllm carries one per trajectory")
             traj = trajs[row.rollout.rollout_id]
             window = (row.segments[0].start, row.segments[0].end) if row.segments else None
-            fresh = rollout_to_trajectory(row.rollout, window, multi_modal_fn) if window else None
+            fresh = rollout_to_trajectory(row.rollout, window, traj.metadata.get("axpo_inputs")) if window else None
             traj.steps = fresh.steps if fresh is not None else []
             traj.reward = float(row.score)
             traj.metadata = {**(traj.metadata or {}), "axpo_role": row.role.value,
@@ -348,18 +367,26 @@ class AXPORllmWorkflow(Workflow):
     ``workflow_args``: ``coordinator`` (shared :class:`AXPOStepCoordinator`), ``chat`` (a
     :class:`ChatFormat` or the model's tokenizer/processor), ``env_factory`` (a callable returning
     a fresh ``MultimodalToolEnv``), ``config`` (:class:`WorkflowConfig`; its ``axpo`` must be the
-    coordinator's).
+    coordinator's), ``vision`` (:class:`VisionProcessing`: needed as soon as a rollout has images,
+    so that its trajectories carry expanded ids and every image's features).
     """
 
     def __init__(self, rollout_engine, executor, *, coordinator: AXPOStepCoordinator, chat: Any,
-                 env_factory: Callable[[], Any], config: WorkflowConfig, **kwargs) -> None:
+                 env_factory: Callable[[], Any], config: WorkflowConfig, vision: VisionProcessing | None = None,
+                 **kwargs) -> None:
         super().__init__(rollout_engine, executor, **kwargs)
         if config.axpo != coordinator.config:
             raise ValueError("the workflow's AXPOConfig must be the coordinator's (one plan per step)")
         chat = chat if isinstance(chat, ChatFormat) else ChatFormat(chat)
         engine = rollout_engine.inner if isinstance(rollout_engine, AxpoRllmEngine) else RllmTokenEngine(rollout_engine)
         self.coordinator = coordinator
+        self.vision = vision
         self.axpo = AXPOWorkflow(engine, chat, env_factory, config)
+
+    def _expand(self, rollout: Rollout) -> TrainingInputs | None:
+        if not rollout.images or self.vision is None:
+            return None
+        return self.vision.expand(list(rollout.prompt_ids) + list(rollout.response_ids), rollout.images)
 
     def is_multithread_safe(self) -> bool:
         return True  # every episode builds its own env; tools shared by env_factory are thread-safe
@@ -379,7 +406,7 @@ class AXPORllmWorkflow(Workflow):
         plan, step = await self.coordinator.submit(group)
         mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
         conts = await self.axpo.continuations(mine, {axpo_task.task_id: axpo_task}, step, limit, counters)
-        trajectories = [rollout_to_trajectory(e.rollout) for e in list(originals) + list(conts)]
+        trajectories = [rollout_to_trajectory(e.rollout, inputs=self._expand(e.rollout)) for e in list(originals) + list(conts)]
         metrics = self.axpo.episode_metrics(originals, conts, ResamplePlan(plan.budget, tuple(mine), plan.triggered, ()), counters)
         metrics["workflow/question_s"] = time.perf_counter() - t0
         episode = RllmEpisode(
