@@ -84,9 +84,10 @@ def test_axpo_step_through_transformers(hf_engine, chat, env_factory, grader):
     check_step(res, rec, hf_engine, chat, tol=2e-4)
     assert grader.calls > 0 and res.metrics["axpo/triggered_questions"] >= 1
     verl = pytest.importorskip("verl")
-    from axpo_rllm.integrations.verl.batch import build_verl_batch  # needs verl (absent in .venv-vllm)
+    from axpo_rllm.integrations.verl.batch import VisionProcessing, build_verl_batch  # needs verl (absent in .venv-vllm)
 
-    batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id)
+    vision = VisionProcessing.from_model(hf_engine.model, hf_engine.image_processor)
+    batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id, vision=vision)
     assert isinstance(batch, verl.DataProto) and len(batch) == len(res.rows)
     roles = list(batch.non_tensor_batch["axpo_role"])
     assert roles.count("continuation") == res.plan.used and roles.count("source_prefix") == len(res.plan.jobs)

@@ -202,6 +202,7 @@ def test_the_step_rows_become_a_verl_batch(chat, fake_engine, env_factory):
 
     wf, _ = workflow(chat, fake_engine, env_factory)
     res = wf.run_step(make_tasks(2))
-    batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id)
+    with pytest.warns(UserWarning, match="image"):  # no processor given: the ids stay unexpanded, loudly
+        batch = build_verl_batch(res.rows, pad_token_id=chat.tokenizer.pad_token_id)
     assert batch.batch["responses"].shape[0] == len(res.rows)
     assert np.array_equal(np.unique(batch.non_tensor_batch["uid"]), np.unique([r.adv_group for r in res.rows]))
