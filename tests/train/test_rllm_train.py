@@ -76,3 +76,45 @@ def test_without_rllm_the_launcher_says_how_to_install_it(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "rllm is not installed" in err and "git+https://github.com/rllm-org/rllm" in err
+
+
+def test_the_axpo_layer_is_written_into_rllms_own_keys():
+    cfg = launch_config(None, ["data.train_batch_size=32"])
+    rllm = cfg.rllm
+    assert (rllm.algorithm.kl_beta, rllm.algorithm.eps_clip, rllm.algorithm.eps_clip_high) == (0.001, 0.2, 0.4)
+    assert rllm.data.train_batch_size == 32 and rllm.rollout.n == 1 and cfg.axpo_launch.group_size == 8
+    assert rllm.rejection_sample.filter_uniform_groups is False and rllm.rejection_sample.min_trajs_per_group == 1
+    assert rllm.compact_filtering.enable is False
+    assert workflow_config(cfg).n == 8, "N is read from axpo_launch.group_size (rllm syncs rollout.n to 1)"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("rllm.async_training.enable=true", "async_training.enable must be false"),
+    ("rllm.rejection_sample.filter_uniform_groups=true", "filter_uniform_groups must be False"),
+    ("rllm.rejection_sample.min_trajs_per_group=2", "min_trajs_per_group must be 1"),
+    ("rllm.data.train_batch_size=64", r"rllm.data.train_batch_size \(64\) must equal data.train_batch_size \(32\)"),
+    ("rllm.workflow.n_parallel_tasks=8", "n_parallel_tasks must be >= the questions per step"),
+])
+def test_modes_that_bypass_axpo_are_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        launch_config(None, ["data.train_batch_size=32", override])
+
+
+@pytest.mark.rllm
+def test_rllms_own_sync_keeps_the_axpo_layer():
+    """Compose the final config the way rllm's trainer does: its hydra config, our layer, then its
+    ``sync_config`` (rllm's values win over verl's on shared keys)."""
+    pytest.importorskip("rllm")
+    from rllm.trainer.verl.utils import sync_config
+
+    from axpo_rllm.integrations.rllm.launcher import compose_rllm_base
+
+    cfg = launch_config(None, ["data.train_batch_size=32", "agent.max_turns=3"], base=compose_rllm_base())
+    sync_config(cfg, hydra_overrides=["data.train_batch_size=32"])
+    actor = cfg.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.kl_loss_coef, actor.use_kl_loss, actor.kl_loss_type) == \
+        (0.2, 0.4, 0.001, True, "low_var_kl")
+    assert cfg.data.train_batch_size == cfg.rllm.data.train_batch_size == 32
+    assert cfg.actor_rollout_ref.rollout.n == 1, "rllm syncs verl's n to its own"
+    config = workflow_config(cfg)
+    assert config.n == 8 and config.agent.max_turns == 3 and config.axpo.k == 4

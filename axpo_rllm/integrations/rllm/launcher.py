@@ -27,6 +27,7 @@ import argparse
 import functools
 import importlib
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,10 +61,18 @@ def launch_config(
     overrides: Sequence[str] = (),
     base: DictConfig | dict | None = None,
 ) -> DictConfig:
-    """rllm's base config (``base``; empty when None) + axpo.yaml (+ ablation) + launcher keys + overrides.
+    """rllm's base config (``base``; empty when None) + axpo.yaml (+ ablation) + launcher keys + overrides,
+    with the AXPO layer written into rllm's own keys too.
 
-    The AXPO layer is validated (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before
-    any GPU is touched.
+    rllm's trainer runs ``sync_config``, which mirrors ``rllm.*`` over verl's shared keys (its
+    ``rllm.algorithm.kl_beta: 0.0``, ``eps_clip_high: null`` and ``rllm.data.train_batch_size: 64``
+    defaults would win over verl-only settings): so the clip, the KL and the batch size are set on
+    both sides here, N is kept in ``axpo_launch.group_size`` (``actor_rollout_ref.rollout.n`` is
+    synced to ``rllm.rollout.n``, which stays 1: one rllm run is one question), and rllm's group
+    filtering, rejection sampling and compact filtering are switched off so AXPO's all-wrong groups
+    and K=1 continuation groups are never dropped before AXPO sees them. An ``rllm.*`` key given on
+    the command line wins over the value derived here. The AXPO layer is validated
+    (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before any GPU is touched.
     """
     axpo = load_config(ablation)
     launcher = OmegaConf.create(
@@ -73,25 +82,72 @@ def launch_config(
                 "workflow_class": DEFAULT_WORKFLOW,
                 "backend": "verl",
                 "tools": ["crop", "python", "search"],
+                "barrier_timeout_s": 600.0,
             },
         }
     )
     base_cfg = OmegaConf.create(base or {})
     OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
     cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist(list(overrides)))
-    given = {o.split("=", 1)[0] for o in overrides}
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if "rllm.rollout.n" in given:
         raise ValueError(
             "set N with actor_rollout_ref.rollout.n: the AXPO workflow draws the N rollouts of a question "
             "itself, so rllm.rollout.n stays 1"
         )
-    questions = int(OmegaConf.select(cfg, "data.train_batch_size", default=1) or 1)
-    parallel = int(OmegaConf.select(cfg, "rllm.workflow.n_parallel_tasks", default=0) or 0)
-    cfg = OmegaConf.merge(cfg, {"rllm": {"rollout": {"n": 1}, "workflow": {"n_parallel_tasks": max(parallel, questions)}}})
+    if OmegaConf.select(cfg, "rllm.async_training.enable", default=False):
+        raise ValueError("rllm.async_training.enable must be false: rllm's async training buffer never calls the "
+                         "trajectory grouping hook, so AXPO's continuation groups and prefix credit would be lost")
     if cfg.algorithm.adv_estimator != "axpo":
         raise ValueError(f"algorithm.adv_estimator must stay 'axpo' (GRPO is --ablation grpo), got {cfg.algorithm.adv_estimator!r}")
-    axpo_config(cfg)
+    questions = int(OmegaConf.select(cfg, "data.train_batch_size", default=1) or 1)
+    parallel = int(OmegaConf.select(cfg, "rllm.workflow.n_parallel_tasks", default=0) or 0)
+    actor = cfg.actor_rollout_ref.actor
+    derived = {
+        "rllm.rollout.n": 1,
+        "rllm.rollout.n_val": int(OmegaConf.select(cfg, "actor_rollout_ref.rollout.val_kwargs.n", default=1) or 1),
+        "rllm.data.train_batch_size": questions,
+        "rllm.algorithm.kl_beta": float(actor.kl_loss_coef) if actor.get("use_kl_loss", False) else 0.0,
+        "rllm.algorithm.eps_clip": float(actor.clip_ratio_low),
+        "rllm.algorithm.eps_clip_high": float(actor.clip_ratio_high),
+        "rllm.algorithm.loss_agg_mode": str(actor.get("loss_agg_mode", "token-mean")),
+        "rllm.rejection_sample.enable": False,
+        "rllm.rejection_sample.filter_uniform_groups": False,
+        "rllm.rejection_sample.min_trajs_per_group": 1,
+        "rllm.compact_filtering.enable": False,
+        "rllm.workflow.n_parallel_tasks": max(parallel, questions),
+        "axpo_launch.group_size": int(cfg.actor_rollout_ref.rollout.n),
+    }
+    for key, value in derived.items():
+        if key not in given:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    check_launch_config(cfg)
     return cfg
+
+
+def check_launch_config(cfg: DictConfig) -> None:
+    """What must hold for AXPO to run inside rllm; each error names the key and the expected value."""
+    axpo_config(cfg)
+    expect = {
+        "rllm.rollout.n": 1,
+        "rllm.rejection_sample.filter_uniform_groups": False,
+        "rllm.async_training.enable": False,
+    }
+    for key, want in expect.items():
+        got = OmegaConf.select(cfg, key, default=want)
+        if got != want:
+            raise ValueError(f"{key} must be {want!r} for AXPO, got {got!r}")
+    if int(OmegaConf.select(cfg, "rllm.rejection_sample.min_trajs_per_group", default=1)) > 1:
+        raise ValueError("rllm.rejection_sample.min_trajs_per_group must be 1: continuation groups have K rows, K may be 1")
+    verl_batch = OmegaConf.select(cfg, "data.train_batch_size", default=None)
+    questions = int(OmegaConf.select(cfg, "rllm.data.train_batch_size", default=verl_batch or 1))
+    if verl_batch is not None and questions != int(verl_batch):
+        raise ValueError(f"rllm.data.train_batch_size ({questions}) must equal data.train_batch_size "
+                         f"({verl_batch}): rllm syncs one over the other and the step coordinator plans for it")
+    parallel = int(OmegaConf.select(cfg, "rllm.workflow.n_parallel_tasks", default=questions))
+    if parallel < questions:
+        raise ValueError(f"rllm.workflow.n_parallel_tasks must be >= the questions per step ({questions}), got {parallel}: "
+                         "every question of a step waits at the plan's barrier")
 
 
 def _import_rllm() -> Any:
@@ -129,7 +185,8 @@ def resolve_workflow(path: str) -> type:
 def workflow_config(cfg: DictConfig):
     """The workflow's settings from the launch config: N, AXPO's switches, the agent's turn cap."""
     agent = OmegaConf.to_container(cfg.agent, resolve=True) if "agent" in cfg else {}
-    return WorkflowConfig(n=int(cfg.actor_rollout_ref.rollout.n), axpo=axpo_config(cfg),
+    n = int(OmegaConf.select(cfg, "axpo_launch.group_size", default=cfg.actor_rollout_ref.rollout.n))
+    return WorkflowConfig(n=n, axpo=axpo_config(cfg),
                           agent=dataclass_from_mapping(AgentConfig, agent, "agent config"))
 
 
@@ -151,12 +208,26 @@ def workflow_args(cfg: DictConfig) -> dict:
                               int(tokenizer.convert_tokens_to_ids("<|image_pad|>")),
                               int(tokenizer.convert_tokens_to_ids("<|video_pad|>")))
     return {
-        "coordinator": AXPOStepCoordinator(int(cfg.data.train_batch_size), config.axpo),
+        "coordinator": AXPOStepCoordinator(int(OmegaConf.select(cfg, "rllm.data.train_batch_size")), config.axpo,
+                                           barrier_timeout_s=float(cfg.axpo_launch.barrier_timeout_s),
+                                           start_step=resume_step(cfg)),
         "chat": processor,
         "env_factory": functools.partial(MultimodalToolEnv, tools=list(cfg.axpo_launch.tools)),
         "config": config,
         "vision": vision,
     }
+
+
+def resume_step(cfg: DictConfig) -> int:
+    """The step a resumed run continues from (verl's ``latest_checkpointed_iteration.txt`` under
+    ``trainer.default_local_dir``), so the coordinator's seeds and random rankings do not repeat."""
+    if str(OmegaConf.select(cfg, "trainer.resume_mode", default="auto")) == "disable":
+        return 0
+    folder = OmegaConf.select(cfg, "trainer.default_local_dir", default=None)
+    marker = Path(str(folder)) / "latest_checkpointed_iteration.txt" if folder else None
+    if marker is None or not marker.exists():
+        return 0
+    return int(marker.read_text().strip() or 0)
 
 
 def load_datasets(cfg: DictConfig):
