@@ -94,30 +94,8 @@ def test_source_names_and_overrides():
         parse_overrides(["vstar"])
 
 
-def _bad_jsonl(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ok.png").write_bytes(sd.png())
-    (folder / "garbage.png").write_bytes(b"this is not an image at all")
-    good = {"id": "g", "question": "Q?", "answer": "A", "image": "ok.png", "data_source": "vstar"}
-    lines = [
-        json.dumps(good),
-        json.dumps({**good, "id": "m", "image": "missing.png"}),
-        json.dumps({**good, "id": "c", "image": "garbage.png"}),
-        json.dumps({**good, "id": "n", "answer": None}),
-        json.dumps({**good, "id": "u", "data_source": "mystery-bench"}),
-        json.dumps({**good, "id": "k", "answer_type": "vibes"}),
-        json.dumps({**good, "id": "p", "question": "<image><image>Two?"}),
-        "{not json",
-        json.dumps(good),  # a duplicate id
-        json.dumps({**good, "id": "x", "answer": "Z", "options": ["red", "blue"]}),
-    ]
-    path = folder / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_bad_rows_are_errors_naming_file_and_line(tmp_path):
-    path = _bad_jsonl(tmp_path / "b")
+    path = sd.bad_jsonl(tmp_path / "b")
     rows = read_rows(path)
     assert next(rows).task_id == "g"  # lazy: the good first row comes before the bad one is read
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2: image 0: image file not found: .*missing\.png") as info:
@@ -136,12 +114,12 @@ def test_bad_rows_are_errors_naming_file_and_line(tmp_path):
     (10, r"line 10: choice answer 'Z' names no option of \['A', 'B'\]"),
 ])
 def test_each_kind_of_bad_row_has_its_own_message(tmp_path, skip_line, pattern):
-    _, report = load_rows(_bad_jsonl(tmp_path / "b"), skip_bad=True)
+    _, report = load_rows(sd.bad_jsonl(tmp_path / "b"), skip_bad=True)
     assert any(__import__("re").search(pattern, e) for e in report.examples), report.examples
 
 
 def test_skip_bad_counts_every_skipped_row(tmp_path):
-    rows, report = load_rows(_bad_jsonl(tmp_path / "b"), skip_bad=True)
+    rows, report = load_rows(sd.bad_jsonl(tmp_path / "b"), skip_bad=True)
     assert [r.task_id for r in rows] == ["g"]
     assert report.rows_read == 10 and report.rows_ok == 1 and report.rows_skipped == 9
     assert report.skipped == {"missing image": 2, "corrupt image": 1, "no ground truth": 1, "unknown data_source": 1,

@@ -133,3 +133,26 @@ def dynamath_jsonl(folder: Path) -> Path:
     path = folder / "dynamath.jsonl"
     path.write_text("".join(json.dumps({**r, "data_source": "DynaMath"}) + "\n" for r in rows))
     return path
+
+
+def bad_jsonl(folder: Path) -> Path:
+    """One good V* row, then one row of each kind of bad (lines 2-10), for the bad-row tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ok.png").write_bytes(png())
+    (folder / "garbage.png").write_bytes(b"this is not an image at all")
+    good = {"id": "g", "question": "Q?", "answer": "A", "image": "ok.png", "data_source": "vstar"}
+    lines = [
+        json.dumps(good),
+        json.dumps({**good, "id": "m", "image": "missing.png"}),
+        json.dumps({**good, "id": "c", "image": "garbage.png"}),
+        json.dumps({**good, "id": "n", "answer": None}),
+        json.dumps({**good, "id": "u", "data_source": "mystery-bench"}),
+        json.dumps({**good, "id": "k", "answer_type": "vibes"}),
+        json.dumps({**good, "id": "p", "question": "<image><image>Two?"}),
+        "{not json",
+        json.dumps(good),  # a duplicate id
+        json.dumps({**good, "id": "x", "answer": "Z", "options": ["red", "blue"]}),
+    ]
+    path = folder / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
