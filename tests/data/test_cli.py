@@ -11,7 +11,7 @@ import pytest
 
 from axpo_rllm.cli import main
 from axpo_rllm.data.loaders import load_rows
-from scripted_engine import Interrupting
+from scripted_engine import Interrupting, ScriptedEngine, suite_reply
 import synthetic_datasets as sd
 
 
@@ -82,6 +82,35 @@ def test_eval_the_tiny_model_on_three_benchmarks_interrupted_then_resumed(files,
 
     assert main(args + ["--out", str(tmp_path / "whole"), "--temperature", "0.5"]) == 2
     assert "changed: agent" in capsys.readouterr().err
+
+
+def test_record_then_sft_export_and_filter(files, model_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    import axpo_rllm.train.evaluate as evaluate
+    from axpo_rllm.data.writers import read_sft_parquet
+
+    monkeypatch.setattr(evaluate, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
+    rec = tmp_path / "rec"
+    assert main(["eval", *files, "--source", "MathVision", "--model-dir", str(model_dir), "--out", str(rec), "--record", *EVAL,
+                 "--max-tokens-per-turn", "64"]) == 0  # room for the whole crop call
+    samples = [json.loads(line) for line in (rec / "samples.jsonl").read_text().splitlines()]
+    solved = {(s["benchmark"], s["task_id"]) for s in samples if s["correct"]}
+    c = sum(s["correct"] for s in samples if (s["benchmark"], s["task_id"]) == ("MathVision", "1"))
+    capsys.readouterr()
+
+    sft = tmp_path / "sft.parquet"
+    assert main(["data", "sft-export", str(rec), *files, "--source", "MathVision", "--out", str(sft)]) == 0
+    assert f"exported {12 + c} trajectories of {3 + (c > 0)} questions; left out" in capsys.readouterr().out
+    rows = read_sft_parquet(sft)
+    assert len(rows) == 12 + c and all(r["tools"][0]["function"]["name"] == "crop" for r in rows)
+    assert {len(r["images"]) for r in rows if r["data_source"] == "MathVision" and r["task_id"] != "1"} == {2}
+
+    # The same recording as SFT model and teacher: solved 4/4 -> dropped; never solved -> dropped.
+    out = tmp_path / "filtered.parquet"
+    assert main(["data", "filter", *files, "--source", "MathVision", "--sft", str(rec), "--teacher", str(rec), "--out", str(out)]) == 0
+    kept = {(r.source, r.task_id) for r in load_rows(out)[0]}
+    assert kept == ({("MathVision", "1")} if 0 < c < 4 else set())
+    assert f"the SFT model solves 4/4 and {9 - len(solved)} the teacher fails 4/4" in capsys.readouterr().out
+    assert main(["data", "filter", *files, "--sft", str(rec), "--teacher", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 
 class _TokenServer(BaseHTTPRequestHandler):

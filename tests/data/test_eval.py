@@ -20,7 +20,7 @@ from axpo_rllm.data.writers import read_sft_parquet, write_sft_parquet
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
 from axpo_rllm.envs.images import open_image
 from axpo_rllm.train.evaluate import EvalItem, SampleRecord, evaluate_items, markdown_table, score_samples
-from scripted_engine import Interrupting, ScriptedEngine
+from scripted_engine import Interrupting, ScriptedEngine, suite_reply
 
 
 def brute_pass(outcomes: list[bool], k: int) -> float:
@@ -57,22 +57,6 @@ def test_scores_per_benchmark_and_averaged_match_enumeration():
         score_samples(samples[:3], k=4)
 
 
-CROP = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
-BROKEN = '<tool_call>\n{"name": "crop", "arguments": </tool_call>'
-
-
-def reply(prompt: str, request) -> str:
-    """V*: always A. MathVision choice rows: crop, then B. Its math row: 4 on even seeds, 5 otherwise.
-    fvqa: a malformed call, then Paris."""
-    if "color of the box" in prompt:
-        return "<think>red</think>\\boxed{A}"
-    if "Options:" in prompt:
-        return "\\boxed{B}" if "<tool_response>" in prompt else "<think>zoom in</think>" + CROP
-    if "How many sides" in prompt:
-        return "\\boxed{4}" if request.seed % 2 == 0 else "\\boxed{5}"
-    return "\\boxed{Paris}" if "Error:" in prompt else BROKEN
-
-
 def suite_rows(suite):
     return [r for name, path in suite.items() for r in load_rows(path, source="MathVision" if name == "mathvision" else None)[0]]
 
@@ -87,7 +71,7 @@ def crop_env():
 def scripted_run(suite, tokenizer, crop_env, tmp_path_factory):
     rows = suite_rows(suite)
     out = tmp_path_factory.mktemp("scripted")
-    engine = ScriptedEngine(tokenizer, reply)
+    engine = ScriptedEngine(tokenizer, suite_reply)
     result = evaluate_items(engine, ChatFormat(tokenizer), crop_env, [EvalItem(r.source, r.task_id, r.task) for r in rows],
                             n=4, k=4, out_dir=out, record=True, fingerprint={"tool_schemas": crop_env().tool_schemas()})
     return rows, out, result

@@ -9,11 +9,12 @@ from the request after that many requests (an eval killed by Ctrl-C).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable, Sequence
 
 from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
 
-__all__ = ["ScriptedEngine", "Interrupting"]
+__all__ = ["ScriptedEngine", "Interrupting", "suite_reply"]
 
 
 class ScriptedEngine(RolloutEngine):
@@ -45,16 +46,23 @@ class ScriptedEngine(RolloutEngine):
 
 
 class Interrupting(RolloutEngine):
-    """Wraps an engine; the request after ``after`` served ones raises KeyboardInterrupt (Ctrl-C mid-eval)."""
+    """Wraps an engine; the request after ``after`` served ones raises KeyboardInterrupt (Ctrl-C mid-eval).
+
+    Once only, as a real Ctrl-C: requests made while asyncio cancels the rest are cancelled, not
+    interrupted again (a second interrupt would abort that clean-up and leave tasks pending).
+    """
 
     def __init__(self, inner: RolloutEngine, after: int) -> None:
-        self.inner, self.after, self.served = inner, after, 0
+        self.inner, self.after, self.served, self.interrupted = inner, after, 0, False
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self.interrupted:
+            raise asyncio.CancelledError
         if self.served >= self.after:
+            self.interrupted = True
             raise KeyboardInterrupt
         self.served += 1
         return await self.inner.generate(request)
@@ -67,3 +75,22 @@ class Interrupting(RolloutEngine):
 
     def close(self) -> None:
         self.inner.close()
+
+
+CROP = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
+BROKEN = '<tool_call>\n{"name": "crop", "arguments": </tool_call>'
+
+
+def suite_reply(prompt: str, request) -> str:
+    """The script for the generated three-benchmark suite (tests/data/conftest.py).
+
+    V*: always A. MathVision choice rows: a crop call, then B. Its math row: 4 on even seeds, 5
+    otherwise. fvqa: a malformed call, then Paris.
+    """
+    if "color of the box" in prompt:
+        return "<think>red</think>\\boxed{A}"
+    if "Options:" in prompt:
+        return "\\boxed{B}" if "<tool_response>" in prompt else "<think>zoom in</think>" + CROP
+    if "How many sides" in prompt:
+        return "\\boxed{4}" if request.seed % 2 == 0 else "\\boxed{5}"
+    return "\\boxed{Paris}" if "Error:" in prompt else BROKEN
