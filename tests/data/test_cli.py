@@ -143,11 +143,11 @@ def test_eval_over_http(suite, model_dir, tokenizer, tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         assert main(["eval", str(suite["vstar"]), "--engine", "http", "--base-url", url, "--model-dir", str(model_dir),
-                     "--out", str(tmp_path / "http"), *EVAL]) == 0
+                     "--out", str(tmp_path / "http"), "--limit", "2", *EVAL]) == 0
     finally:
         server.shutdown()
     scores = json.loads((tmp_path / "http" / "results.json").read_text())["scores"]
-    assert scores["by_benchmark"]["vstar"]["pass@1"] == pytest.approx(1 / 3) and scores["eval/questions"] == 3
-    assert len(_TokenServer.bodies) == 12 and all(len(b["content_parts"]) == 1 for b in _TokenServer.bodies)
+    assert scores["by_benchmark"]["vstar"]["pass@1"] == pytest.approx(1 / 2) and scores["eval/questions"] == 2  # --limit 2
+    assert len(_TokenServer.bodies) == 8 and all(len(b["content_parts"]) == 1 for b in _TokenServer.bodies)
     assert all(b["token_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1 for b in _TokenServer.bodies)
     assert main(["eval", str(suite["vstar"]), "--engine", "http", "--model-dir", str(model_dir), "--out", str(tmp_path / "x")]) == 2
