@@ -127,7 +127,6 @@ def data_inspect(args: argparse.Namespace) -> int:
 
     console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
     report = LoadReport()
-    kwargs = _load_kwargs(args)
     per_source: dict[str, Counter] = defaultdict(Counter)
     how: dict[str, Counter] = defaultdict(Counter)
     kinds: Counter = Counter()
@@ -135,7 +134,7 @@ def data_inspect(args: argparse.Namespace) -> int:
     widths, heights, formats = [], [], Counter()
     decode_failures = 0
     try:
-        for row in read_rows(args.files, report=report, **kwargs):
+        for row in read_rows(args.files, report=report, **_load_kwargs(args)):
             per_source[row.source][row.kind] += 1
             how[row.source][row.kind_how] += 1
             kinds[row.kind] += 1
@@ -303,7 +302,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from axpo_rllm.agents.agent import AgentConfig
     from axpo_rllm.agents.chat_format import ChatFormat
     from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+    from axpo_rllm.engines.base import EngineError
     from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
+    from axpo_rllm.envs.tools.registry import ToolDiscoveryError
     from axpo_rllm.train.evaluate import EvalItem, build_engine, evaluate_items, markdown_table
 
     console = Console(soft_wrap=True)
@@ -325,7 +326,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"no questions to evaluate ({report.summary()})")
         tool_names = [t for t in args.tools.split(",") if t] if args.tools else []
         tools = build_tools(tool_names, _tool_configs(args.tool_config))
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, ToolDiscoveryError) as e:
         return _fail("eval", e, _SKIP_HINT if isinstance(e, DataError) else "")
     console.print(f"{len(items)} questions of {len(per_source)} benchmarks ({report.summary()}); engine {args.engine}, "
                   f"n={args.n}, k={args.k}, output {out}")
@@ -348,6 +349,8 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate_items(engine, chat, env, items, n=args.n, k=args.k, agent_config=agent, seed=args.seed, out_dir=out,
                                 fingerprint=fingerprint, fresh=args.fresh, record=args.record, skip_bad=args.skip_bad,
                                 progress=not args.no_progress, max_concurrency=args.max_concurrency)
+    except (EngineError, OSError) as e:  # no vLLM here, no server there, no model folder
+        return _fail("eval", e)
     except KeyboardInterrupt:
         print(f"\naxpo-rllm eval: interrupted; finished samples are kept in {out / 'samples.jsonl'}: "
               "run the same command again to resume", file=sys.stderr)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,6 +315,7 @@ class SampleCache:
         if fresh:
             for stale in (self.path, config_path):
                 stale.unlink(missing_ok=True)
+            shutil.rmtree(self.dir / "images", ignore_errors=True)
         if config_path.exists():
             before = json.loads(config_path.read_text())
             changed = sorted(key for key in set(before) | set(fingerprint) if before.get(key) != fingerprint.get(key))

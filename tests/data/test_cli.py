@@ -151,3 +151,28 @@ def test_eval_over_http(suite, model_dir, tokenizer, tmp_path):
     assert len(_TokenServer.bodies) == 8 and all(len(b["content_parts"]) == 1 for b in _TokenServer.bodies)
     assert all(b["token_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1 for b in _TokenServer.bodies)
     assert main(["eval", str(suite["vstar"]), "--engine", "http", "--model-dir", str(model_dir), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_refuses_bad_settings_and_counts_questions_that_cannot_load(suite, model_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import axpo_rllm.train.evaluate as evaluate
+
+    rows = [{"data_source": "vstar", "question": f"What is the color of the box {i}?", "answer": "A", "id": str(i),
+             "images": [{"bytes": data, "path": None}]} for i, data in enumerate((sd.png(), sd.truncated_png()))]
+    path = tmp_path / "half.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    base = ["eval", str(path), "--model-dir", str(model_dir), *EVAL]
+    assert main(base + ["--out", str(tmp_path / "e0"), "--tools", "crop,teleport"]) == 2
+    assert "no tool named ['teleport']" in capsys.readouterr().err
+    assert main(["eval", str(path), "--model-dir", str(tmp_path / "no-model"), "--out", str(tmp_path / "e1"), *EVAL]) == 2
+    capsys.readouterr()
+
+    monkeypatch.setattr(evaluate, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
+    assert main(base + ["--out", str(tmp_path / "e2")]) == 2  # the header reads; the body does not
+    assert "half.parquet, row 1: image 0: image bytes cannot be decoded" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "e3"), "--skip-bad"]) == 0
+    result = json.loads((tmp_path / "e3" / "results.json").read_text())
+    assert result["scores"]["eval/questions"] == 1 and result["scores"]["eval/skipped_questions"] == 1
+    assert "row 1: image 0" in result["skipped_questions"][0][2] and result["scores"]["by_benchmark"]["vstar"]["pass@1"] == 1.0
