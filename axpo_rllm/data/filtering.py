@@ -10,7 +10,7 @@ with the SFT model and one with the teacher. A question with no recorded samples
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .loaders import DataError, DataRow, LoadReport

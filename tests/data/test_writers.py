@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import synthetic_datasets as sd
-from axpo_rllm.data.loaders import DataError, LoadReport, load_rows
+from axpo_rllm.data.loaders import DataError, load_rows
 from axpo_rllm.data.reward import compute_score
 from axpo_rllm.data.writers import read_sft_parquet, rllm_row, verl_row, write_sft_parquet, write_verl_parquet
 from axpo_rllm.envs.images import image_bytes
