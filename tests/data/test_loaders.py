@@ -193,3 +193,19 @@ def test_base64_and_data_urls_are_images(tmp_path):
     assert open_image("data:image/jpeg;base64," + base64.b64encode(data).decode()).size == (64, 48)
     with pytest.raises(ImageError, match="not found"):
         probe_image("no/such/file.png")
+
+
+def test_a_folder_of_hugging_face_parquet_shards(tmp_path):
+    """A hub snapshot: data/test-0000N-of-00002.parquet with the Image feature's {bytes, path} struct."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for shard in range(2):
+        rows = [{"question": f"Is box {shard}-{i} red?", "answer": "yes", "image": {"bytes": sd.png("red"), "path": f"{shard}-{i}.png"},
+                 "pid": f"{shard}-{i}"} for i in range(2)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "snap" / "data" / f"test-0000{shard}-of-00002.parquet")
+    rows, report = load_rows(tmp_path / "snap", source="VisualProbe")
+    assert [r.task_id for r in rows] == ["0-0", "0-1", "1-0", "1-1"] and report.files == [str(tmp_path / "snap")]
+    assert {r.kind for r in rows} == {"em"} and rows[3].origin.file.endswith("test-00001-of-00002.parquet")
+    assert rows[0].task().images[0].size == (48, 40)
