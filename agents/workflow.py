@@ -134,11 +134,13 @@ class AXPOWorkflow:
 
     async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter) -> list[Episode]:
         """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``."""
-        cfg = self.config
-        return list(await asyncio.gather(*(
-            self._episode(task, f"{task.task_id}#{i}", task.task_id, derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
-            for i in range(cfg.n)
-        )))
+        return list(await asyncio.gather(*(self.original(task, i, step, limit, counters) for i in range(self.config.n))))
+
+    async def original(self, task: Task, index: int, step: int, limit: asyncio.Semaphore, counters: Counter) -> Episode:
+        """Episode ``index`` of phase 1 alone (id ``<task_id>#<index>``, the same seed as in :meth:`originals`),
+        so an evaluation can run, cache and resume samples one by one."""
+        seed = derive_seed(self.config.seed, step, task.task_id, index)
+        return await self._episode(task, f"{task.task_id}#{index}", task.task_id, seed, None, limit, counters)
 
     async def continuations(
         self, jobs: Sequence[ResampleJob], tasks: dict[str, Task], step: int, limit: asyncio.Semaphore, counters: Counter

@@ -3,6 +3,8 @@
     axpo-rllm plan-demo [--ablation NAME] [key=value ...]   plan + advantages on one simulated step
     axpo-rllm simulate [--sweep] [--png PATH] [...]          signal-yield simulator: AXPO vs more rollouts / ARPO
     axpo-rllm main                                           the embedded CPU job
+    axpo-rllm data inspect|convert|filter|sft-export FILE... data sets in, verl/rllm data out
+    axpo-rllm eval FILE... --model-dir DIR --out DIR         Pass@1 / Pass@k per benchmark (resumable)
 """
 
 from __future__ import annotations
@@ -79,6 +81,375 @@ def add_simulate_parser(sub) -> None:
     p.set_defaults(func=simulate)
 
 
+# ------------------------------------------------------------------------------------------------
+# axpo-rllm data / eval
+
+
+def _fail(command: str, err: Exception, hint: str = "") -> int:
+    print(f"axpo-rllm {command}: {err}{hint}", file=sys.stderr)
+    return 2
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    from axpo_rllm.data.sources import VerifierMap, parse_overrides  # CLI start-up
+
+    return {"source": args.source, "verifiers": VerifierMap(parse_overrides(args.verifier)), "image_root": args.image_root,
+            "split": args.split, "skip_bad": args.skip_bad}
+
+
+_SKIP_HINT = "\n(pass --skip-bad to count and skip bad rows instead)"
+
+
+def _print_report(console, report, title: str = "rows") -> None:
+    console.print(f"{title}: {report.summary()}")
+    for example in report.examples:
+        console.print(f"  [yellow]skipped[/yellow] {example}", highlight=False)
+
+
+def _percentiles(values: list[int]) -> str:
+    import numpy as np
+
+    if not values:
+        return "—"
+    lo, mid, hi = np.percentile(values, [0, 50, 100])
+    return f"{int(lo)} / {int(mid)} / {int(hi)}"
+
+
+def data_inspect(args: argparse.Namespace) -> int:
+    """Rows, sources and their verifiers, answer kinds, image sizes; bad rows named (or counted)."""
+    import json
+    from collections import Counter, defaultdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+
+    console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
+    report = LoadReport()
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    how: dict[str, Counter] = defaultdict(Counter)
+    kinds: Counter = Counter()
+    images_per_row: Counter = Counter()
+    widths, heights, formats = [], [], Counter()
+    decode_failures = 0
+    try:
+        for row in read_rows(args.files, report=report, **_load_kwargs(args)):
+            per_source[row.source][row.kind] += 1
+            how[row.source][row.kind_how] += 1
+            kinds[row.kind] += 1
+            images_per_row[len(row.images)] += 1
+            for info in row.image_info:
+                widths.append(info.width)
+                heights.append(info.height)
+                formats[info.format] += 1
+            if args.decode:
+                try:
+                    row.task()
+                except DataError as e:
+                    if not args.skip_bad:
+                        raise
+                    report.reject(e)
+                    decode_failures += 1
+    except (DataError, ValueError) as e:
+        return _fail("data inspect", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    table = Table(title=f"{', '.join(map(str, args.files))}: {report.rows_ok} rows")
+    for col in ("data_source", "rows", "answer kinds", "verifier resolved by"):
+        table.add_column(col)
+    for source in sorted(per_source):
+        table.add_row(source, str(sum(per_source[source].values())),
+                      ", ".join(f"{k} {n}" for k, n in per_source[source].most_common()),
+                      ", ".join(f"{k} ({n})" for k, n in how[source].most_common()))
+    console.print(table)
+    console.print("answer kinds: " + (", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "—"))
+    console.print("images per row: " + (", ".join(f"{k}: {n} rows" for k, n in sorted(images_per_row.items())) or "—"))
+    console.print(f"image width min/median/max: {_percentiles(widths)}; height: {_percentiles(heights)}; formats: "
+                  + (", ".join(f"{k} {n}" for k, n in formats.most_common()) or "—")
+                  + ("" if args.decode else " (headers only; --decode decodes every image)"))
+    _print_report(console, report)
+    if args.json:
+        summary = {"report": report.as_dict(), "sources": {s: dict(c) for s, c in per_source.items()},
+                   "verifier_resolution": {s: dict(c) for s, c in how.items()}, "answer_kinds": dict(kinds),
+                   "images_per_row": {str(k): v for k, v in images_per_row.items()},
+                   "image_width": widths and [min(widths), max(widths)], "image_height": heights and [min(heights), max(heights)],
+                   "image_formats": dict(formats), "decode_failures": decode_failures}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _write_rows(args: argparse.Namespace, rows, report, command: str) -> int:
+    from axpo_rllm.data.writers import register_rllm, write_verl_parquet
+
+    if args.to == "rllm":
+        if not args.name:
+            raise ValueError("--to rllm needs --name (the dataset's name in rllm's registry)")
+        n = register_rllm(rows, args.name, args.split_name, verify_images=not args.no_verify_images, skip_bad=args.skip_bad, report=report)
+        return n
+    if not args.out:
+        raise ValueError("--to verl needs --out FILE.parquet")
+    return write_verl_parquet(rows, args.out, split=args.split_name, verify_images=not args.no_verify_images,
+                              skip_bad=args.skip_bad, report=report)
+
+
+def data_convert(args: argparse.Namespace) -> int:
+    """Any supported format -> verl's RL parquet, or rows registered in rllm's dataset registry."""
+    from rich.console import Console
+
+    from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+
+    console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
+    report = LoadReport()
+    try:
+        n = _write_rows(args, read_rows(args.files, report=report, **_load_kwargs(args)), report, "convert")
+    except (DataError, ValueError, RuntimeError) as e:
+        return _fail("data convert", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    where = f"rllm dataset {args.name!r} ({args.split_name})" if args.to == "rllm" else args.out
+    console.print(f"wrote {n} rows to {where}")
+    _print_report(console, report)
+    return 0
+
+
+def data_filter(args: argparse.Namespace) -> int:
+    """The paper's RL filter: drop questions the SFT model solves k/k and those the teacher fails k/k."""
+    from rich.console import Console
+
+    from axpo_rllm.data.filtering import FilterReport, paper_filter
+    from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+    from axpo_rllm.data.rollouts import read_samples
+
+    console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
+    report, counts = LoadReport(), FilterReport(args.k)
+    try:
+        sft, teacher = read_samples(args.sft), read_samples(args.teacher)
+        rows = paper_filter(read_rows(args.files, report=report, **_load_kwargs(args)), sft, teacher, k=args.k,
+                            skip_bad=args.skip_bad, report=report, filter_report=counts)
+        n = _write_rows(args, rows, report, "filter")
+    except (DataError, ValueError, RuntimeError) as e:
+        return _fail("data filter", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    console.print(f"{counts.summary()}; wrote {n} rows")
+    _print_report(console, report)
+    return 0
+
+
+def data_sft_export(args: argparse.Namespace) -> int:
+    """Correct recorded trajectories (``axpo-rllm eval --record``) -> verl's multi-turn SFT parquet."""
+    from rich.console import Console
+
+    from axpo_rllm.data.export import ExportReport, sft_examples
+    from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+    from axpo_rllm.data.rollouts import read_samples
+    from axpo_rllm.data.writers import write_sft_parquet
+
+    console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
+    report, counts = LoadReport(), ExportReport()
+    try:
+        recording = read_samples(args.recording)
+        examples = sft_examples(read_rows(args.files, report=report, **_load_kwargs(args)), recording,
+                                system_prompt=args.system_prompt, allow_malformed=args.allow_malformed,
+                                max_per_question=args.max_per_question, report=counts, skip_bad=args.skip_bad, load_report=report)
+        write_sft_parquet(examples, args.out)
+    except (DataError, ValueError) as e:
+        return _fail("data sft-export", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    console.print(f"{counts.summary()} -> {args.out}")
+    _print_report(console, report)
+    return 0
+
+
+def _file_stamp(path: str) -> dict:
+    import os
+
+    p = os.path.abspath(path)
+    st = os.stat(p)
+    return {"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _json_safe(value):
+    """NaN (a rate with nothing to count) as null: strict JSON readers reject NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _tool_configs(text: str | None) -> dict:
+    import json
+    from pathlib import Path
+
+    if not text:
+        return {}
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tool-config must be JSON ({{\"search\": {{\"base_url\": ...}}}}) or @FILE: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--tool-config must be a JSON object mapping tool names to their settings")
+    return value
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Pass@1 / Pass@k per benchmark on data files, resumable, with a markdown table and JSON."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from axpo_rllm.agents.agent import AgentConfig
+    from axpo_rllm.agents.chat_format import ChatFormat
+    from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
+    from axpo_rllm.engines.base import EngineError
+    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
+    from axpo_rllm.envs.tools.registry import ToolDiscoveryError
+    from axpo_rllm.train.evaluate import EvalItem, build_engine, evaluate_items, markdown_table
+
+    console = Console(soft_wrap=True)
+    out = Path(args.out)
+    if args.n < args.k:
+        return _fail("eval", ValueError(f"--n ({args.n}) must be >= --k ({args.k}): Pass@k needs k samples per question"))
+    report = LoadReport()
+    items, per_source = [], Counter()
+    try:
+        settings = {name: getattr(args, name) for name in ("max_turns", "max_tokens_per_turn", "max_response_tokens",
+                                                            "max_context_tokens", "temperature", "top_p", "system_prompt")}
+        agent = AgentConfig(**{name: value for name, value in settings.items() if value is not None})
+        for row in read_rows(args.files, report=report, **_load_kwargs(args)):
+            if args.limit and per_source[row.source] >= args.limit:
+                continue
+            per_source[row.source] += 1
+            items.append(EvalItem(row.source, row.task_id, row.task))
+        if not items:
+            raise ValueError(f"no questions to evaluate ({report.summary()})")
+        tool_names = [t for t in args.tools.split(",") if t] if args.tools else []
+        tools = build_tools(tool_names, _tool_configs(args.tool_config))
+    except (DataError, ValueError, ToolDiscoveryError) as e:
+        return _fail("eval", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    console.print(f"{len(items)} questions of {len(per_source)} benchmarks ({report.summary()}); engine {args.engine}, "
+                  f"n={args.n}, k={args.k}, output {out}")
+    engine = None
+    try:
+        options = {"threads": args.threads} if args.engine == "transformers" and args.threads else {}
+        engine = build_engine(args.engine, args.model_dir, base_url=args.base_url, **options)
+        from transformers import AutoTokenizer  # the chat template lives with the model (every engine)
+
+        chat = ChatFormat(getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(args.model_dir))
+
+        def env():
+            return MultimodalToolEnv(tools=tools)
+
+        schemas = env().tool_schemas()
+        fingerprint = {"model_dir": str(Path(args.model_dir).resolve()), "engine": args.engine, "base_url": args.base_url,
+                       "files": [_file_stamp(f) for f in args.files], "source": args.source, "verifier": sorted(args.verifier),
+                       "split": args.split, "limit": args.limit, "tools": tool_names, "tool_schemas": schemas,
+                       "tool_config": _tool_configs(args.tool_config), "skip_bad": args.skip_bad}
+        result = evaluate_items(engine, chat, env, items, n=args.n, k=args.k, agent_config=agent, seed=args.seed, out_dir=out,
+                                fingerprint=fingerprint, fresh=args.fresh, record=args.record, skip_bad=args.skip_bad,
+                                progress=not args.no_progress, max_concurrency=args.max_concurrency)
+    except (EngineError, OSError) as e:  # no vLLM here, no server there, no model folder
+        return _fail("eval", e)
+    except KeyboardInterrupt:
+        print(f"\naxpo-rllm eval: interrupted; finished samples are kept in {out / 'samples.jsonl'}: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    except (DataError, ValueError) as e:
+        return _fail("eval", e, _SKIP_HINT if isinstance(e, DataError) else "")
+    finally:
+        if engine is not None:
+            engine.close()
+        for tool in tools.values():
+            try:
+                run_sync(tool.aclose())
+            except Exception:  # noqa: BLE001 - a tool's teardown must not hide the result
+                pass
+    table = markdown_table(result.scores)
+    (out / "results.md").write_text(table)
+    payload = {"scores": result.scores, "load_report": report.as_dict(), "skipped_questions": result.skipped,
+               "resumed_samples": result.resumed, "samples": len(result.samples)}
+    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2))
+    print(table)
+    console.print(f"{result.resumed} samples resumed from the cache, {len(result.samples) - result.resumed} run; "
+                  f"{len(result.skipped)} questions skipped; results in {out / 'results.md'} and {out / 'results.json'}")
+    if report.rows_skipped:
+        _print_report(console, report)
+    return 0
+
+
+def _add_data_args(p, files_help: str = "data files or folders (parquet, jsonl/json, tsv/csv, arrow, a saved HF dataset)") -> None:
+    p.add_argument("files", nargs="+", help=files_help)
+    p.add_argument("--source", default=None, help="data_source for rows that name none (e.g. MathVision for its HF dataset)")
+    p.add_argument("--verifier", action="append", default=[], metavar="NAME=KIND",
+                   help="answer kind for a data_source (math, choice, numeric, em, f1, or a registered verifier); '*' for all")
+    p.add_argument("--image-root", default=None, help="folder relative image paths resolve against (default: the file's folder)")
+    p.add_argument("--split", default=None, help="split of a saved Hugging Face DatasetDict")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows (reported) instead of stopping at the first")
+
+
+def _add_output_args(p) -> None:
+    p.add_argument("--to", choices=("verl", "rllm"), default="verl", help="verl RL parquet (--out) or rllm's dataset registry (--name)")
+    p.add_argument("--out", default=None, help="output .parquet (--to verl)")
+    p.add_argument("--name", default=None, help="dataset name in rllm's registry (--to rllm)")
+    p.add_argument("--split-name", default="train", help="split written into extra_info / registered in rllm")
+    p.add_argument("--no-verify-images", action="store_true", help="copy image bytes without decoding them first")
+
+
+def add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="inspect, convert, filter data sets; export SFT trajectories")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("inspect", help="rows, sources, verifier map, image sizes, answer kinds")
+    _add_data_args(p)
+    p.add_argument("--decode", action="store_true", help="decode every image (finds truncated files; slower)")
+    p.add_argument("--json", default=None, help="also write the summary as JSON here")
+    p.set_defaults(func=data_inspect)
+    p = dsub.add_parser("convert", help="to verl's RL parquet or rllm's dataset registry")
+    _add_data_args(p)
+    _add_output_args(p)
+    p.set_defaults(func=data_convert)
+    p = dsub.add_parser("filter", help="drop questions the SFT model solves k/k and those the teacher fails k/k")
+    _add_data_args(p)
+    _add_output_args(p)
+    p.add_argument("--sft", required=True, help="the SFT model's recorded rollouts (an `axpo-rllm eval` folder or a samples .jsonl)")
+    p.add_argument("--teacher", required=True, help="the teacher's recorded rollouts")
+    p.add_argument("--k", type=int, default=4, help="samples per question the filter reads (the paper: 4)")
+    p.set_defaults(func=data_filter)
+    p = dsub.add_parser("sft-export", help="correct recorded trajectories -> verl's multi-turn SFT parquet")
+    p.add_argument("recording", help="an `axpo-rllm eval --record` output folder")
+    _add_data_args(p, "the data files the recording evaluated (questions and their images)")
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--system-prompt", default=None, help="system message (default: the evaluation's)")
+    p.add_argument("--allow-malformed", action="store_true", help="also export correct samples that made a malformed call")
+    p.add_argument("--max-per-question", type=int, default=None)
+    p.set_defaults(func=data_sft_export)
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="Pass@1 / Pass@k per benchmark with tool use, malformed calls, turns (resumable)")
+    _add_data_args(p, "benchmark files or folders; rows group into benchmarks by data_source")
+    p.add_argument("--model-dir", required=True, help="the model (tokenizer + chat template; weights for in-process engines)")
+    p.add_argument("--engine", choices=("transformers", "vllm", "http"), default="transformers")
+    p.add_argument("--base-url", default=None, help="--engine http: a vLLM server (OpenAI-compatible, --enable-scale-out)")
+    p.add_argument("--out", required=True, help="output folder: samples.jsonl (the resumable cache), results.md, results.json")
+    p.add_argument("--n", type=int, default=4, help="samples per question (n >= k)")
+    p.add_argument("--k", type=int, default=4, help="Pass@k besides Pass@1")
+    p.add_argument("--limit", type=int, default=0, help="at most this many questions per benchmark (0: all)")
+    p.add_argument("--fresh", action="store_true", help="discard cached samples in --out")
+    p.add_argument("--record", action="store_true", help="keep each sample's turns and tool images (for data sft-export)")
+    p.add_argument("--tools", default="crop,python", help="comma-separated tool names (axpo_rllm.tools entry points; '' for none)")
+    p.add_argument("--tool-config", default=None, help='JSON (or @FILE) of tool settings, e.g. {"search": {"base_url": "..."}}')
+    # Agent settings default to AgentConfig's own (filled in run_eval: importing the agent here would slow every command).
+    for flag, kind in (("--max-turns", int), ("--max-tokens-per-turn", int), ("--max-response-tokens", int),
+                       ("--max-context-tokens", int), ("--temperature", float), ("--top-p", float), ("--system-prompt", str)):
+        p.add_argument(flag, type=kind, default=None, help="default: the agent's (AgentConfig)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-concurrency", type=int, default=64, help="episodes in flight")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (transformers engine)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axpo-rllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
     main_job.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5")
     main_job.set_defaults(func=run_main)
+    add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

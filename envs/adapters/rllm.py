@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from axpo_rllm.envs.env import MultimodalToolEnv, Observation, run_sync
+from axpo_rllm.envs.images import ImageError, open_image
 from axpo_rllm.envs.tools.base import Tool, ToolContext
 from axpo_rllm.envs.tools.registry import discover_tools
 from axpo_rllm.envs.verifiers import Grader
@@ -74,9 +75,13 @@ def task_from_dict(info: Mapping[str, Any]) -> Task:
     """A :class:`Task` from an rllm task dict (dataset row); unknown keys go to ``metadata``.
 
     Accepts ``image`` (one) or ``images`` (a list); ``uid``/``id`` for ``task_id``, ``prompt``
-    for ``question`` and ``ground_truth`` for ``answer`` (common dataset spellings).
+    for ``question`` and ``ground_truth`` for ``answer`` (common dataset spellings). Images may be
+    PIL images or references (encoded bytes, ``{"bytes", "path"}`` structs as rllm's registry and
+    verl's parquet store them, paths): references are decoded here, since engines take pixels.
     """
-    row = {k: v for k, v in info.items() if k not in _ENV_KEYS}
+    # Columnar stores (parquet, Arrow: rllm's registry) fill a key absent from a row with None:
+    # drop those, so that a verifier's default applies instead of a None.
+    row = {k: v for k, v in info.items() if k not in _ENV_KEYS and v is not None}
     fields: dict[str, str] = {}
     for field_name, spellings in _TASK_FIELD_SPELLINGS.items():
         key = next((k for k in spellings if k in row), None)
@@ -87,7 +92,11 @@ def task_from_dict(info: Mapping[str, Any]) -> Task:
     single = row.pop("image", None)
     if images is None:
         images = [single] if single is not None else []
-    metadata = dict(row.pop("metadata", None) or {})
+    try:
+        images = [open_image(im) for im in images]
+    except ImageError as e:
+        raise ValueError(f"task {fields['task_id']!r}: {e}") from None
+    metadata = {k: v for k, v in dict(row.pop("metadata", None) or {}).items() if v is not None}
     metadata.update(row)
     return Task(images=tuple(images), metadata=metadata, **fields)
 

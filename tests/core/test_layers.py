@@ -52,6 +52,8 @@ def test_the_layers_hold(tree):
         ("envs/env.py", "import axpo_rllm.agents.workflow"),  # an env knowing the agent
         ("agents/workflow.py", "from axpo_rllm.integrations.verl import batch"),  # the cycle issue 8 removed
         ("train/trainer.py", "from axpo_rllm.integrations.rllm import launcher"),  # siblings stay independent
+        ("data/loaders.py", "from axpo_rllm.train import evaluate"),  # data is their sibling (the CLI composes them)
+        ("envs/images.py", "import axpo_rllm.data.loaders"),  # an env knowing the data layer
     ],
 )
 def test_a_back_edge_breaks_the_contract(tree, module, back_edge):

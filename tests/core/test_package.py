@@ -53,7 +53,7 @@ def test_wheel_ships_envs_and_agents_inside_axpo_rllm_with_yaml_and_entry_points
     assert "axpo_rllm/envs/__init__.py" in names and "axpo_rllm/agents/__init__.py" in names
     assert "axpo_rllm/configs/axpo.yaml" in names and "axpo_rllm/configs/ablation/grpo.yaml" in names
     assert "axpo_rllm/configs/main_smoke.yaml" in names and "axpo_rllm/configs/loader.py" in names
-    for layer in ("core", "engines", "envs/adapters", "agents", "integrations/verl", "integrations/rllm", "train", "demo"):
+    for layer in ("core", "engines", "envs/adapters", "agents", "integrations/verl", "integrations/rllm", "train", "data", "demo"):
         assert f"axpo_rllm/{layer}/__init__.py" in names, layer
     helpers = [n for n in names if n.rsplit("/", 1)[-1] in ("synthetic_rollouts.py", "tool_biased_engine.py", "testing.py", "synthetic.py")]
     assert not helpers, f"test helpers ship in the wheel: {helpers}"
@@ -62,6 +62,7 @@ def test_wheel_ships_envs_and_agents_inside_axpo_rllm_with_yaml_and_entry_points
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "[verl.plugins]" in entry_points and "axpo = axpo_rllm.integrations.verl.estimator" in entry_points
     assert "[axpo_rllm.tools]" in entry_points and "crop = axpo_rllm.envs.tools.crop:CropTool" in entry_points
+    assert "[rllm.evaluators]" in entry_points and "axpo = axpo_rllm.data.rllm_evaluator:AXPOEvaluator" in entry_points
 
 
 def test_wheel_in_a_fresh_venv_imports_and_finds_its_yaml(wheel, tmp_path):

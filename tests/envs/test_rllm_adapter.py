@@ -32,6 +32,22 @@ def test_task_from_dict_spellings_and_metadata():
         task_from_dict({"task_id": "a", "question": "q", "answer": "x"})
 
 
+def test_task_from_dict_decodes_image_references_and_drops_none(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    image(30, 20).save(buf, format="PNG")
+    (tmp_path / "x.png").write_bytes(buf.getvalue())
+    row = {"task_id": "r", "question": "q", "ground_truth": "A", "data_source": "choice", "rel_tol": None,
+           "images": [buf.getvalue(), {"bytes": buf.getvalue(), "path": ""}, {"bytes": None, "path": str(tmp_path / "x.png")}],
+           "metadata": {"choices": ["a", "b"], "abs_tol": None}}
+    task = task_from_dict(row)  # as rllm's registry / verl's parquet hand rows back
+    assert [im.size for im in task.images] == [(30, 20)] * 3
+    assert task.metadata == {"choices": ["a", "b"]}  # absent (None) keys leave the verifier's defaults alone
+    with pytest.raises(ValueError, match="task 'r': image file not found"):
+        task_from_dict({**row, "images": [str(tmp_path / "gone.png")]})
+
+
 class RllmLikeToolCall:
     def __init__(self, name, arguments):
         self.name, self.arguments = name, arguments
