@@ -193,3 +193,56 @@ def test_logprobs_reach_verl_and_back_through_rllms_own_verl_engine():
     assert ok.logprobs == (-0.1, -0.2)
     with pytest.raises(BackendContractError, match="returned 2 token ids but none log-probs"):
         asyncio.run(RllmTokenEngine(verl_engine(ServerManager(drop=True))).generate(request))
+
+
+def test_step_diagnostics_reach_every_episode_once_per_step(chat, chat_words, env_factory):
+    from axpo_rllm.core.advantages import original_groups
+    from axpo_rllm.core.step import finish_step
+
+    engine = biased(FakeEngine(chat, chat_words), chat, open_rate=0.4, call_rate=0.3, body_rate=0.5)
+    episodes, _ = run_rllm_step(chat, engine, env_factory)
+    rollouts = [t.metadata["axpo_rollout"] for ep in episodes for t in ep.trajectories]
+    plan = episodes[0].metadata["axpo_plan"]
+    want = finish_step(sorted(original_groups(r for r in rollouts if r.kind is RolloutKind.ORIGINAL), key=lambda g: g.question_id),
+                       plan, [r for r in rollouts if r.kind is RolloutKind.CONTINUATION], CONFIG.axpo).diagnostics
+    for ep in episodes:  # rllm logs the mean of episode metrics: equal values make it the step's figure
+        for key in ("axpo/recovery_rate", "axpo/triggered_questions", "axpo/extra_samples_used", "axpo/failed_rollouts",
+                    "axpo/c_selected_mean", "axpo/tool_use_rate"):
+            assert ep.metrics[key] == pytest.approx(want[key], nan_ok=True), key
+
+
+def test_validation_is_plain_rollouts_with_no_barrier(chat, chat_words, env_factory):
+    from rllm.engine.unified_workflow_engine import UnifiedWorkflowEngine
+
+    coordinator = AXPOStepCoordinator(B, CONFIG.axpo, barrier_timeout_s=5)
+    wf_engine = UnifiedWorkflowEngine(
+        AXPORllmWorkflow, {"coordinator": coordinator, "chat": chat, "env_factory": env_factory, "config": CONFIG},
+        AxpoRllmEngine(biased(FakeEngine(chat, chat_words), chat, open_rate=0.4, call_rate=0.3), chat),
+        n_parallel_tasks=2, retry_limit=1, raise_on_error=True,
+    )
+    tasks = make_tasks(3, with_images=False)  # fewer questions than a training step, more than the parallel tasks
+    n_val = 2
+    dicts = [d for d in task_dicts(tasks) for _ in range(n_val)]
+    episodes = asyncio.run(wf_engine.execute_tasks(dicts, [d["task_id"] for d in dicts], is_validation=True))
+    assert len(episodes) == 6 and coordinator.step == 0, "validation never touches the training step"
+    ids = sorted(t.metadata["axpo_rollout"].rollout_id for ep in episodes for t in ep.trajectories)
+    assert ids == sorted(f"q{i}#{k}" for i in range(3) for k in range(n_val)), "one plain rollout per run, no continuation"
+    groups = axpo_traj_grouping_hook(episodes)
+    assert sorted(len(g.trajectories) for g in groups) == [n_val] * 3
+
+
+def test_a_run_that_fails_releases_the_barrier_with_its_reason():
+    from synthetic_rollouts import make_rollout
+
+    from axpo_rllm.core.records import QuestionGroup
+
+    coordinator = AXPOStepCoordinator(2, AXPOConfig(r=1.0, k=1), barrier_timeout_s=60, start_step=7)
+
+    async def main():
+        waiter = asyncio.create_task(coordinator.submit(QuestionGroup("q0", (make_rollout("q0#0", "q0", correct=False),))))
+        await asyncio.sleep(0.01)
+        coordinator.abort("q1", "BackendContractError: no log-probs")
+        return await asyncio.wait_for(waiter, 5)
+
+    with pytest.raises(RuntimeError, match=r"AXPO step 7 cannot be planned: question 'q1' failed .*no log-probs"):
+        asyncio.run(main())

@@ -28,6 +28,7 @@ Importing this module needs rllm (``pytest.importorskip("rllm")`` in tests).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -69,6 +70,8 @@ __all__ = [
 AXPO_ROLE = "axpo"
 """The group role of every AXPO trajectory group (``group_id = "<advantage group>:axpo"``)."""
 AXPO_ESTIMATOR = "axpo"
+VALIDATION_STEP = -1
+"""The step number validation rollouts are seeded with (the same seeds at every validation)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,21 +118,30 @@ class AXPOStepCoordinator:
     """Collects the B question groups of a step, plans once (AXPO_SPEC §1-4), hands every run the plan.
 
     Share one instance through ``workflow_args``; ``UnifiedWorkflowEngine`` must keep all B runs in
-    flight together (``n_parallel_tasks >= questions_per_step``), otherwise the barrier times out
-    with a message that says so.
+    flight together (``n_parallel_tasks >= questions_per_step``; the launcher checks it). A run that
+    cannot deliver its group calls :meth:`abort`, which releases the others at once with the
+    reason instead of letting them wait out ``barrier_timeout_s``. Each run hands its episode back
+    through :meth:`finish`; with the step's last one the coordinator computes the step's §7
+    diagnostics and failure counters (the core's ``finish_step``: a step over the failure bound
+    raises here) and writes them into every episode's metrics — rllm logs the mean of episode
+    metrics per step, so each logged value is the step's exact figure. ``start_step`` continues a
+    resumed run's step count (seeds and random rankings never repeat).
     """
 
-    def __init__(self, questions_per_step: int, config: AXPOConfig, barrier_timeout_s: float = 1800.0) -> None:
+    def __init__(self, questions_per_step: int, config: AXPOConfig, barrier_timeout_s: float = 600.0,
+                 start_step: int = 0) -> None:
         if questions_per_step < 1:
             raise ValueError(f"questions_per_step must be >= 1, got {questions_per_step}")
         self.questions_per_step = questions_per_step
         self.config = config
         self.barrier_timeout_s = barrier_timeout_s
-        self.step = 0
+        self.step = int(start_step)
         self._groups: dict[str, QuestionGroup] = {}
         self._plan: ResamplePlan | None = None
         self._ready: asyncio.Event | None = None
         self._handed_out = 0
+        self._aborted: str | None = None
+        self._steps: dict[int, dict[str, Any]] = {}
 
     async def submit(self, group: QuestionGroup) -> tuple[ResamplePlan, int]:
         """Register one question's group; return the step's plan (and step number) once all are in."""
@@ -138,10 +150,11 @@ class AXPOStepCoordinator:
         if group.question_id in self._groups:
             raise ValueError(f"question {group.question_id!r} submitted twice in step {self.step}")
         self._groups[group.question_id] = group
-        ready = self._ready
+        ready, step = self._ready, self.step
         if len(self._groups) == self.questions_per_step:
             ordered = [self._groups[q] for q in sorted(self._groups)]
             self._plan = plan_resampling(ordered, self.config, self.step)
+            self._steps[step] = {"groups": ordered, "plan": self._plan, "episodes": [], "continuations": []}
             ready.set()
         try:
             await asyncio.wait_for(ready.wait(), self.barrier_timeout_s)
@@ -151,12 +164,33 @@ class AXPOStepCoordinator:
                 f"within {self.barrier_timeout_s:g}s; run rllm with n_parallel_tasks >= the number of questions per step "
                 "and rollout.n = 1 (the workflow draws the N rollouts itself)"
             ) from None
-        plan, step = self._plan, self.step
+        if self._aborted is not None:
+            raise RuntimeError(f"AXPO step {step} cannot be planned: {self._aborted}")
+        plan = self._plan
         self._handed_out += 1
         if self._handed_out == self.questions_per_step:  # everyone has it: open the next step
             self._groups, self._plan, self._ready, self._handed_out = {}, None, None, 0
             self.step += 1
         return plan, step
+
+    def abort(self, question_id: str, reason: str) -> None:
+        """A run failed before delivering its group: release every waiter of the step with the reason."""
+        self._aborted = f"question {question_id!r} failed before its group was in ({reason})"
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+
+    def finish(self, step: int, episode: RllmEpisode, continuations: Sequence[Rollout]) -> None:
+        """One run's episode is done; after the step's last, write the step's diagnostics into all of them."""
+        record = self._steps[step]
+        record["episodes"].append(episode)
+        record["continuations"].extend(continuations)
+        if len(record["episodes"]) < self.questions_per_step:
+            return
+        del self._steps[step]
+        outcome = finish_step(record["groups"], record["plan"], record["continuations"], self.config)
+        for ep in record["episodes"]:
+            ep.metrics.update({k: float(v) for k, v in outcome.diagnostics.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +281,7 @@ def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any =
             raise ValueError(f"episode {ep.id} was not produced by AXPORllmWorkflow (no axpo_plan in its metadata)")
         by_step.setdefault(ep.metadata["axpo_step"], []).append(ep)
     groups: list[TrajectoryGroup] = []
-    for _, eps in sorted(by_step.items()):
+    for _, eps in sorted(by_step.items(), key=lambda item: str(item[0])):
         plan: ResamplePlan = eps[0].metadata["axpo_plan"]
         config: AXPOConfig = eps[0].metadata["axpo_config"]
         trajs = {t.metadata["axpo_rollout"].rollout_id: t for ep in eps for t in ep.trajectories}
@@ -381,6 +415,7 @@ class AXPORllmWorkflow(Workflow):
         engine = rollout_engine.inner if isinstance(rollout_engine, AxpoRllmEngine) else RllmTokenEngine(rollout_engine)
         self.coordinator = coordinator
         self.vision = vision
+        self._rllm_engine = rollout_engine  # rllm sets is_validation on it for validation batches
         self.axpo = AXPOWorkflow(engine, chat, env_factory, config)
 
     def _expand(self, rollout: Rollout) -> TrainingInputs | None:
@@ -398,10 +433,16 @@ class AXPORllmWorkflow(Workflow):
     async def run(self, task: dict, uid: str, **kwargs) -> RllmEpisode:
         axpo_task = task if isinstance(task, Task) else task_from_dict(task)
         self.task, self.uid = task, uid
+        if getattr(self._rllm_engine, "is_validation", False):
+            return await self._validate(task, uid, axpo_task)
         limit = asyncio.Semaphore(self.axpo.config.max_concurrency)
         counters: Counter[str] = Counter()
         t0 = time.perf_counter()
-        originals = await self.axpo.originals(axpo_task, self.coordinator.step, limit, counters)
+        try:
+            originals = await self.axpo.originals(axpo_task, self.coordinator.step, limit, counters)
+        except BaseException as exc:
+            self.coordinator.abort(axpo_task.task_id, f"{type(exc).__name__}: {exc}")
+            raise
         group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
         plan, step = await self.coordinator.submit(group)
         mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
@@ -415,4 +456,21 @@ class AXPORllmWorkflow(Workflow):
         )
         episode = self.postprocess_episode(episode, TerminationReason.ENV_DONE)
         episode.metrics.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.coordinator.finish(step, episode, [e.rollout for e in conts])
+        return episode
+
+    async def _validate(self, task: dict, uid: str, axpo_task: Task) -> RllmEpisode:
+        """Validation (rllm runs it with this workflow, ``n_val`` runs per task): one plain rollout per
+        run — no resampling, no barrier, any batch size; rollout ``<task_id>#<rollout index>``."""
+        index = int(uid.rsplit(":", 1)[1]) if ":" in uid and uid.rsplit(":", 1)[1].isdigit() else 0
+        episode_ = await self.axpo.original(axpo_task, index, VALIDATION_STEP, asyncio.Semaphore(1), Counter())
+        rollout = episode_.rollout
+        config = dataclasses.replace(self.axpo.config.axpo, enable=False)
+        episode = RllmEpisode(
+            id=uid, task=task, trajectories=[rollout_to_trajectory(rollout, inputs=self._expand(rollout))],
+            metadata={"axpo_plan": ResamplePlan(0, (), (), ()), "axpo_config": config, "axpo_step": "validation"},
+        )
+        episode = self.postprocess_episode(episode, TerminationReason.ENV_DONE)
+        episode.metrics.update({"val/tool_use": float(rollout.used_tool), "val/turns": float(rollout.turns),
+                                "val/failed": float(rollout.termination.value == "error")})
         return episode
