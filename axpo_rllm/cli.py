@@ -5,6 +5,7 @@
     axpo-rllm main                                           the embedded CPU job
     axpo-rllm data inspect|convert|filter|sft-export FILE... data sets in, verl/rllm data out
     axpo-rllm eval FILE... --model-dir DIR --out DIR         Pass@1 / Pass@k per benchmark (resumable)
+    axpo-rllm train [--model NAME] [--ablation NAME] [--dry-run] [key=value ...]   an rllm training run
 """
 
 from __future__ import annotations
@@ -450,6 +451,65 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
+def train(args: argparse.Namespace) -> int:
+    """An rllm training run (``AgentTrainer``, backend verl) with AXPO's workflow, hook and estimator."""
+    from omegaconf import OmegaConf  # CLI start-up: these load only for `train`
+
+    from axpo_rllm.integrations.rllm import launcher
+
+    try:
+        if args.dry_run:
+            cfg, notes = launcher.dry_run(args.ablation, args.overrides, model=args.model)
+            print(OmegaConf.to_yaml(cfg))
+            for note in notes:
+                print(f"# checked: {note}", file=sys.stderr)
+            return 0
+        launcher._import_rllm()
+        cfg = launcher.launch_config(args.ablation, args.overrides, base=launcher.compose_rllm_base(), model=args.model)
+    except launcher.RllmMissing as exc:
+        print(f"axpo-rllm train: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"axpo-rllm train: {exc}", file=sys.stderr)
+        return 2
+    train_set, val_set = _registered_files(cfg)
+    return launcher.run(cfg, train_set, val_set)
+
+
+def _registered_files(cfg):
+    """``data.train_files`` / ``data.val_files`` (any format ``axpo-rllm data`` reads) registered in
+    rllm's dataset registry as ``axpo-<stem>``; (None, None) when the run names registered datasets."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm
+
+    from axpo_rllm.data.loaders import load_rows
+    from axpo_rllm.data.writers import register_rllm
+
+    out = []
+    for key, split in (("data.train_files", "train"), ("data.val_files", "test")):
+        files = OmegaConf.select(cfg, key, default=None)
+        files = [files] if isinstance(files, str) else list(files or [])
+        if not files or not all(Path(str(f)).exists() for f in files):
+            out.append(None)
+            continue
+        rows, _ = load_rows([str(f) for f in files])
+        name = "axpo-" + "-".join(Path(str(f)).stem for f in files)[:64]
+        register_rllm(rows, name, split=split)
+        out.append(DatasetRegistry.load_dataset(name, split))
+    return (out[0], out[1]) if out[0] is not None else (None, None)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="an rllm training run (AgentTrainer, backend verl) with AXPO; --dry-run checks it on CPU")
+    p.add_argument("--ablation", default=None, help="grpo, no_prefix_fix, ... (configs/ablation)")
+    p.add_argument("--model", default=None, help="a shipped model layer: qwen3_vl_2b_thinking, qwen3_vl_4b_thinking, qwen3_vl_8b_thinking")
+    p.add_argument("--dry-run", action="store_true", help="compose and validate the whole config without a GPU, print it")
+    p.add_argument("overrides", nargs="*", help="key=value (hydra/omegaconf dot-list); '+key=value' adds a key")
+    p.set_defaults(func=train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axpo-rllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -469,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.set_defaults(func=run_main)
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

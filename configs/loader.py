@@ -10,7 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from axpo_rllm.core.config import AXPOConfig
 
-__all__ = ["ABLATIONS", "load_config", "axpo_config", "config_text"]
+__all__ = ["ABLATIONS", "MODELS", "load_config", "model_config", "axpo_config", "config_text"]
+
+MODELS = ("qwen3_vl_2b_thinking", "qwen3_vl_4b_thinking", "qwen3_vl_8b_thinking")
+"""Shipped model layers (``configs/models/NAME.yaml``): the paper's settings per size, as starting points."""
 
 ABLATIONS = ("grpo", "no_prefix_fix", "no_tool_resampling", "random_rank", "no_prefix_credit", "no_separate_group", "rollout_2x")
 
@@ -18,6 +21,13 @@ ABLATIONS = ("grpo", "no_prefix_fix", "no_tool_resampling", "random_rank", "no_p
 def config_text(name: str) -> str:
     """Text of a shipped yaml, e.g. ``axpo.yaml`` or ``ablation/grpo.yaml``."""
     return files("axpo_rllm.configs").joinpath(name).read_text()
+
+
+def model_config(name: str) -> DictConfig:
+    """A shipped model layer (``configs/models/NAME.yaml``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return OmegaConf.create(config_text(f"models/{name}.yaml"))
 
 
 def load_config(ablation: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:

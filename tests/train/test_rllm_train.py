@@ -118,3 +118,44 @@ def test_rllms_own_sync_keeps_the_axpo_layer():
     assert cfg.actor_rollout_ref.rollout.n == 1, "rllm syncs verl's n to its own"
     config = workflow_config(cfg)
     assert config.n == 8 and config.agent.max_turns == 3 and config.axpo.k == 4
+
+
+@pytest.mark.parametrize("model", ["qwen3_vl_2b_thinking", "qwen3_vl_4b_thinking", "qwen3_vl_8b_thinking"])
+def test_shipped_model_configs_carry_the_papers_settings(model):
+    from axpo_rllm.integrations.rllm.launcher import dry_run
+
+    cfg, notes = dry_run(None, [], model=model)
+    size = model.split("_")[2].upper()
+    assert cfg.actor_rollout_ref.model.path == f"Qwen/Qwen3-VL-{size}-Thinking"
+    assert cfg.axpo_launch.group_size == 8 and axpo_config(cfg).k == 4 and axpo_config(cfg).r == 0.25
+    assert cfg.agent.max_turns == 3 and sorted(cfg.axpo_launch.tools) == ["crop", "python", "search"]
+    actor = cfg.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.kl_loss_coef, actor.kl_loss_type) == (0.2, 0.4, 0.001, "low_var_kl")
+    assert cfg.actor_rollout_ref.rollout.name == "vllm" and cfg.actor_rollout_ref.rollout.val_kwargs.n >= 4
+    grpo, _ = dry_run("grpo", [], model=model)
+    assert not axpo_config(grpo).enable and grpo.axpo_launch.group_size == 8
+    assert any("N=8" in n for n in notes)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("bogus.key=1", r"unknown config key\(s\) \['bogus.key'\]"),
+    ("data.train_files=/no/such.parquet", r"data.train_files: no such file"),
+    ("actor_rollout_ref.rollout.name=hf", "rollout.name must be one of"),
+    ("actor_rollout_ref.rollout.mode=sync", "rollout.mode must be 'async'"),
+    ("axpo_launch.tools=[crop,zoom]", r"\['zoom'\] are not installed tools"),
+])
+def test_the_dry_run_names_the_bad_key(override, message):
+    from axpo_rllm.integrations.rllm.launcher import dry_run
+
+    with pytest.raises(ValueError, match=message):
+        dry_run(None, [override], model="qwen3_vl_2b_thinking")
+
+
+def test_axpo_rllm_train_dry_run_prints_the_merged_config(capsys):
+    from axpo_rllm.cli import main as cli
+
+    assert cli(["train", "--model", "qwen3_vl_2b_thinking", "--dry-run", "data.train_batch_size=16"]) == 0
+    out, err = capsys.readouterr()
+    assert "group_size: 8" in out and "kl_beta: 0.001" in out and "# checked:" in err
+    assert cli(["train", "--dry-run", "bogus.key=1", "--model", "qwen3_vl_2b_thinking"]) == 2
+    assert "unknown config key" in capsys.readouterr().err

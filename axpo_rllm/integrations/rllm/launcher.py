@@ -24,6 +24,7 @@ run starts: without it the launcher fails with an error that says how to install
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib
 import sys
@@ -34,11 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import WorkflowConfig
-from axpo_rllm.configs.loader import axpo_config, load_config
+from axpo_rllm.configs.loader import axpo_config, config_text, load_config, model_config
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import MultimodalToolEnv
 
-__all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "resolve_workflow", "main"]
+__all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "check_launch_config", "dry_run", "resolve_workflow", "run", "main"]
 
 DEFAULT_WORKFLOW = "axpo_rllm.integrations.rllm.workflow:AXPORllmWorkflow"
 """The rllm ``Workflow`` running AXPO's phases inside rllm (override: ``axpo_launch.workflow_class``)."""
@@ -60,6 +61,7 @@ def launch_config(
     ablation: str | None = None,
     overrides: Sequence[str] = (),
     base: DictConfig | dict | None = None,
+    model: str | None = None,
 ) -> DictConfig:
     """rllm's base config (``base``; empty when None) + axpo.yaml (+ ablation) + launcher keys + overrides,
     with the AXPO layer written into rllm's own keys too.
@@ -75,10 +77,14 @@ def launch_config(
     (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before any GPU is touched.
     """
     axpo = load_config(ablation)
+    if model is not None:  # the model layer, then the ablation file again (its switches win over a model's)
+        layers = [axpo, model_config(model)] + ([OmegaConf.create(config_text(f"ablation/{ablation}.yaml"))] if ablation else [])
+        axpo = OmegaConf.merge(*layers)
     launcher = OmegaConf.create(
         {
             "axpo_launch": {
                 "ablation": ablation or "axpo",
+                "model": model or "",
                 "workflow_class": DEFAULT_WORKFLOW,
                 "backend": "verl",
                 "tools": ["crop", "python", "search"],
@@ -167,6 +173,95 @@ def compose_rllm_base(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name=RLLM_CONFIG_NAME, overrides=list(overrides))
 
 
+def compose_verl_base() -> DictConfig:
+    """verl's own ``ppo_trainer`` config (hydra, from the installed verl): what a dry run without
+    rllm validates the AXPO layer against."""
+    from hydra import compose, initialize_config_module  # only to compose verl's config
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer")
+
+
+ROLLOUT_NAMES = ("vllm", "sglang")
+
+
+def dry_run(ablation: str | None = None, overrides: Sequence[str] = (), model: str | None = None) -> tuple[DictConfig, list[str]]:
+    """Everything checkable without a GPU: compose rllm's ``unified`` config (or, without rllm,
+    verl's ``ppo_trainer``) + the AXPO layer + the model layer + ``overrides``, check the keys rllm
+    and verl read, then run rllm's own ``sync_config`` on a copy and check that the AXPO settings
+    survive it. Returns the merged config and notes (what was checked, what was skipped).
+    Raises ValueError naming the key and the expected value."""
+    notes: list[str] = []
+    try:
+        _import_rllm()
+        base, has_rllm = compose_rllm_base(), True
+        notes.append("composed rllm's unified config (verl's ppo_trainer inside it)")
+    except RllmMissing:
+        base, has_rllm = compose_verl_base(), False
+        notes.append("rllm is not installed: composed verl's ppo_trainer; rllm's unified config and its sync_config were skipped")
+    layered = launch_config(ablation, (), base=base, model=model)
+    unknown = [key for key in (o.split("=", 1)[0] for o in overrides) if not key.startswith("+") and not _exists(layered, key)]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}: not in {'rllm' if has_rllm else 'verl'}'s config or the AXPO layer "
+                         "(prefix a new key with '+')")
+    cfg = launch_config(ablation, overrides, base=base, model=model)
+    rollout = cfg.actor_rollout_ref.rollout
+    if OmegaConf.is_missing(rollout, "name") or rollout.name not in ROLLOUT_NAMES:
+        raise ValueError(f"actor_rollout_ref.rollout.name must be one of {ROLLOUT_NAMES} (the model layer sets vllm), "
+                         f"got {OmegaConf.select(rollout, 'name', default='???')!r}")
+    if OmegaConf.select(rollout, "mode", default="async") != "async":
+        raise ValueError(f"actor_rollout_ref.rollout.mode must be 'async' (token-in/token-out server), got {rollout.mode!r}")
+    if OmegaConf.is_missing(cfg.actor_rollout_ref.model, "path") or not str(OmegaConf.select(cfg, "actor_rollout_ref.model.path", default="")):
+        raise ValueError("actor_rollout_ref.model.path must name the model (or pass --model NAME)")
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    for key in ("data.train_files", "data.val_files"):
+        if key not in given:
+            continue  # verl's defaults are placeholders; only files the user named are checked
+        files = OmegaConf.select(cfg, key, default=None)
+        files = [files] if isinstance(files, str) else list(files or [])
+        missing = [f for f in files if not Path(str(f)).exists()]
+        if missing:
+            raise ValueError(f"{key}: no such file(s) {missing}")
+    tools = list(cfg.axpo_launch.tools)
+    from axpo_rllm.envs.tools.registry import discover_tools  # entry points: a real scan, only here
+
+    found = discover_tools()
+    absent = [t for t in tools if t not in found]
+    if absent:
+        raise ValueError(f"axpo_launch.tools: {absent} are not installed tools; installed: {sorted(found)}")
+    notes.append(f"N={cfg.axpo_launch.group_size} per question, B={cfg.rllm.data.train_batch_size}, rllm.rollout.n=1, "
+                 f"tools {tools}, AXPO {'on' if axpo_config(cfg).enable else 'off (GRPO)'}")
+    if has_rllm:
+        from rllm.trainer.verl.utils import sync_config  # needs rllm
+
+        synced = copy.deepcopy(cfg)
+        sync_config(synced, hydra_overrides=list(overrides))
+        check_synced(synced, cfg)
+        notes.append("rllm's sync_config keeps clip, KL, batch size and N")
+    return cfg, notes
+
+
+def _exists(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def check_synced(synced: DictConfig, cfg: DictConfig) -> None:
+    """After rllm's ``sync_config``: the settings AXPO needs are what the AXPO layer asked for."""
+    actor, want = synced.actor_rollout_ref.actor, cfg.actor_rollout_ref.actor
+    pairs = {
+        "actor_rollout_ref.actor.clip_ratio_low": (actor.clip_ratio_low, want.clip_ratio_low),
+        "actor_rollout_ref.actor.clip_ratio_high": (actor.clip_ratio_high, want.clip_ratio_high),
+        "actor_rollout_ref.actor.kl_loss_coef": (actor.kl_loss_coef, want.kl_loss_coef),
+        "actor_rollout_ref.actor.use_kl_loss": (actor.use_kl_loss, want.use_kl_loss),
+        "data.train_batch_size": (synced.data.train_batch_size, cfg.rllm.data.train_batch_size),
+    }
+    for key, (got, expected) in pairs.items():
+        if got != expected:
+            raise ValueError(f"after rllm's sync_config {key} is {got!r}, expected {expected!r}: set the matching rllm.* key")
+
+
 def resolve_workflow(path: str) -> type:
     """``module:Class`` -> the class, or an ImportError naming what is missing."""
     module_name, _, attr = path.partition(":")
@@ -245,27 +340,14 @@ def load_datasets(cfg: DictConfig):
     return train, val
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m axpo_rllm.integrations.rllm.launcher", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ablation", default=None)
-    parser.add_argument("--print-config", action="store_true", help="print the AXPO layer of the config and exit (no rllm needed)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    if args.print_config:
-        print(OmegaConf.to_yaml(launch_config(args.ablation, args.overrides)))
-        return 0
-    try:
-        AgentTrainer = _import_rllm()
-    except RllmMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    base = compose_rllm_base()
-    cfg = launch_config(args.ablation, args.overrides, base=base)
+def run(cfg: DictConfig, train: Any = None, val: Any = None) -> int:
+    """Start rllm's ``AgentTrainer`` on a launch config (datasets: registered names when not given)."""
+    AgentTrainer = _import_rllm()
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
     from axpo_rllm.integrations.rllm.workflow import AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm
 
-    train, val = load_datasets(cfg)
+    if train is None:
+        train, val = load_datasets(cfg)
     trainer = AgentTrainer(
         workflow_class=workflow_class,
         workflow_args=workflow_args(cfg),
@@ -278,6 +360,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trainer.train()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m axpo_rllm.integrations.rllm.launcher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ablation", default=None)
+    parser.add_argument("--model", default=None, help="a shipped model layer (configs/models)")
+    parser.add_argument("--print-config", action="store_true", help="print the AXPO layer of the config and exit (no rllm needed)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if args.print_config:
+        print(OmegaConf.to_yaml(launch_config(args.ablation, args.overrides, model=args.model)))
+        return 0
+    try:
+        _import_rllm()
+    except RllmMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(launch_config(args.ablation, args.overrides, base=compose_rllm_base(), model=args.model))
 
 
 if __name__ == "__main__":
