@@ -150,7 +150,7 @@ GRADER_STATS = GraderStats()
 # Final-answer extraction
 #
 # Where the answer is read from, in this order:
-#   1. a marker: the last ``\boxed{}``, else ``<answer>...</answer>``, else an ``Answer:`` line
+#   1. a marker: the last ``\boxed{}``, else ``<answer>...</answer>``, else ``#### 18``, else an ``Answer:`` line
 #      (:func:`extract_final_answer`), always after the last ``</think>``;
 #   2. no marker, but a ``</think>``: the text after it *is* the final answer text, and each verifier
 #      looks for its kind of answer in it (math-verify's own extraction, the usual multiple-choice
@@ -200,9 +200,12 @@ def extract_boxed(text: str) -> str | None:
 
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_LINE_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is\s*[:：]?|[:：])\s*(.+)",
+    r"(?:final\s+answer|the\s+answer|answer)[*_]*\s*(?:is\s*[:：]?|[:：])[*_]*\s*(.+)",
     re.IGNORECASE,
 )
+_NESTED_ANSWER_RE = re.compile(r"\s*(?:the\s+)?(?:final\s+)?answer[*_]*\s*(?:is\s*[:：]?|[:：])[*_]*\s*(.+)", re.IGNORECASE)
+_HASHES_RE = re.compile(r"(?:^|\n)[ \t]*####[ \t]*(\S[^\n]*)")
+"""GSM8K's answer line ("#### 18"), which models trained on it write."""
 
 
 def _clean_answer(text: str) -> str:
@@ -214,7 +217,8 @@ def _clean_answer(text: str) -> str:
 
 
 def extract_final_answer(response: str) -> str | None:
-    """The model's final answer: the last ``\\boxed{}``, else ``<answer>...</answer>``, else an ``Answer:`` line.
+    """The model's final answer: the last ``\\boxed{}``, else ``<answer>...</answer>``, else a ``#### 18``
+    line (GSM8K), else an ``Answer:`` line.
 
     Only text after the last ``</think>`` counts: a draft answer inside the reasoning is not the
     answer. Returns None when the response commits to no marked answer (the verifiers then read
@@ -229,9 +233,14 @@ def extract_final_answer(response: str) -> str | None:
     if tags:
         inner = tags[-1]
         return extract_boxed(inner) or _clean_answer(inner) or None
+    hashes = _HASHES_RE.findall(response)
+    if hashes:
+        return _clean_answer(hashes[-1]) or None
     lines = _ANSWER_LINE_RE.findall(response)
     if lines:
-        return _clean_answer(lines[-1].splitlines()[0]) or None
+        line = lines[-1].splitlines()[0]
+        nested = _NESTED_ANSWER_RE.match(line)  # "Final Answer: The final answer is $7$." (Minerva's format)
+        return _clean_answer(nested.group(1) if nested else line) or None
     return None
 
 
@@ -285,21 +294,24 @@ def token_f1(prediction: str, gold: str) -> float:
 _UNITS = frozenset(
     """
     mm cm dm m km in inch inches ft feet foot yd yard yards mi mile miles nm um µm
-    mg g kg t ton tons tonnes lb lbs pound pounds oz ounce ounces
+    meter meters metre metres centimeter centimeters centimetre centimetres millimeter millimeters
+    kilometer kilometers kilometre kilometres
+    mg g kg ton tons tonnes lb lbs pound pounds oz ounce ounces gram grams kilogram kilograms
     ms s sec secs second seconds min mins minute minutes h hr hrs hour hours day days week weeks
     month months year years yr yrs
     ml l liter liters litre litres gal gallon gallons cc
     m2 cm2 km2 mm2 ft2 m3 cm3 sqm sq m² cm² km² m³ cm³
     mph kmh kph km/h m/s ft/s rpm hz khz mhz ghz
-    k kb mb gb tb kw w kwh v mv a ma ohm ohms j kj cal kcal
-    ° °c °f deg degree degrees rad radian radians c f
-    px pt pts point points x times
+    kb mb gb tb kw w kwh v mv ma ohm ohms j kj cal kcal
+    ° °c °f deg degree degrees rad radian radians
+    px pt pts point points times
     usd eur euro euros gbp jpy cny inr dollar dollars cent cents yuan yen rupees
     percent pct per cent
     unit units apple apples people person persons item items
     """.split()
 )
-"""Words a bare numeric answer may carry beside its number ("12 cm", "5 dollars")."""
+"""Words a bare numeric answer may carry beside its number ("12 cm", "5 dollars") or glued to it
+("12cm"). Not letters that change the number or name a variable: "5k", "2x", "3a", "1t"."""
 
 _CURRENCY = "$€£¥₹"
 _NUMBER_TOKEN_RE = re.compile(
@@ -317,11 +329,18 @@ _TIMES_TEN_RE = re.compile(
 _TOKEN_SPLIT_RE = re.compile(r"[\s=≈~]+")
 _QUOTES = "\"'“‘”’*`"
 _CLOSING = {"(": ")", "[": "]", "{": "}"}
+_OPENING = {v: k for k, v in _CLOSING.items()}
+
+
+_DIGIT_GROUP_RE = re.compile(r"(?<=\d)(?:\\,|\\ |~|[\u00a0\u202f\u2009])(?=\d{3}(?!\d))")
+"""A thin or non-breaking space between digit groups ("1\\,000", "1 000" with U+202F): one number.
+(A plain space is not: "3 100" is as often two numbers as one.)"""
 
 
 def _latex_to_plain(text: str) -> str:
     """The few LaTeX spellings of numbers, as plain text (``\\frac{3}{4}`` -> ``3/4``, ``\\%`` -> ``%``)."""
-    text = text.replace("−", "-").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+    text = _DIGIT_GROUP_RE.sub("", text.replace("−", "-"))
+    text = text.replace("\\!", "").replace("\\,", " ").replace("{,}", ",")
     text = text.replace("\\%", "%").replace("\\$", "$").replace("\\left", "").replace("\\right", "")
     text = re.sub(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}", r" \1 ", text)
     text = _FRAC_RE.sub(lambda m: f" {m.group(1)}{m.group(2)}/{m.group(3)} ", text)
@@ -335,8 +354,7 @@ def _strip_punctuation(token: str) -> str:
         token = token.strip(_QUOTES).rstrip(".,;:!?")
         if token and token[0] in _CLOSING and token.count(token[0]) > token.count(_CLOSING[token[0]]):
             token = token[1:]
-        opening = {v: k for k, v in _CLOSING.items()}
-        if token and token[-1] in opening and token.count(token[-1]) > token.count(opening[token[-1]]):
+        if token and token[-1] in _OPENING and token.count(token[-1]) > token.count(_OPENING[token[-1]]):
             token = token[:-1]
         if token == before:
             return token
@@ -501,10 +519,10 @@ def _bare_choice(answer: str, choices: Mapping[str, str] | None = None) -> str |
     match = (
         re.fullmatch(r"[(\[]?([A-Za-z])[)\]]?[.:]?", text)
         or re.match(r"[(\[]?([A-Z])[)\].:](?:\s|$)", text)
-        or re.fullmatch(r"(?:option|choice)\s*[(\[]?([A-Za-z])[)\]]?", text, re.IGNORECASE)
+        or re.fullmatch(r"(?:option|choice)(?:\s*[(\[]|\s+)([A-Za-z])[)\]]?", text, re.IGNORECASE)
     )
     if match is None:  # "Option B: blue"
-        match = re.match(r"(?:option|choice)\s*[(\[]?([A-Z])[)\]]?[.:)]\s", text, re.IGNORECASE)
+        match = re.match(r"(?:option|choice)(?:\s*[(\[]|\s+)([A-Z])[)\]]?[.:)]\s", text, re.IGNORECASE)
     if match is not None and (not choices or match.group(1).upper() in choices):
         return match.group(1).upper()
     if choices:  # an option's own text (also "y" when the options are A-B and one of them is "y")
@@ -520,8 +538,8 @@ def _commitment_patterns(letters: str) -> list[re.Pattern]:
     letter = rf"[(\[]?[*_]*(?P<l>{letters})[*_]*[)\]]?{word_end}"
     return [
         re.compile(
-            rf"\b(?:answer|option|choice)[*_]*\s*(?:is|would\s+be|should\s+be|will\s+be|=|[:：])?[*_]*\s*"
-            rf"(?:(?:option|choice)\s*)?[:：]?\s*{letter}",
+            rf"\b(?:answer|option|choice)\b[*_]*\s*(?:is|would\s+be|should\s+be|will\s+be|=|[:：])?[*_]*\s*"
+            rf"(?:(?:option|choice)\b\s*)?[:：]?\s*{letter}",
             re.IGNORECASE,
         ),
         re.compile(rf"\b(?:choose|select|pick|go\s+with|correct\s+one\s+is)\s+(?:(?:option|choice)\s+)?{letter}", re.IGNORECASE),
@@ -657,7 +675,8 @@ _TUPLE_RE = re.compile(r"[(\[]\s*[^()\[\]\s,]+(?:\s*,\s*[^()\[\]\s,]+)+\s*[)\]]"
 
 
 def _guard_prose(prose: str) -> str:
-    prose = _TIMES_TEN_RE.sub(lambda m: f"{m.group(1)}e{m.group(2) or m.group(3)}", prose.replace("−", "-"))
+    prose = _DIGIT_GROUP_RE.sub("", prose.replace("−", "-")).replace("{,}", ",")
+    prose = _TIMES_TEN_RE.sub(lambda m: f"{m.group(1)}e{m.group(2) or m.group(3)}", prose)
     out, last = [], 0
     for group in _TUPLE_RE.finditer(prose):
         elements = [e.strip() for e in group.group(0)[1:-1].split(",")]

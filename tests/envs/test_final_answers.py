@@ -60,6 +60,27 @@ def test_final_answer_text_is_what_follows_the_last_think():
     assert extract_final_answer(THINK + "The result is 42") is None  # markers only; verifiers read the text
 
 
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("Janet sells 16 - 3 - 4 = 9 eggs and makes 9 * 2 = $18.\n#### 18", "18"),  # GSM8K's answer line
+        ("#### 1,234", "1,234"),
+        ("so x #### 5", None),  # not at a line start
+        ("**Final Answer**: 42", "42"),
+        ("Final Answer: The final answer is $7$. I hope it is correct.", "$7$. I hope it is correct"),  # Minerva's
+    ],
+)
+def test_more_answer_markers(response, expected):
+    assert extract_final_answer(response) == expected
+
+
+@pytest.mark.parametrize("source, gold", [("gsm8k", "18"), ("numeric", "18")])
+def test_gsm8k_and_minerva_styles_are_graded(grader, source, gold):
+    assert verdict(grader, source, "She makes 9 * 2 = $18 every day.\n#### 18", gold)
+    assert verdict(grader, source, "Final Answer: The final answer is $18$. I hope it is correct.", gold)
+    assert not verdict(grader, source, "She makes 9 * 2 = $18 every day.\n#### 19", gold)
+
+
 # ---------------------------------------------------------------------------------------------- math
 
 
