@@ -354,7 +354,7 @@ class _Worker:
         if limit == CPU_LIMIT:
             error = f"CPU-time limit: the code used more than its {limits.cpu_s:g} s of CPU time and was stopped"
         elif limit == WALL_LIMIT:
-            error = f"wall-clock limit: the code ran past its {limits.timeout_s:g} s time limit; its process tree was killed"
+            error = f"wall-clock limit: the code ran past its {limits.timeout_s:g} s time limit (wall clock); its process tree was killed"
         return SandboxResult(
             stdout=self.read_stream(self.stdout_path, limits.max_output_chars),
             stderr=self.read_stream(self.stderr_path, limits.max_output_chars),
