@@ -182,7 +182,7 @@ def _resolve(box: tuple, size: tuple[int, int], config: CropConfig) -> tuple[tup
             f"bbox={shown} lies outside the {width}x{height} image ({config.coordinates} coordinates: "
             f"x in 0..{limit_x}, y in 0..{limit_y})"
         )
-    clamped = (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
+    clamped = any(v < 0 or v > limit for v, limit in ((x1, limit_x), (x2, limit_x), (y1, limit_y), (y2, limit_y)))
     if relative:
         cx1, cx2 = cx1 * width / 1000, cx2 * width / 1000
         cy1, cy2 = cy1 * height / 1000, cy2 * height / 1000

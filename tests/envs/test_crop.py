@@ -71,6 +71,14 @@ def test_box_beyond_the_image_is_clamped(image):
     assert result.metadata["clamped"] and "clamped to the image" in result.text
 
 
+@pytest.mark.parametrize("box, expected", [([12.3, 0.1, 50.7, 60], (12, 0, 51, 60)), (["12.3", "0.1", "50.7", "60"], (12, 0, 51, 60)),
+                                           ([0, 0, 200, 100], (0, 0, 200, 100))])
+def test_a_box_inside_the_image_is_neither_clamped_nor_reordered(image, box, expected):
+    result = call(CropTool(coordinates="absolute"), {"bbox": box}, [image])
+    assert result.metadata["pixel_box"] == expected
+    assert not result.metadata["clamped"] and not result.metadata["reordered"] and "(box" not in result.text
+
+
 # Behaviour change (issue 10): negative coordinates and inverted corners used to be refused; a
 # model box that runs off the image is now a box of its visible part, as Qwen-VL's tools read it.
 @pytest.mark.parametrize(
