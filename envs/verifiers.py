@@ -245,8 +245,9 @@ def extract_final_answer(response: str) -> str | None:
 
 
 MAX_FINAL_TEXT_CHARS = 4000
-"""Unmarked final answers are read from at most this many trailing characters (a bound on the
-work a hostile response can cause; an answer is at the end)."""
+"""Unmarked final answers are read from at most this many trailing characters, marked ones (for a
+choice or a number) from this many leading ones: a bound on the work a hostile response causes in
+the trainer process (an answer is at the end of the text, a marked answer at its start)."""
 
 
 def final_answer_text(response: str) -> tuple[str, bool]:
@@ -349,21 +350,30 @@ def _latex_to_plain(text: str) -> str:
 
 def _strip_punctuation(token: str) -> str:
     """Quotes, sentence punctuation and unbalanced brackets off both ends of a token ("(12).", "**5**")."""
-    while True:
+    for _ in range(8):  # a few rounds ("(**12**)."); each is linear, so a hostile token costs little
         before = token
         token = token.strip(_QUOTES).rstrip(".,;:!?")
-        if token and token[0] in _CLOSING and token.count(token[0]) > token.count(_CLOSING[token[0]]):
-            token = token[1:]
-        if token and token[-1] in _OPENING and token.count(token[-1]) > token.count(_OPENING[token[-1]]):
-            token = token[:-1]
+        if token and token[0] in _CLOSING:
+            opener = token[0]
+            excess = token.count(opener) - token.count(_CLOSING[opener])
+            token = token[max(0, min(excess, len(token) - len(token.lstrip(opener)))) :]
+        if token and token[-1] in _OPENING:
+            closer = token[-1]
+            excess = token.count(closer) - token.count(_OPENING[closer])
+            token = token[: len(token) - max(0, min(excess, len(token) - len(token.rstrip(closer))))]
         if token == before:
-            return token
+            break
+    return token
 
 
 def _strip_token(token: str) -> str:
+    """A token without its punctuation, enclosing brackets or ``$...$`` ("(12).", "$5$", "(**B**)")."""
     token = _strip_punctuation(token)
-    if token.startswith("$") and token.endswith("$") and len(token) > 1:
-        token = _strip_punctuation(token[1:-1])
+    for _ in range(4):
+        if len(token) > 1 and ((token[0] in _CLOSING and token[-1] == _CLOSING[token[0]]) or token[0] == token[-1] == "$"):
+            token = _strip_punctuation(token[1:-1])
+        else:
+            break
     return token
 
 
@@ -799,7 +809,7 @@ def verify_choice(response: str, answer: str, metadata: Mapping) -> VerifyResult
         raise ValueError(f"gold answer {answer!r} names no option of {sorted(choices) or 'A-Z'}")
     marked = extract_final_answer(response)
     if marked is not None:
-        extracted, letter = marked, extract_choice(marked, choices)
+        extracted, letter = marked, extract_choice(marked[:MAX_FINAL_TEXT_CHARS], choices)
     else:
         text, after_think = final_answer_text(response)
         letter = _bare_choice(text, choices) or (_find_choice(text, choices) if after_think else None)
@@ -821,7 +831,7 @@ def verify_numeric(response: str, answer: str, metadata: Mapping) -> VerifyResul
         raise ValueError(f"gold answer {answer!r} holds no number")
     marked = extract_final_answer(response)
     if marked is not None:
-        extracted, pred = marked, parse_number(marked)
+        extracted, pred = marked, parse_number(marked[:MAX_FINAL_TEXT_CHARS])
     else:
         text, after_think = final_answer_text(response)
         pred, extracted = _bare_number(text), text

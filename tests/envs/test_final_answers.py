@@ -363,3 +363,22 @@ def test_grading_stays_quiet_and_counted(grader, caplog):
         for source, response, gold in [("math", THINK + "It is 4", "4"), ("choice", THINK + "B", "B"), ("numeric", THINK + "4", "4")]:
             assert grader.grade(source, response, gold, THREE if source == "choice" else {}).correct
     assert grader.stats.snapshot()["failures"] == 0 and "grader failure" not in caplog.text
+
+
+@pytest.mark.parametrize("source", ["choice", "numeric"])
+def test_hostile_responses_cost_little_in_the_trainer_process(source):
+    # choice and numeric grade in-process (no killable worker): nothing quadratic in the response.
+    import time
+
+    grader = Grader(stats=GraderStats())
+    for response in [THINK + "(B) " * 250_000, "\\boxed{" + "(" * 100_000 + "1" + ")" * 100_000 + "}", "Answer: " + "answer is " * 100_000,
+                     THINK + "1,2" * 300_000, THINK + "$" * 500_000]:
+        start = time.perf_counter()
+        result = grader.grade(source, response, "B" if source == "choice" else "1", THREE if source == "choice" else {})
+        assert result.failure is None and time.perf_counter() - start < 3.0, response[:40]
+
+
+def test_numbers_in_brackets_and_dollars(grader):
+    for written in ["(12).", "(**12**)", "$12$", "[12]"]:
+        assert parse_number(written) == (12.0, False), written
+        assert verdict(grader, "numeric", THINK + f"It is {written}", "12"), written
