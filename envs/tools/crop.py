@@ -16,22 +16,34 @@ grounding key). Coordinate conventions (config ``coordinates``):
 * ``"absolute"`` (Qwen2.5-VL): pixels of the image as the model saw it (the processed image, i.e.
   the image stored in the context; resize before the episode if the processor resizes).
 
-Then, in this order: values beyond the image are clamped to it; a side shorter than ``min_side``
-(default 28 px, like DeepEyes' ``ImageZoomInTool``) is grown around the box centre (shifted to stay
-inside the image); a box whose long/short side ratio exceeds ``max_aspect_ratio`` (default 100)
-gets its short side grown the same way; with ``upscale_min_side`` set (default off) a crop whose
-short side is smaller is resized up to it (bicubic, capped at ``max_output_pixels``).
+A box is read the way Qwen-VL's own grounding utilities read model boxes (the Qwen2.5-VL /
+Qwen3-VL cookbooks' ``plot_bounding_boxes``: scale, then swap corners written in the wrong order)
+and then clamped to the image the way verl's DeepEyes ``ImageZoomInTool`` does: in this order,
+corners are put in order (``[x2, y2, x1, y1]`` is the same box); coordinates beyond the image --
+negative, or past the right/bottom edge -- are clamped to it (a model box that runs off the image
+is a box of the visible part, not a mistake); a side shorter than ``min_side`` (default 28 px,
+like DeepEyes) is grown around the box centre (shifted to stay inside the image); a box whose
+long/short side ratio exceeds ``max_aspect_ratio`` (default 100) gets its short side grown the same
+way; with ``upscale_min_side`` set (default off) a crop whose short side is smaller is resized up
+to it (bicubic, capped at ``max_output_pixels``). The observation says when a box was clamped or
+reordered.
 
-Bad input never raises: NaN, inf, negative, inverted or empty boxes, non-numbers, booleans, a wrong
-number of values, an index out of range, or an image too large to decode all come back as an error
-observation that names the bad value.
+Coordinates are numbers: ints of any size (``10**400`` is clamped like ``5000``), finite floats, or
+strings holding a plain decimal number (``"12"``, ``"-3.5"``, ``"1e3"``; arguments are sometimes
+written that way). Errors -- an observation naming the bad value, never an exception -- are only:
+NaN or infinite values, booleans, ``None`` and other non-numbers (strings included that are not a
+number), a wrong number of values, a box with no area (``x1 == x2`` or ``y1 == y2``), a box that
+does not overlap the image at all, an index out of range, an aspect ratio that cannot be fixed inside
+the image, or an image too large to decode.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from PIL import Image
@@ -75,35 +87,62 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    if isinstance(value, numbers.Integral):
+        return True  # any int is finite (math.isfinite(10**400) would raise OverflowError)
+    try:
+        return math.isfinite(value)
+    except (OverflowError, TypeError, ValueError):  # an exotic Real: Fraction with a huge numerator
+        return not (value != value)
+
+
 def parse_index(value: Any, n_images: int) -> int:
     """The image index as an int in ``[0, n_images)``; integral floats (``1.0``) are accepted."""
-    if not _is_number(value) or not math.isfinite(value) or value != int(value):
-        raise BoxError(f"image_index={value!r} is not an integer")
+    if not _is_number(value) or not _is_finite(value) or value != math.floor(value):
+        raise BoxError(f"image_index={_short(value)} is not an integer")
     index = int(value)
     if n_images == 0:
         raise BoxError("there is no image to crop (the episode has no images)")
     if not 0 <= index < n_images:
-        raise BoxError(f"image_index={index} is out of range: valid indices are 0..{n_images - 1}")
+        raise BoxError(f"image_index={_short(index)} is out of range: valid indices are 0..{n_images - 1}")
     return index
 
 
-def parse_box(value: Any) -> tuple[float, float, float, float]:
-    """Four finite, non-negative numbers with x1 < x2 and y1 < y2, as written by the model."""
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,6})?\s*")
+"""A coordinate written as a string: a plain decimal number (no hex, no underscores, no nan/inf)."""
+
+Coordinate = Any  # int | float | Decimal: exact comparisons with any of them are safe, arithmetic is not
+BOX_KEYS = ("x1", "y1", "x2", "y2")
+
+
+def _coordinate(name: str, v: Any) -> Coordinate:
+    if isinstance(v, str):
+        if not _NUMBER_TEXT.fullmatch(v):  # linear; Decimal parses millions of digits in milliseconds
+            raise BoxError(f"bbox {name}={_short(v)} is not a number")
+        return Decimal(v.strip())  # exact, and no overflow at 1e999
+    if not _is_number(v):
+        raise BoxError(f"bbox {name}={_short(v)} is not a number")
+    if not _is_finite(v):
+        raise BoxError(f"bbox {name}={_short(v)} is not finite")
+    return v
+
+
+def parse_box(value: Any) -> tuple[Coordinate, Coordinate, Coordinate, Coordinate]:
+    """Four finite numbers ``[x1, y1, x2, y2]`` as written by the model (any order, any size)."""
     if not isinstance(value, (list, tuple)):
         raise BoxError(f"bbox={_short(value)} is not a list [x1, y1, x2, y2]")
     if len(value) != 4:
         raise BoxError(f"bbox={_short(value)} has {len(value)} values, expected 4: [x1, y1, x2, y2]")
-    for name, v in zip(("x1", "y1", "x2", "y2"), value):
-        if not _is_number(v):
-            raise BoxError(f"bbox {name}={_short(v)} is not a number")
-        if not math.isfinite(v):
-            raise BoxError(f"bbox {name}={v!r} is not finite")
-        if v < 0:
-            raise BoxError(f"bbox {name}={v!r} is negative")
-    x1, y1, x2, y2 = (float(v) for v in value)
-    if x2 <= x1 or y2 <= y1:
-        raise BoxError(f"bbox={list(value)} is empty or inverted: expected x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
+    return tuple(_coordinate(name, v) for name, v in zip(BOX_KEYS, value))
+
+
+def _clamp(value: Coordinate, limit: int) -> float:
+    """``value`` clamped to ``[0, limit]`` (compared exactly, converted only once inside)."""
+    if value <= 0:
+        return 0.0
+    if value >= limit:
+        return float(limit)
+    return float(value)
 
 
 def _grow(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:
@@ -117,17 +156,38 @@ def _grow(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:
     return lo, lo + target
 
 
-def resolve_box(box: tuple[float, float, float, float], size: tuple[int, int], config: CropConfig) -> tuple[int, int, int, int]:
-    """Pixel box ``(left, top, right, bottom)`` inside an image of ``size`` = (width, height)."""
+def resolve_box(box: tuple, size: tuple[int, int], config: CropConfig) -> tuple[int, int, int, int]:
+    """Pixel box ``(left, top, right, bottom)`` inside an image of ``size`` = (width, height).
+
+    ``box`` is what :func:`parse_box` returns: corners in any order, values of any size.
+    """
+    return _resolve(box, size, config)[0]
+
+
+def _resolve(box: tuple, size: tuple[int, int], config: CropConfig) -> tuple[tuple[int, int, int, int], dict]:
+    """:func:`resolve_box` plus what was done to the box (``reordered``, ``clamped``)."""
     width, height = size
     x1, y1, x2, y2 = box
-    if config.coordinates == "relative_1000":
-        x1, x2 = x1 * width / 1000, x2 * width / 1000
-        y1, y2 = y1 * height / 1000, y2 * height / 1000
-    left, top = int(math.floor(min(x1, width))), int(math.floor(min(y1, height)))
-    right, bottom = int(math.ceil(min(x2, width))), int(math.ceil(min(y2, height)))
-    if right <= left or bottom <= top:
-        raise BoxError(f"bbox={list(box)} lies outside the {width}x{height} image ({config.coordinates} coordinates)")
+    shown = "[" + ", ".join(_short(v, 24) for v in box) + "]"
+    reordered = x1 > x2 or y1 > y2
+    x1, x2 = (x2, x1) if x1 > x2 else (x1, x2)
+    y1, y2 = (y2, y1) if y1 > y2 else (y1, y2)
+    if x1 == x2 or y1 == y2:
+        raise BoxError(f"bbox={shown} is empty: it has no {'width' if x1 == x2 else 'height'} (expected x1 != x2 and y1 != y2)")
+    relative = config.coordinates == "relative_1000"
+    limit_x, limit_y = (1000, 1000) if relative else (width, height)
+    cx1, cx2, cy1, cy2 = _clamp(x1, limit_x), _clamp(x2, limit_x), _clamp(y1, limit_y), _clamp(y2, limit_y)
+    if cx2 <= cx1 or cy2 <= cy1:
+        raise BoxError(
+            f"bbox={shown} lies outside the {width}x{height} image ({config.coordinates} coordinates: "
+            f"x in 0..{limit_x}, y in 0..{limit_y})"
+        )
+    clamped = any(v < 0 or v > limit for v, limit in ((x1, limit_x), (x2, limit_x), (y1, limit_y), (y2, limit_y)))
+    if relative:
+        cx1, cx2 = cx1 * width / 1000, cx2 * width / 1000
+        cy1, cy2 = cy1 * height / 1000, cy2 * height / 1000
+    left, top = min(int(math.floor(cx1)), width - 1), min(int(math.floor(cy1)), height - 1)
+    right, bottom = max(int(math.ceil(cx2)), left + 1), max(int(math.ceil(cy2)), top + 1)
     left, right = _grow(left, right, config.min_side, width)
     top, bottom = _grow(top, bottom, config.min_side, height)
     w, h = right - left, bottom - top
@@ -139,10 +199,10 @@ def resolve_box(box: tuple[float, float, float, float], size: tuple[int, int], c
         w, h = right - left, bottom - top
         if max(w, h) / min(w, h) > config.max_aspect_ratio:
             raise BoxError(
-                f"bbox={list(box)} gives a {w}x{h} crop, aspect ratio above {config.max_aspect_ratio:g} "
+                f"bbox={shown} gives a {w}x{h} crop, aspect ratio above {config.max_aspect_ratio:g} "
                 f"even after growing it inside the {width}x{height} image"
             )
-    return left, top, right, bottom
+    return (left, top, right, bottom), {"reordered": reordered, "clamped": clamped}
 
 
 def _upscale(crop: Image.Image, config: CropConfig) -> Image.Image:
@@ -160,7 +220,16 @@ def _upscale(crop: Image.Image, config: CropConfig) -> Image.Image:
 
 def _short(value: Any, limit: int = 80) -> str:
     """repr() cut to ``limit`` characters: a model may write megabytes into one argument."""
-    text = repr(value)
+    if isinstance(value, Decimal):
+        text = str(value)  # as the model wrote it, without Decimal('...')
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 512:
+        # repr() of a huge int is slow and, past 4300 digits, refused (ValueError).
+        text = f"{'-' if value < 0 else ''}<{int(value.bit_length() * 0.30103) + 1}-digit integer>"
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # noqa: BLE001 - a value whose repr fails is still named by its type
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -221,19 +290,23 @@ class CropTool(Tool):
             width, height = image.size
             if width * height > config.max_input_pixels:
                 raise BoxError(f"image {index} has {width}x{height} pixels, more than the {config.max_input_pixels} allowed")
-            pixel_box = resolve_box(box, image.size, config)
+            pixel_box, adjusted = _resolve(box, image.size, config)
             crop = _upscale(image.crop(pixel_box), config)
         except BoxError as exc:
             return ToolResult.fail(str(exc), tool=self.name)
         except (OSError, Image.DecompressionBombError, ValueError, MemoryError) as exc:
             # A lazily opened, truncated or bomb image in the context fails on first pixel access.
             return ToolResult.fail(f"image could not be decoded: {type(exc).__name__}: {_short(str(exc), 200)}", tool=self.name)
+        except Exception as exc:  # noqa: BLE001 - a tool never raises for model input (base.Tool.call)
+            return ToolResult.fail(f"crop failed: {type(exc).__name__}: {_short(str(exc), 200)}", tool=self.name)
         new_index = len(context.images)
+        notes = [n for n, done in (("corners reordered", adjusted["reordered"]), ("clamped to the image", adjusted["clamped"])) if done]
         text = (
-            f"Cropped image {index} at pixels {list(pixel_box)} of {width}x{height}; "
+            f"Cropped image {index} at pixels {list(pixel_box)} of {width}x{height}"
+            f"{' (box ' + ' and '.join(notes) + ')' if notes else ''}; "
             f"the crop ({crop.width}x{crop.height}) is image {new_index}."
         )
-        return ToolResult(text=text, images=(crop,), metadata={"tool": self.name, "pixel_box": pixel_box})
+        return ToolResult(text=text, images=(crop,), metadata={"tool": self.name, "pixel_box": pixel_box, **adjusted})
 
 
 def _with_bbox_description(parameters: dict, note: str) -> dict:

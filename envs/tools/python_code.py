@@ -4,8 +4,10 @@ Arguments: ``{"code": "..."}``. Inside the code, ``images`` is the list of the e
 (``ToolContext.images``, as PIL images; ``image`` is ``images[0]``), the same images are files
 ``image_0.png``, ``image_1.png``, ... in the private working directory, ``display(img)`` and
 ``img.show()`` return an image, and so does any new image file the code saves in the working
-directory. ``print`` output comes back as text (truncated). Isolation, limits and what they do not
-stop: :mod:`axpo_rllm.envs.tools.sandbox`; the layer in force is in ``metadata["isolation"]``.
+directory or any folder under it (also after the code changed directory).
+``print`` output comes back as text (truncated). Isolation, limits and what they do not stop:
+:mod:`axpo_rllm.envs.tools.sandbox`; the layer in force is in ``metadata["isolation"]``, the time
+limit that stopped the code (``"cpu_time"`` / ``"wall_clock"``) in ``metadata["limit"]``.
 
 Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``timeout_s``,
 ``cpu_s``, ``memory_mb``, ...), plus ``pool_size`` (warm workers, default 2), ``isolation``
@@ -94,7 +96,8 @@ class PythonCodeTool(Tool):
             result = await pool.arun(code, images)
         except SandboxUnavailable as exc:
             return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)
-        metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds, "timed_out": result.timed_out}
+        metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds,
+                    "timed_out": result.timed_out, "limit": result.limit}
         text = _observation(result)
         if result.error:
             return ToolResult(text="", images=result.images, error=f"{result.error}\n{text}".strip(), metadata=metadata)

@@ -1,4 +1,5 @@
-"""The crop tool: both coordinate conventions, clamping, minimum side, aspect ratio, upscaling,
+"""The crop tool: both coordinate conventions, clamping (Qwen-VL's reading of model boxes: corners
+in any order, boxes running off the image clamped to it), minimum side, aspect ratio, upscaling,
 every kind of bad box answered with an error that names the bad value, and its speed on 4K."""
 
 from __future__ import annotations
@@ -6,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 import statistics
 import time
 import warnings
+from fractions import Fraction
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from axpo_rllm.envs.tools.base import ToolContext
@@ -63,6 +68,43 @@ def test_bbox_2d_alias_and_integral_float_index(image):
 def test_box_beyond_the_image_is_clamped(image):
     result = call(CropTool(coordinates="absolute"), {"bbox": [150, 50, 5000, 9999]}, [image])
     assert result.metadata["pixel_box"] == (150, 50, 200, 100)
+    assert result.metadata["clamped"] and "clamped to the image" in result.text
+
+
+@pytest.mark.parametrize("box, expected", [([12.3, 0.1, 50.7, 60], (12, 0, 51, 60)), (["12.3", "0.1", "50.7", "60"], (12, 0, 51, 60)),
+                                           ([0, 0, 200, 100], (0, 0, 200, 100))])
+def test_a_box_inside_the_image_is_neither_clamped_nor_reordered(image, box, expected):
+    result = call(CropTool(coordinates="absolute"), {"bbox": box}, [image])
+    assert result.metadata["pixel_box"] == expected
+    assert not result.metadata["clamped"] and not result.metadata["reordered"] and "(box" not in result.text
+
+
+# Behaviour change (issue 10): negative coordinates and inverted corners used to be refused; a
+# model box that runs off the image is now a box of its visible part, as Qwen-VL's tools read it.
+@pytest.mark.parametrize(
+    "coordinates, box, expected",
+    [
+        ("absolute", [-5, 0, 10, 10], (0, 0, 28, 28)),  # clamped, then grown to min_side
+        ("absolute", [-50, -20, 100, 60], (0, 0, 100, 60)),
+        ("absolute", [-1000, -1000, 5000, 5000], (0, 0, 200, 100)),
+        ("absolute", [10**400, 10**400, 150, 50], (150, 50, 200, 100)),  # huge ints are numbers too
+        ("absolute", [-(10**400), 0, 100, 10**400], (0, 0, 100, 100)),
+        ("absolute", [120, 80, 40, 20], (40, 20, 120, 80)),  # corners in the wrong order
+        ("absolute", [120, 20, 40, 80], (40, 20, 120, 80)),
+        ("absolute", ["30", " 10 ", "90.0", "6e1"], (30, 10, 90, 60)),  # numbers written as strings
+        ("absolute", [-1e308, 0, 1e308, 100], (0, 0, 200, 100)),
+        ("relative_1000", [-100, -100, 500, 500], (0, 0, 100, 50)),
+        ("relative_1000", [900, 900, 1500, 1200], (172, 72, 200, 100)),  # clamped to 1000, then min_side
+        ("relative_1000", [500, 1000, 100, 0], (20, 0, 100, 100)),
+    ],
+)
+def test_out_of_bounds_and_reordered_boxes_are_clamped(image, coordinates, box, expected):
+    result = call(CropTool(coordinates=coordinates), {"bbox": box}, [image])
+    assert not result.is_error, result.error
+    assert result.metadata["pixel_box"] == expected
+    left, top, right, bottom = expected
+    assert result.images[0].size == (right - left, bottom - top)
+    assert result.images[0].getpixel((0, 0)) == (left, top, 0)
 
 
 def test_small_box_grows_around_its_centre_to_min_side(image):
@@ -116,10 +158,17 @@ def test_schema_states_the_convention():
         ({"bbox": [float("nan"), 0, 10, 10]}, "x1=nan is not finite"),
         ({"bbox": [0, float("inf"), 10, 10]}, "y1=inf is not finite"),
         ({"bbox": [0, 0, float("-inf"), 10]}, "x2=-inf is not finite"),
-        ({"bbox": [-5, 0, 10, 10]}, "x1=-5 is negative"),
-        ({"bbox": [50, 0, 10, 10]}, "empty or inverted"),
-        ({"bbox": [0, 10, 10, 10]}, "empty or inverted"),
-        ({"bbox": [0, 0, "10", 10]}, "x2='10' is not a number"),
+        ({"bbox": [10, 0, 10, 10]}, "is empty: it has no width"),
+        ({"bbox": [0, 10, 10, 10]}, "is empty: it has no height"),
+        ({"bbox": [5000, 0, 5000.0, 10]}, "is empty"),  # no area, wherever it is
+        ({"bbox": [0, 0, "ten", 10]}, "x2='ten' is not a number"),
+        ({"bbox": [0, 0, "nan", 10]}, "x2='nan' is not a number"),
+        ({"bbox": [0, "inf", 10, 10]}, "y1='inf' is not a number"),
+        ({"bbox": [0, 0, "0x10", 10]}, "x2='0x10' is not a number"),
+        ({"bbox": [0, 0, "1_000", 10]}, "x2='1_000' is not a number"),
+        ({"bbox": [0, 0, "", 10]}, "x2='' is not a number"),
+        ({"bbox": [0, 0, [10], 10]}, "x2=[10] is not a number"),
+        ({"bbox": [[0, 0, 10, 10]]}, "has 1 values"),
         ({"bbox": [0, 0, None, 10]}, "x2=None is not a number"),
         ({"bbox": [True, 0, 10, 10]}, "x1=True is not a number"),
         ({"bbox": [0, 0, 10]}, "has 3 values"),
@@ -134,6 +183,10 @@ def test_schema_states_the_convention():
         ({"bbox": [0, 0, 10, 10], "image_index": 0.5}, "image_index=0.5 is not an integer"),
         ({"bbox": [0, 0, 10, 10], "image_index": "0"}, "image_index='0' is not an integer"),
         ({"bbox": [1001, 1001, 2000, 2000]}, "lies outside"),
+        ({"bbox": [-50, -50, -10, -10]}, "lies outside"),
+        ({"bbox": [1000, 0, 10**400, 500]}, "lies outside"),  # touches the right edge only
+        ({"bbox": [0, 0, 10, 10], "image_index": 10**400}, "is out of range"),
+        ({"bbox": [0, 0, 10, 10], "image_index": float("inf")}, "image_index=inf is not an integer"),
     ],
 )
 def test_bad_arguments_are_error_observations_naming_the_value(image, arguments, expected):
@@ -151,6 +204,81 @@ def test_non_dict_arguments_and_no_images(image):
 def test_huge_value_in_the_error_is_shortened(image):
     result = call(CropTool(), {"bbox": ["x" * 100_000, 0, 1, 1]}, [image])
     assert result.is_error and len(result.error) < 300
+    # Past 4300 digits Python refuses to repr() an int; the error still names the value.
+    result = call(CropTool(), {"bbox": [10**5000, 10**5000, 10**6000, 10**6000]}, [image])
+    assert result.is_error and "<5001-digit integer>" in result.error and len(result.error) < 300
+
+
+def exact_pixel_box(box, size, coordinates):
+    """What the tool must return for a box of ints with min_side=1 and no aspect-ratio cap, in exact arithmetic."""
+    width, height = size
+    x1, x2 = sorted((box[0], box[2]))
+    y1, y2 = sorted((box[1], box[3]))
+    scale_x, scale_y = (width, height) if coordinates == "absolute" else (1000, 1000)
+    cx1, cx2 = (min(max(v, 0), scale_x) for v in (x1, x2))
+    cy1, cy2 = (min(max(v, 0), scale_y) for v in (y1, y2))
+    if x1 == x2 or y1 == y2 or cx1 == cx2 or cy1 == cy2:
+        return None
+    if coordinates == "relative_1000":
+        fx1, fx2 = Fraction(cx1 * width, 1000), Fraction(cx2 * width, 1000)
+        fy1, fy2 = Fraction(cy1 * height, 1000), Fraction(cy2 * height, 1000)
+    else:
+        fx1, fx2, fy1, fy2 = cx1, cx2, cy1, cy2
+    return math.floor(fx1), math.floor(fy1), math.ceil(fx2), math.ceil(fy2)
+
+
+coordinate_ints = st.one_of(
+    st.integers(min_value=-300, max_value=1300),
+    st.integers(min_value=-(10**500), max_value=10**500),
+    st.sampled_from([0, 1, 999, 1000, 1001, -1, 199, 200, 201, 99, 100, 101]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(box=st.lists(coordinate_ints, min_size=4, max_size=4), coordinates=st.sampled_from(["absolute", "relative_1000"]),
+       as_text=st.booleans())
+def test_any_int_box_is_clamped_exactly_or_refused_for_no_overlap(image, box, coordinates, as_text):
+    tool = CropTool(coordinates=coordinates, min_side=1, max_aspect_ratio=10**9)
+    written = [str(v) if as_text and abs(v) < 10**40 else v for v in box]
+    result = tool.crop({"bbox": written}, ToolContext(images=(image,)))
+    expected = exact_pixel_box(box, image.size, coordinates)
+    if expected is None:
+        assert result.is_error and ("is empty" in result.error or "lies outside" in result.error), result.error
+    else:
+        assert not result.is_error, result.error
+        assert result.metadata["pixel_box"] == expected
+        assert result.metadata["clamped"] == any(v < 0 or v > (1000 if coordinates == "relative_1000" else lim)
+                                                 for v, lim in zip(box, (200, 100, 200, 100)))
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+any_number = st.one_of(finite, st.integers(), st.integers(min_value=-(10**400), max_value=10**400),
+                       finite.map(repr), st.integers().map(str))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(box=st.lists(any_number, min_size=4, max_size=4), coordinates=st.sampled_from(["absolute", "relative_1000"]))
+def test_any_number_box_gives_a_crop_inside_the_image_or_names_why_not(image, box, coordinates):
+    result = CropTool(coordinates=coordinates).crop({"bbox": box}, ToolContext(images=(image,)))
+    if result.is_error:
+        assert not result.images and ("is empty" in result.error or "lies outside" in result.error), result.error
+        return
+    left, top, right, bottom = result.metadata["pixel_box"]
+    assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
+    assert result.images[0].size == (right - left, bottom - top)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bad=st.one_of(st.just(float("nan")), st.just(float("inf")), st.just(float("-inf")), st.booleans(), st.none(),
+                     st.text(max_size=8).filter(lambda t: not re.fullmatch(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*", t)),
+                     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)),
+       position=st.integers(min_value=0, max_value=3))
+def test_a_value_that_is_not_a_number_is_named_in_the_error(image, bad, position):
+    box = [10, 10, 500, 500]
+    box[position] = bad
+    result = CropTool().crop({"bbox": box}, ToolContext(images=(image,)))
+    name = ("x1", "y1", "x2", "y2")[position]
+    assert result.is_error and f"bbox {name}=" in result.error and ("not a number" in result.error or "not finite" in result.error)
 
 
 def bomb_png(width: int, height: int) -> bytes:

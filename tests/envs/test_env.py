@@ -104,7 +104,7 @@ def test_errors_are_observations_and_counted(grader):
     env = MultimodalToolEnv(make_task(), tools={"crop": CropTool()}, grader=grader)
     unknown = env.call_tool("zoom", {})
     bad_json = env.call_tool("crop", "{not json")
-    bad_box = env.call_tool("crop", {"image_index": 0, "bbox": [10, 10, 5, 5]})
+    bad_box = env.call_tool("crop", {"image_index": 0, "bbox": [10, 10, 10, 5]})  # no width
     out_of_range = env.call_tool("crop", {"image_index": 7, "bbox": [0, 0, 10, 10]})
     for obs in (unknown, bad_json, bad_box, out_of_range):
         assert obs.is_error and obs.model_text.startswith("Error: ") and obs.image_indices == ()

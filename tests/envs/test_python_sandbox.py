@@ -325,6 +325,83 @@ def test_abuse_cpu_time_limit():
     assert result.is_error and not result.metadata["timed_out"] and "CPU time" in result.error, result.error
 
 
+def limited_runs(codes, **limits) -> list[ToolResult]:
+    """Each code once, in order, through one fresh tool with these limits."""
+    limited = PythonCodeTool(pool_size=1, **limits)
+    try:
+        return [asyncio.run(limited.call({"code": code}, ToolContext())) for code in codes]
+    finally:
+        asyncio.run(limited.aclose())
+
+
+def report(result: ToolResult) -> tuple:
+    return result.error, result.metadata["limit"], result.metadata["timed_out"]
+
+
+CPU_REPORT = "CPU-time limit: the code used more than its 1 s of CPU time and was stopped"
+
+
+def test_a_spinning_loop_gets_the_same_cpu_report_every_run():
+    # The CPU budget is exact and counted from the code's start (it used to be cut by the worker's
+    # start-up CPU, 0.1-0.5 s, different every run); the wall clock is far away.
+    results = limited_runs(["while True: pass"] * 3, timeout_s=10, cpu_s=1)
+    assert len({report(r) for r in results}) == 1, [report(r) for r in results]
+    assert report(results[0])[1:] == ("cpu_time", False) and results[0].error.splitlines()[0] == CPU_REPORT
+    assert "wall" not in results[0].error
+
+
+def test_a_spinning_loop_with_equal_limits_is_stopped_by_the_wall_clock_every_run():
+    # One thread's CPU time never passes the wall time since the job was handed over: with equal
+    # limits the wall clock always fires first, and nothing else may be reported.
+    results = limited_runs(["while True: pass"] * 3, timeout_s=1, cpu_s=1)
+    wall = "wall-clock limit: the code ran past its 1 s time limit (wall clock); its process tree was killed"
+    assert [report(r) for r in results] == [(wall, "wall_clock", True)] * 3  # (no stderr: killed mid-loop)
+
+
+def test_the_cpu_budget_is_exact_from_the_start_of_the_code():
+    # (A loop with a body: CPython 3.11 skips the handlers of a bare `while True: pass` in the same frame.)
+    code = (
+        "import time\nstart, n = time.process_time(), 0\n"
+        "try:\n    while True:\n        n += 1\n"
+        "finally:\n    print(round(time.process_time() - start, 2))"
+    )
+    (result,) = limited_runs([code], timeout_s=10, cpu_s=1)
+    assert result.error.startswith(CPU_REPORT + "\n"), result.error
+    assert 0.97 <= float(result.error.splitlines()[1]) <= 1.15, result.error
+
+
+@pytest.mark.parametrize("code", [
+    "n = 0\nwhile True:\n    try:\n        while True:\n            n += 1\n    except BaseException:\n        pass",  # swallows it
+    "import signal\nsignal.setitimer(signal.ITIMER_PROF, 0)\nwhile True: pass",  # disarms the budget
+    "import signal\nsignal.signal(signal.SIGPROF, signal.SIG_IGN)\nwhile True: pass",
+], ids=["swallowed", "timer-disarmed", "handler-ignored"])
+def test_the_cpu_limit_is_named_when_the_code_fights_it(code):
+    # The kernel's RLIMIT_CPU backstop ends the worker (SIGXCPU, then SIGKILL); it is still the CPU limit.
+    (result,) = limited_runs([code], timeout_s=10, cpu_s=1)
+    assert report(result)[1:] == ("cpu_time", False) and result.error.splitlines()[0] == CPU_REPORT, result.error
+
+
+def test_changing_into_tmp_keeps_output_and_images():
+    code = "import os\nImage.new('RGB', (2, 2)).save('before.png')\nos.chdir('/tmp')\nprint('in', os.getcwd())\ndisplay(images[0])"
+    result = run(code, [Image.new("RGB", (6, 4), "red")])
+    assert not result.is_error, result.error
+    assert result.text.splitlines()[0] == "in /tmp" and [im.size for im in result.images] == [(6, 4), (2, 2)]
+
+
+def test_changing_into_a_subfolder_keeps_saved_images_from_the_work_dir():
+    code = (
+        "import os\nos.makedirs('out/deeper')\nos.chdir('out')\n"
+        "Image.new('RGB', (5, 5)).save('inside.png')\n"  # saved in the subfolder
+        "Image.new('RGB', (7, 7)).save('../top.png')\n"  # saved in the work dir itself
+        "os.chdir('deeper')\ndisplay(images[0])\n"
+        "print(sorted(os.listdir('..')), open('../../image_0.png', 'rb').read(4))"
+    )
+    result = run(code, [Image.new("RGB", (9, 3), "blue")])
+    assert not result.is_error, result.error
+    assert result.text.splitlines()[0] == "['deeper', 'inside.png'] b'\\x89PNG'"
+    assert [im.size for im in result.images] == [(9, 3), (5, 5), (7, 7)]  # displayed first, then saved by age
+
+
 def test_abuse_huge_stdout_is_truncated():
     result = run("print('x' * 50_000_000)")
     text = result.error or result.text

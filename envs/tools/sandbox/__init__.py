@@ -35,6 +35,18 @@ reach the network, signal other processes (the trainer included, if it shares th
 the disk file by file within the timeout. Use ``bwrap`` (``apt-get install bubblewrap``) for
 training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
 
+Two time limits, never racing: ``cpu_s`` of CPU time counted exactly from the start of the code
+and ``timeout_s`` of wall-clock time from the job's hand-over. Which one fired is read from what the
+worker did, not guessed from timing: the worker sends a ``b"cpu"`` frame the moment its CPU budget is
+spent (then the code gets ``CPUTimeExceeded``), and a worker ended by ``SIGXCPU`` was ended by the
+kernel's CPU backstop; anything still running at the wall deadline without having sent that frame is
+killed by the wall clock. Once the CPU limit has fired the trainer waits up to ``CPU_REPORT_GRACE_S``
+past either deadline for the report. ``SandboxResult.limit`` names the limit (``cpu_time`` /
+``wall_clock``) and the error says it in a fixed sentence, so a spinning loop gets the same report
+every run. A single-threaded loop cannot reach ``cpu_s`` before ``timeout_s`` when ``cpu_s >=
+timeout_s`` (the wall clock then stops it); with ``cpu_s`` well below ``timeout_s`` the CPU limit
+does, unless the machine is so loaded that the worker gets less than ``cpu_s / timeout_s`` of a core.
+
 The pool keeps ``size`` workers started, imported (PIL, numpy) and waiting inside the sandbox;
 a call takes one, sends the job, reads the result; a background thread kills what is left of the
 worker's process tree and deletes its files, another starts its replacement, so one call can never
@@ -84,6 +96,13 @@ _log = logging.getLogger(__name__)
 ISOLATION_LEVELS = ("bwrap", "unshare", "rlimits")
 WORKER_SOURCE = (Path(__file__).with_name("_worker.py")).read_text()
 SANDBOX_WORKDIR = "/sandbox"
+CPU_MARKER = b"cpu"
+"""The frame a worker sends the moment its CPU budget is spent (``_worker.py``)."""
+CPU_REPORT_GRACE_S = 3.0
+"""Wall-clock seconds a worker whose CPU limit fired gets to send its report (its kernel backstop
+ends it within about two CPU seconds)."""
+CPU_LIMIT, WALL_LIMIT = "cpu_time", "wall_clock"
+"""Values of :attr:`SandboxResult.limit`."""
 UID_BASE, UID_SLOTS = 61000, 512
 BLOCKED_EVENTS = (
     "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
@@ -140,6 +159,9 @@ class SandboxResult:
     images: tuple = ()
     error: str = ""
     timed_out: bool = False
+    """The wall clock fired (``limit == "wall_clock"``)."""
+    limit: str = ""
+    """Which limit stopped the code: ``"cpu_time"``, ``"wall_clock"`` or ``""`` (none)."""
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
     isolation: str = ""
@@ -192,6 +214,9 @@ def _bwrap_command(workdir_mb: int) -> list[str]:
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(workdir_mb * 1024 * 1024), "--perms", "01777", "--tmpfs", SANDBOX_WORKDIR,
+        # A /tmp to change into (a habit of model code), as at the other layers; nothing to write
+        # there (the work dir is the one writable place): read-only and one page in size.
+        "--size", "4096", "--perms", "0555", "--tmpfs", "/tmp",
         "--chdir", SANDBOX_WORKDIR, "--clearenv",
     ]
     for key, value in _worker_env(SANDBOX_WORKDIR).items():
@@ -200,7 +225,11 @@ def _bwrap_command(workdir_mb: int) -> list[str]:
 
 
 def _unshare_command() -> list[str]:
-    return ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc"]
+    # A shell as the namespace's PID 1 (not the worker): the kernel drops default-action signals
+    # such as RLIMIT_CPU's SIGXCPU sent to a namespace init, and unshare turns a child's death by
+    # signal into status 1; the shell passes the worker's 128 + N on.
+    return ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
+            "/bin/sh", "-c", '"$@"; exit $?', "sh"]
 
 
 def _worker_env(workdir: str) -> dict[str, str]:
@@ -293,35 +322,44 @@ class _Worker:
         start = time.perf_counter()
         deadline = time.monotonic() + limits.timeout_s
         job = pickle.dumps({"code": code, "images": [_raw_image(im) for im in images], "cpu_seconds": limits.cpu_s})
-        error, timed_out, out_images, notes, answered = "", False, [], [], False
+        error, limit, out_images, notes, answered, cpu_fired = "", "", [], [], False, False
         try:
             self.proc.stdin.write(job)
             self.proc.stdin.close()
             header = self._read_frame(deadline, 1 << 20)
+            if header == CPU_MARKER:  # the CPU limit fired: the report follows (or the backstop ends it)
+                cpu_fired = True
+                deadline = max(deadline, time.monotonic() + CPU_REPORT_GRACE_S)
+                header = self._read_frame(deadline, 1 << 20)
             if header is None:
-                error = self._death_message()
+                error, signame = self._death_message()
+                cpu_fired = cpu_fired or signame == "SIGXCPU"
             else:
                 meta = json.loads(header)
                 error = str(meta.get("error") or "")
+                cpu_fired = cpu_fired or meta.get("limit") == CPU_LIMIT
                 notes = [str(n)[:300] for n in meta.get("notes", [])][:10]
                 for size in meta.get("images", [])[: limits.max_images]:
                     out_images.append(self._read_image(size, deadline))
                 answered = True
         except TimeoutError:
-            timed_out = True
-            error = f"the code ran past the {limits.timeout_s:g} s time limit; its process tree was killed"
+            limit = WALL_LIMIT  # unless the CPU limit fired first (below)
         except Exception as exc:  # whatever the sandbox sends is untrusted: never let it raise here
             error = f"the sandbox worker failed: {type(exc).__name__}: {str(exc)[:200]}"
         finally:
             if not answered:  # the tree must be dead before its output is read; else the pool reaps it
                 self.kill()
-        if error and not timed_out and "SIGXCPU" in error:
-            error = f"the code used more than its {limits.cpu_s} s of CPU time and was killed"
+        if cpu_fired:
+            limit = CPU_LIMIT
+        if limit == CPU_LIMIT:
+            error = f"CPU-time limit: the code used more than its {limits.cpu_s:g} s of CPU time and was stopped"
+        elif limit == WALL_LIMIT:
+            error = f"wall-clock limit: the code ran past its {limits.timeout_s:g} s time limit (wall clock); its process tree was killed"
         return SandboxResult(
             stdout=self.read_stream(self.stdout_path, limits.max_output_chars),
             stderr=self.read_stream(self.stderr_path, limits.max_output_chars),
-            images=tuple(out_images), error=error, timed_out=timed_out, notes=tuple(notes),
-            seconds=time.perf_counter() - start, isolation=self.level,
+            images=tuple(out_images), error=error, timed_out=limit == WALL_LIMIT, limit=limit,
+            notes=tuple(notes), seconds=time.perf_counter() - start, isolation=self.level,
         )
 
     def _read_image(self, size: Any, deadline: float) -> Any:
@@ -333,21 +371,22 @@ class _Worker:
             raise ValueError("worker sent a truncated image")
         return Image.frombytes("RGB", (w, h), raw)
 
-    def _death_message(self) -> str:
+    def _death_message(self) -> tuple[str, str]:
+        """Why the worker ended without answering, and the signal that ended it ('' if none)."""
         try:
             status = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            return "the sandbox worker closed its result channel without answering"
-        if status < 0:
-            name = signal.Signals(-status).name
-            return f"the sandbox worker was killed by {name}"
-        if self.level in ("bwrap", "unshare") and status > 128:
-            # bwrap/unshare report a child killed by signal N as exit status 128 + N.
-            try:
-                return f"the sandbox worker was killed by {signal.Signals(status - 128).name}"
-            except ValueError:
-                pass
-        return f"the sandbox worker exited with status {status} without a result"
+            return "the sandbox worker closed its result channel without answering", ""
+        signum = -status if status < 0 else 0
+        if not signum and self.level in ("bwrap", "unshare") and status > 128:
+            signum = status - 128  # bwrap/unshare report a child killed by signal N as exit status 128 + N
+        try:
+            name = signal.Signals(signum).name if signum else ""
+        except ValueError:
+            name = ""
+        if name:
+            return f"the sandbox worker was killed by {name}", name
+        return f"the sandbox worker exited with status {status} without a result", ""
 
     @staticmethod
     def read_stream(path: str, max_chars: int) -> str:

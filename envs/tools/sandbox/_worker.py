@@ -8,10 +8,19 @@ length + payload):
 1. start (as root inside the namespaces when the trainer is root): drop to the worker's own uid,
    set rlimits, import PIL/numpy (the warm part), send frame ``b"ready"``;
 2. read one pickled job from stdin (the trusted direction): ``{"code", "images", "cpu_seconds"}``;
-3. set the CPU limit, install the Python guard (an audit hook), run the code (``image_<i>.png``
+3. arm the CPU budget, install the Python guard (an audit hook), run the code (``image_<i>.png``
    files are written when the code may read files: :class:`InputFiles`);
-4. send a JSON header frame ``{"error", "images": [[w, h], ...], "notes"}`` then one frame of RGB
-   bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
+4. send a JSON header frame ``{"error", "limit", "images": [[w, h], ...], "notes"}`` then one
+   frame of RGB bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
+
+The CPU budget (:func:`arm_cpu_budget`) is exact and counted from the start of the code: a profiling
+timer (``ITIMER_PROF``, the process's CPU time) whose handler first sends the frame ``b"cpu"`` -- so the
+trainer knows the CPU limit fired even if the code then swallows the exception or dies -- and raises
+:class:`CPUTimeExceeded` in the code. ``RLIMIT_CPU`` is the kernel's backstop for code the handler
+cannot interrupt (a long C call) or that disarms it: up to one second later ``SIGXCPU`` with its
+default action ends the worker (an exit signal only the CPU limit gives), one second after that
+``SIGKILL`` (once the budget has fired, the soft limit moves to the hard one: a second to report). The code may change its working directory: inputs, the image scan and the guard all use
+the work dir's absolute path, and the worker goes back there before collecting results.
 """
 
 import faulthandler
@@ -92,7 +101,8 @@ class InputFiles:
     PNG encoding is most of a warm call's cost (tens of ms for a large image), and most code only
     uses ``images``. So the files are written before the code runs when its text mentions them
     (``image_``, ``png``), otherwise on its first file-system access inside the work dir (an audit
-    hook on open/listdir/scandir/glob). ``stamps`` (size, mtime) lets edited inputs count as outputs.
+    hook on open/listdir/scandir/glob). ``stamps`` (size, mtime by absolute path) lets edited
+    inputs count as outputs. Paths are absolute: the code may have changed directory by then.
     """
 
     TRIGGERS = ("open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.rename")
@@ -107,10 +117,10 @@ class InputFiles:
             return
         self.done = True  # before saving: the saves' own open events must not re-enter
         for i, image in enumerate(self.images):
-            name = f"image_{i}.png"
-            image.save(name, compress_level=1)
-            stat = os.stat(name)
-            self.stamps[name] = (stat.st_size, stat.st_mtime_ns)
+            path = os.path.join(self.workdir, f"image_{i}.png")
+            image.save(path, compress_level=1)
+            stat = os.stat(path)
+            self.stamps[path] = (stat.st_size, stat.st_mtime_ns)
 
     def install(self, code):
         lowered = code.lower()
@@ -126,10 +136,10 @@ class InputFiles:
         if path is None or isinstance(path, int):
             path = "."
         try:
-            path = os.fsdecode(os.fspath(path))
-        except TypeError:
+            path = os.path.realpath(os.fsdecode(os.fspath(path)))  # relative to the current directory
+        except (TypeError, ValueError, OSError):
             return
-        if not os.path.isabs(path) or path == self.workdir or path.startswith(self.workdir + "/"):
+        if path == self.workdir or path.startswith(self.workdir + "/"):
             self.write()
 
 
@@ -199,17 +209,40 @@ class Display:
                 self.extra += 1
 
 
-def saved_images(stamps):
-    """New or modified image files in the work dir (regular files only: symlinks are ignored)."""
-    found = []
-    for entry in os.scandir("."):
-        if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file(follow_symlinks=False):
+SCAN_DEPTH, SCAN_ENTRIES = 4, 2000
+"""How deep and how many directory entries :func:`saved_images` looks at (a bound on a hostile tree)."""
+
+
+def saved_images(stamps, workdir, notes):
+    """New or modified image files anywhere under the work dir (subfolders the code made included),
+    oldest first. Regular files only: symlinks, to files or folders, are never followed."""
+    found, pending, seen = [], [(workdir, 0)], 0
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            notes.append(f"{os.path.relpath(folder, workdir)}: not scanned for images ({type(exc).__name__})")
             continue
-        stat = entry.stat(follow_symlinks=False)
-        if stamps.get(entry.name) == (stat.st_size, stat.st_mtime_ns):
-            continue
-        found.append((stat.st_mtime_ns, entry.name))
-    return [name for _, name in sorted(found)]
+        for entry in entries:
+            seen += 1
+            if seen > SCAN_ENTRIES:
+                notes.append(f"more than {SCAN_ENTRIES} files in the work dir: the rest were not scanned for images")
+                return [path for _, path in sorted(found)]
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth + 1 < SCAN_DEPTH:
+                        pending.append((entry.path, depth + 1))
+                    continue
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file(follow_symlinks=False):
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stamps.get(entry.path) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            found.append((stat.st_mtime_ns, entry.path))
+    return [path for _, path in sorted(found)]
 
 
 def to_rgb(image, notes):
@@ -224,11 +257,12 @@ def to_rgb(image, notes):
     return image
 
 
-def collect_images(display, stamps, notes):
+def collect_images(display, stamps, workdir, notes):
     out = list(display.images)
-    for name in saved_images(stamps):
+    for path in saved_images(stamps, workdir, notes):
+        name = os.path.relpath(path, workdir)
         try:
-            with Image.open(name) as im:
+            with Image.open(path) as im:
                 if im.width * im.height > CONFIG["max_decode_pixels"]:
                     notes.append(f"{name}: {im.width}x{im.height} is too large to return")
                     continue
@@ -252,34 +286,68 @@ def collect_images(display, stamps, notes):
 
 
 class CPUTimeExceeded(BaseException):
-    """Raised in the code at the soft RLIMIT_CPU (SIGXCPU); the hard limit one second later kills."""
+    """Raised in the code when its CPU budget is spent (a BaseException: ``except Exception`` in the
+    code does not swallow it)."""
 
 
-def on_cpu_limit(signum, frame):
-    raise CPUTimeExceeded(f"the code used more than its {CONFIG_CPU[0]} s of CPU time")
+CPU_MARKER = b"cpu"
+"""The frame that tells the trainer, the moment it happens, that the CPU limit fired."""
+BUDGET = {"armed": False, "fired": False, "seconds": 0.0}
 
 
-CONFIG_CPU = [0]
+def on_cpu_budget(signum, frame):
+    if not BUDGET["armed"]:  # a late signal after the code finished: nothing to stop
+        return
+    BUDGET["armed"], BUDGET["fired"] = False, True
+    try:
+        send_frame(CPU_MARKER)
+        # At least a second more (to the hard limit, then SIGKILL) to report: the soft limit may be close.
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+    except (OSError, ValueError):
+        pass
+    raise CPUTimeExceeded(f"the code used more than its {BUDGET['seconds']:g} s of CPU time")
+
+
+def arm_cpu_budget(seconds):
+    """Exactly ``seconds`` of CPU time from now, then :class:`CPUTimeExceeded` (see the module docstring).
+
+    RLIMIT_CPU counts whole seconds of the process's total CPU time (start-up included), so it is
+    only the backstop: its soft limit lies 0-1 s after the budget, always after it.
+    """
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(used.ru_utime + used.ru_stime + seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # ends the worker: the exit signal names the limit
+    signal.signal(signal.SIGPROF, on_cpu_budget)
+    BUDGET["seconds"], BUDGET["armed"] = seconds, True
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+
+
+def disarm_cpu_budget():
+    BUDGET["armed"] = False
+    signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 def run(job):
+    workdir = os.path.realpath(os.getcwd())
     images = [Image.frombytes(mode, tuple(size), raw) for mode, size, raw in job["images"]]
-    files = InputFiles(images, os.getcwd())
+    files = InputFiles(images, workdir)
     files.install(job["code"])
     display = Display()
     Image.Image.show = lambda self, *a, **k: display(self)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__, "images": images,
                  "image": images[0] if images else None, "display": display, "Image": Image}
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = int(used.ru_utime + used.ru_stime) + job["cpu_seconds"]
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    CONFIG_CPU[0] = job["cpu_seconds"]
-    signal.signal(signal.SIGXCPU, on_cpu_limit)
     if CONFIG["guard"]:
-        install_guard(os.getcwd())
+        install_guard(workdir)
     error = None
     try:
-        exec(compile(job["code"], "<code>", "exec"), namespace)
+        code = compile(job["code"], "<code>", "exec")
+        try:
+            arm_cpu_budget(float(job["cpu_seconds"]))
+            exec(code, namespace)
+        finally:
+            disarm_cpu_budget()  # a CPUTimeExceeded raised right here still lands in the handlers below
     except SystemExit as exc:
         if exc.code not in (None, 0):
             error = f"SystemExit: {exc.code!r}"
@@ -296,8 +364,16 @@ def run(job):
         pass
     files.done = True  # the scan below must not write the inputs
     notes = []
-    out = collect_images(display, files.stamps, notes)
-    header = {"error": error, "images": [list(im.size) for im in out], "notes": notes}
+    try:
+        os.chdir(workdir)  # the code may have moved away; the images it saved are collected from here
+    except OSError:
+        pass
+    try:
+        out = collect_images(display, files.stamps, workdir, notes)
+    except Exception as exc:  # the code may have left the work dir in any state
+        out = []
+        notes.append(f"images could not be collected ({type(exc).__name__})")
+    header = {"error": error, "limit": "cpu_time" if BUDGET["fired"] else "", "images": [list(im.size) for im in out], "notes": notes}
     send_frame(json.dumps(header).encode())
     for im in out:
         send_frame(im.tobytes())
