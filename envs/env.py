@@ -22,11 +22,12 @@ per thread.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Iterable, Mapping, TypeVar
+from typing import Any, Coroutine, Iterable, Mapping, Sequence, TypeVar
 
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 from axpo_rllm.envs.tools.registry import call_tool, discover_tools
@@ -121,6 +122,40 @@ def build_tools(names: Iterable[str] | None = None, configs: Mapping[str, Mappin
     if stray:
         raise ValueError(f"tool_configs given for {stray}, which are not among the tools {sorted(classes)}")
     return {name: cls(**dict(configs.get(name, {}))) for name, cls in classes.items()}
+
+
+_SHARED_TOOLS: dict[str, dict[str, Tool]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class SharedToolsEnvFactory:
+    """A picklable env factory for frameworks that run many episodes per worker process (rllm's
+    workflow pool, Ray actors): the tools (sandbox pool, search client and cache) are built once per
+    process and configuration, on first use, and every episode gets a fresh env sharing them.
+
+    ``configs``: ``{tool name: constructor keywords}`` (search backend / URL / ``api_key_env`` /
+    cache path, sandbox limits and pool size, crop coordinates ...); an ``api_key`` is never taken
+    from here (keys come from the environment variable the config names, so they are never logged).
+    """
+
+    def __init__(self, names: Sequence[str], configs: Mapping[str, Mapping] | None = None, grader: Grader | None = None,
+                 call_timeout_s: float = 120.0) -> None:
+        self.names = list(names)
+        self.configs = {k: dict(v) for k, v in (configs or {}).items()}
+        if any("api_key" in c for c in self.configs.values()):
+            raise ValueError("put API keys in an environment variable and name it with 'api_key_env'; a key in the config would be logged")
+        self.grader = grader
+        self.call_timeout_s = call_timeout_s
+
+    def tools(self) -> dict[str, Tool]:
+        key = json.dumps([self.names, self.configs], sort_keys=True, default=str)
+        with _SHARED_LOCK:
+            if key not in _SHARED_TOOLS:
+                _SHARED_TOOLS[key] = build_tools(self.names, self.configs)
+            return _SHARED_TOOLS[key]
+
+    def __call__(self) -> "MultimodalToolEnv":
+        return MultimodalToolEnv(tools=self.tools(), grader=self.grader, call_timeout_s=self.call_timeout_s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,3 +159,33 @@ def test_axpo_rllm_train_dry_run_prints_the_merged_config(capsys):
     assert "group_size: 8" in out and "kl_beta: 0.001" in out and "# checked:" in err
     assert cli(["train", "--dry-run", "bogus.key=1", "--model", "qwen3_vl_2b_thinking"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_tools_are_built_once_per_process_from_one_tools_section(monkeypatch):
+    import pickle
+
+    from axpo_rllm.integrations.rllm.launcher import tool_env_factory
+
+    cfg = launch_config(None, ["axpo_launch.tools=[crop,python]", "+axpo_launch.tool_configs.python.pool_size=1",
+                               "+axpo_launch.tool_configs.crop.coordinates=absolute"])
+    factory = tool_env_factory(cfg)
+    again = pickle.loads(pickle.dumps(factory))  # what crosses to a Ray worker
+    a, b = factory(), again()
+    assert a is not b and a.tools["python"] is b.tools["python"], "one sandbox pool per process and configuration"
+    assert a.tools["python"].pool_size == 1 and a.tools["crop"].config["coordinates"] == "absolute"
+
+
+def test_a_search_key_a_worker_would_not_see_fails_at_start(monkeypatch):
+    from axpo_rllm.integrations.rllm.launcher import tool_env_factory
+
+    base = ["+axpo_launch.tool_configs.search.backend=tavily"]
+    monkeypatch.delenv("TAVILY_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"api_key_env='TAVILY_API_KEY': rllm forwards only .* name it e.g. RLLM_TAVILY_API_KEY"):
+        tool_env_factory(launch_config(None, base))
+    monkeypatch.delenv("RLLM_TAVILY_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"needs its API key in \$RLLM_TAVILY_API_KEY, which is not set"):
+        tool_env_factory(launch_config(None, base + ["+axpo_launch.tool_configs.search.api_key_env=RLLM_TAVILY_API_KEY"]))
+    monkeypatch.setenv("RLLM_TAVILY_API_KEY", "sk-test")
+    assert tool_env_factory(launch_config(None, base + ["+axpo_launch.tool_configs.search.api_key_env=RLLM_TAVILY_API_KEY"]))
+    with pytest.raises(ValueError, match="api_key_env"):
+        tool_env_factory(launch_config(None, ["+axpo_launch.tool_configs.search.api_key=sk-test"]))

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +37,8 @@ from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import WorkflowConfig
 from axpo_rllm.configs.loader import axpo_config, config_text, load_config, model_config
 from axpo_rllm.core.config import dataclass_from_mapping
-from axpo_rllm.envs.env import MultimodalToolEnv
+from axpo_rllm.envs.env import SharedToolsEnvFactory
+from axpo_rllm.envs.tools.search import BACKENDS
 
 __all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "check_launch_config", "dry_run", "resolve_workflow", "run", "main"]
 
@@ -88,13 +89,15 @@ def launch_config(
                 "workflow_class": DEFAULT_WORKFLOW,
                 "backend": "verl",
                 "tools": ["crop", "python", "search"],
+                "tool_configs": {},
                 "barrier_timeout_s": 600.0,
             },
         }
     )
     base_cfg = OmegaConf.create(base or {})
     OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
-    cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist(list(overrides)))
+    # hydra's '+key=value' (add a key) is a plain key to omegaconf
+    cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist([o.removeprefix("+") for o in overrides]))
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if "rllm.rollout.n" in given:
         raise ValueError(
@@ -307,10 +310,36 @@ def workflow_args(cfg: DictConfig) -> dict:
                                            barrier_timeout_s=float(cfg.axpo_launch.barrier_timeout_s),
                                            start_step=resume_step(cfg)),
         "chat": processor,
-        "env_factory": functools.partial(MultimodalToolEnv, tools=list(cfg.axpo_launch.tools)),
+        "env_factory": tool_env_factory(cfg),
         "config": config,
         "vision": vision,
     }
+
+
+FORWARDED_PREFIXES = ("VLLM_", "SGL_", "SGLANG_", "HF_", "TOKENIZERS_", "DATASETS_", "TORCH_", "PYTORCH_", "DEEPSPEED_",
+                      "MEGATRON_", "NCCL_", "CUDA_", "CUBLAS_", "CUDNN_", "NV_", "NVIDIA_", "RLLM_")
+"""What rllm's Ray runtime env forwards to workers (``rllm.trainer.verl.ray_runtime_env.FORWARD_PREFIXES``)."""
+
+
+def tool_env_factory(cfg: DictConfig) -> SharedToolsEnvFactory:
+    """The env factory of a run, from one tools section: ``axpo_launch.tools`` (names) and
+    ``axpo_launch.tool_configs`` (``{name: keywords}``: search ``backend``/``base_url``/``api_key_env``/
+    ``cache_path``, python sandbox limits and ``pool_size``, crop ``coordinates``). Tools are built
+    once per worker process. An API key environment variable that a Ray worker would not see (or
+    that is not set) fails the run here, naming it."""
+    names = list(cfg.axpo_launch.tools)
+    node = OmegaConf.select(cfg, "axpo_launch.tool_configs", default=None)
+    configs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    search = configs.get("search", {}) if "search" in names else {}
+    backend = search.get("backend", "local")
+    if backend != "local":
+        var = search.get("api_key_env") or getattr(BACKENDS.get(backend), "api_key_env", "")
+        if var and not var.startswith(FORWARDED_PREFIXES):
+            raise ValueError(f"axpo_launch.tool_configs.search.api_key_env={var!r}: rllm forwards only variables starting with "
+                             f"{', '.join(FORWARDED_PREFIXES)} to Ray workers; name it e.g. RLLM_{var}")
+        if var and not os.environ.get(var):
+            raise ValueError(f"the search backend {backend!r} needs its API key in ${var}, which is not set")
+    return SharedToolsEnvFactory(names, configs)
 
 
 def resume_step(cfg: DictConfig) -> int:
