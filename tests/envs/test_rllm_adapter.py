@@ -159,7 +159,7 @@ def test_rllm_tools_in_multitool(rllm, corpus):
     crop = multi.tool_map["crop"].forward(context=ToolContext(images=(image(),)), bbox=[0, 0, 1000, 1000])
     assert crop.error is None and crop.metadata["images"][0].size == (200, 100)
 
-    bad = multi.tool_map["crop"].forward(context=ToolContext(images=(image(),)), bbox=[5, 5, 1, 1])
+    bad = multi.tool_map["crop"].forward(context=ToolContext(images=(image(),)), bbox=[5, 5, 5, 1])  # no area (an inverted box is reordered, issue 10)
     assert bad.error and str(bad).startswith("Error: ")
 
 
