@@ -6,12 +6,19 @@
     axpo-rllm data inspect|convert|filter|sft-export FILE... data sets in, verl/rllm data out
     axpo-rllm eval FILE... --model-dir DIR --out DIR         Pass@1 / Pass@k per benchmark (resumable)
     axpo-rllm train [--model NAME] [--ablation NAME] [--dry-run] [key=value ...]   an rllm training run
+
+Each subcommand imports what it needs inside its own function, so that ``axpo-rllm --help`` and a
+light subcommand never load torch, transformers, verl or rllm (CLI start-up time).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main"]
@@ -118,8 +125,6 @@ def _percentiles(values: list[int]) -> str:
 
 def data_inspect(args: argparse.Namespace) -> int:
     """Rows, sources and their verifiers, answer kinds, image sizes; bad rows named (or counted)."""
-    import json
-    from collections import Counter, defaultdict
 
     from rich.console import Console
     from rich.table import Table
@@ -258,7 +263,6 @@ def data_sft_export(args: argparse.Namespace) -> int:
 
 
 def _file_stamp(path: str) -> dict:
-    import os
 
     p = os.path.abspath(path)
     st = os.stat(p)
@@ -277,8 +281,6 @@ def _json_safe(value):
 
 
 def _tool_configs(text: str | None) -> dict:
-    import json
-    from pathlib import Path
 
     if not text:
         return {}
@@ -294,9 +296,6 @@ def _tool_configs(text: str | None) -> dict:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Pass@1 / Pass@k per benchmark on data files, resumable, with a markdown table and JSON."""
-    import json
-    from collections import Counter
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -479,7 +478,6 @@ def train(args: argparse.Namespace) -> int:
 def _registered_files(cfg):
     """``data.train_files`` / ``data.val_files`` (any format ``axpo-rllm data`` reads) registered in
     rllm's dataset registry as ``axpo-<stem>``; (None, None) when the run names registered datasets."""
-    from pathlib import Path
 
     from omegaconf import OmegaConf
     from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 __all__ = ["ImageError", "ImageInfo", "is_image_ref", "probe_image", "open_image", "image_bytes"]
 
 
@@ -39,8 +41,6 @@ class ImageInfo:
 
 
 def _pil():
-    from PIL import Image  # pillow is a core dependency; imported here so records stay numpy-only
-
     return Image
 
 

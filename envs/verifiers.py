@@ -772,7 +772,7 @@ def _math_verify_find(gold: str, text: str) -> tuple[bool, str | None]:
     """``(correct, extracted)`` for an unmarked final answer text: math-verify's own extraction
     (LaTeX, then plain expressions, each preferring "answer" anchors, then the last match) over
     :func:`_math_guard` of the text."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # heavy (sympy): grader worker only
 
     gold_parsed = _parse_gold(gold)
     pred_parsed = parse(_math_guard(text), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)

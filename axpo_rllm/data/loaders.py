@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
 from axpo_rllm.core.records import Task
 from axpo_rllm.envs.images import ImageError, ImageInfo, is_image_ref, open_image, probe_image
 from axpo_rllm.envs.verifiers import extract_boxed, extract_choice, parse_number
@@ -201,8 +205,6 @@ def _format_of(path: Path) -> str:
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
     try:
         handle = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -212,9 +214,6 @@ def _parquet_records(path: Path) -> Iterator[dict]:
 
 
 def _arrow_records(path: Path) -> Iterator[dict]:
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
     try:
         source = pa.memory_map(str(path))
         try:

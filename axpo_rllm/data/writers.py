@@ -29,6 +29,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from axpo_rllm.envs.images import ImageError, image_bytes, open_image
 
 from .loaders import BATCH_ROWS, DataError, DataRow, LoadReport
@@ -37,8 +40,6 @@ __all__ = ["verl_row", "write_verl_parquet", "rllm_row", "register_rllm", "SFT_C
 
 
 def _verl_schema():
-    import pyarrow as pa
-
     return pa.schema([
         ("data_source", pa.string()),
         ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -86,9 +87,6 @@ def verl_row(row: DataRow, index: int, split: str = "train", verify_images: bool
 
 
 def _atomic_parquet(out: str | os.PathLike, schema, batches: Iterable[list[dict]]) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
@@ -216,8 +214,6 @@ def _drop_none(value: Any) -> Any:
 
 def read_sft_parquet(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of :func:`write_sft_parquet`, with the None fields Arrow added to each tool schema dropped."""
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(path).to_pylist()
     for row in rows:
         row["tools"] = _drop_none(row["tools"])

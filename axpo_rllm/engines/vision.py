@@ -51,7 +51,7 @@ def load_image_processor(model_dir: Any) -> Any:
 
         return AutoProcessor.from_pretrained(model_dir).image_processor
     except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # heavy
 
         return Qwen2VLImageProcessorPil.from_pretrained(model_dir)
 

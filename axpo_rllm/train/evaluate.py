@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from axpo_rllm.agents.agent import AgentConfig, Episode
 from axpo_rllm.agents.chat_format import ChatFormat
@@ -39,6 +40,7 @@ from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, Rollout, Task, Termination
 from axpo_rllm.engines.base import RolloutEngine
+from axpo_rllm.engines.http_engine import HTTPEngine
 
 __all__ = [
     "EVAL_STEP",
@@ -377,8 +379,6 @@ def _sample(benchmark: str, task_id: str, index: int, episode: Episode, chat: Ch
 def _make_progress(total: int, done: int, enabled: bool):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     progress = Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
     bar = progress.add_task("samples", total=total, completed=done)
@@ -545,7 +545,5 @@ def build_engine(kind: str, model_dir: str | os.PathLike, *, base_url: str | Non
     if kind == "http":
         if not base_url:
             raise ValueError("--engine http needs --base-url (a vLLM server started with --enable-scale-out)")
-        from axpo_rllm.engines.http_engine import HTTPEngine
-
         return HTTPEngine.for_model(base_url, model_dir, **options)
     raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")

@@ -38,6 +38,7 @@ from axpo_rllm.agents.workflow import WorkflowConfig
 from axpo_rllm.configs.loader import axpo_config, config_text, load_config, model_config
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
+from axpo_rllm.envs.tools.registry import discover_tools
 from axpo_rllm.envs.tools.search import BACKENDS
 
 __all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "check_launch_config", "dry_run", "resolve_workflow", "run", "main"]
@@ -226,8 +227,6 @@ def dry_run(ablation: str | None = None, overrides: Sequence[str] = (), model: s
         if missing:
             raise ValueError(f"{key}: no such file(s) {missing}")
     tools = list(cfg.axpo_launch.tools)
-    from axpo_rllm.envs.tools.registry import discover_tools  # entry points: a real scan, only here
-
     found = discover_tools()
     absent = [t for t in tools if t not in found]
     if absent:
