@@ -759,7 +759,7 @@ def _math_verify_equal(gold: str, prediction: str) -> bool:
     Conventions are math-verify's own: ``50\\%`` matches ``50``; ``\\frac{1}{2}`` matches ``0.5``;
     ``x=2`` matches ``2``; sets are unordered; ``1,000`` is one thousand.
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # heavy (sympy): grader worker only
 
     gold_parsed = _parse_gold(gold)
     pred_parsed = parse(_as_latex(prediction), parsing_timeout=None)

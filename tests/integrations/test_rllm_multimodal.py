@@ -7,6 +7,7 @@ Needs rllm (skips in CI; run in a throwaway venv with rllm)."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 
 import pytest
@@ -86,3 +87,63 @@ def test_a_rollout_with_images_needs_the_expanded_inputs():
     ro = type(ro)(**{**{f: getattr(ro, f) for f in ro.__dataclass_fields__}, "images": ("img",), "image_offsets": (-1,)})
     with pytest.raises(ValueError, match="refers to 1 image"):
         rollout_to_trajectory(ro)
+
+
+def test_a_training_and_a_validation_step_with_images_through_rllms_engine():
+    """rllm's ``UnifiedWorkflowEngine`` runs our workflow on the tiny Qwen2.5-VL with crop images:
+    a training step (the shared plan, continuations, the step's diagnostics in every episode) and a
+    validation step (plain rollouts), then rllm's transform builds a batch with every image."""
+    from rllm.engine.unified_workflow_engine import UnifiedWorkflowEngine
+    from tool_biased_engine import ToolBiasedEngine
+
+    from axpo_rllm.agents.agent import AgentConfig
+    from axpo_rllm.agents.workflow import WorkflowConfig
+    from axpo_rllm.demo.tiny_model import tiny_model_dir
+    from axpo_rllm.engines import TransformersEngine
+    from axpo_rllm.envs.env import SharedToolsEnvFactory
+    from axpo_rllm.integrations.rllm.workflow import AXPORllmWorkflow, AXPOStepCoordinator, AxpoRllmEngine
+    from multimodal_rollouts import CALL_TEXT, noise_task
+
+    engine = TransformersEngine(tiny_model_dir("qwen2_5_vl"))
+    try:
+        chat = ChatFormat(engine.tokenizer)
+        biased = ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=chat.encode(CALL_TEXT),
+                                  open_rate=0.0, call_rate=0.6, open_id=chat.call_open_id)
+        config = WorkflowConfig(n=4, axpo=AXPOConfig(r=0.5, k=2, max_failed_share=0.25),
+                                agent=AgentConfig(max_turns=3, max_tokens_per_turn=60, max_response_tokens=400), seed=3)
+
+        class Wrong:  # every answer wrong: tool subgroups are all wrong, so AXPO triggers
+            def grade_task(self, task, response):
+                from axpo_rllm.envs.verifiers import VerifyResult
+
+                return VerifyResult(reward=0.0, correct=False, extracted=None)
+
+        coordinator = AXPOStepCoordinator(2, config.axpo, barrier_timeout_s=120)
+        vision = VisionProcessing.from_model(engine.model, engine.image_processor)
+        wf_engine = UnifiedWorkflowEngine(
+            AXPORllmWorkflow,
+            {"coordinator": coordinator, "chat": chat, "env_factory": SharedToolsEnvFactory(["crop"], grader=Wrong()),
+             "config": config, "vision": vision},
+            AxpoRllmEngine(biased, chat), n_parallel_tasks=2, retry_limit=1, raise_on_error=True,
+        )
+        tasks = [noise_task(i) for i in range(2)]
+        dicts = [{"task_id": t.task_id, "question": t.question, "answer": t.answer, "data_source": t.data_source,
+                  "images": list(t.images), "choices": t.metadata["choices"]} for t in tasks]
+        episodes = asyncio.run(wf_engine.execute_tasks(dicts, [d["task_id"] for d in dicts]))
+        assert coordinator.step == 1 and episodes[0].metadata["axpo_plan"].jobs, "the step planned continuations"
+        assert len({ep.metrics["axpo/triggered_questions"] for ep in episodes}) == 1
+        groups = axpo_traj_grouping_hook(episodes)
+        batch = transform_trajectory_groups_to_dataproto(groups, types.SimpleNamespace(tokenizer=engine.tokenizer, processor=None), 2048, 2048)
+        mm = batch.non_tensor_batch["multi_modal_inputs"]
+        for i in range(len(batch)):
+            p, r, _ = unpadded(batch, i)
+            n_tokens = sum(t == chat.image_pad_id for t in p + r)
+            grid = (mm[i] or {}).get("image_grid_thw")
+            assert n_tokens == (int((grid.prod(-1) // 4).sum()) if grid is not None else 0), "every image's features travel"
+
+        val_dicts = [d for d in dicts for _ in range(2)]
+        val = asyncio.run(wf_engine.execute_tasks(val_dicts, [d["task_id"] for d in val_dicts], is_validation=True))
+        assert coordinator.step == 1 and all(len(ep.trajectories) == 1 for ep in val)
+        assert sorted(len(g.trajectories) for g in axpo_traj_grouping_hook(val)) == [2, 2]
+    finally:
+        engine.close()
