@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from axpo_rllm.envs.images import ImageError, image_bytes
 
-from .loaders import DataError, DataRow, LoadReport
+from .loaders import DataError, DataRow, LoadReport, reject_or_raise
 from .rollouts import Recording, lookup
 
 __all__ = ["ExportReport", "sft_examples"]
@@ -106,10 +106,7 @@ def sft_examples(
                 yield {"messages": messages, "images": images, "tools": tools, "data_source": row.source,
                        "task_id": row.task_id, "sample": sample.sample}
         except DataError as e:
-            if not skip_bad:
-                raise
-            if load_report is not None:
-                load_report.reject(e)
+            reject_or_raise(e, skip_bad, load_report)
             continue
         if taken:
             counts.questions += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .loaders import DataError, DataRow, LoadReport
+from .loaders import DataError, DataRow, LoadReport, reject_or_raise
 from .rollouts import Recording, lookup
 
 __all__ = ["FilterReport", "paper_filter"]
@@ -67,10 +67,7 @@ def paper_filter(
             sft_samples = _first_k(sft, sft_groups, row, k, "SFT")
             teacher_samples = _first_k(teacher, teacher_groups, row, k, "teacher")
         except DataError as e:
-            if not skip_bad:
-                raise
-            if report is not None:
-                report.reject(e)
+            reject_or_raise(e, skip_bad, report)
             continue
         if all(s.correct for s in sft_samples):
             counts.dropped_sft_solved += 1

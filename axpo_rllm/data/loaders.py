@@ -192,6 +192,15 @@ class LoadReport:
 # Raw records from each format
 
 
+def reject_or_raise(error: DataError, skip_bad: bool, report: LoadReport | None) -> None:
+    """A row that failed after loading: with ``--skip-bad`` counted in ``report`` (when given) and
+    skipped; otherwise raised — a bad row is never dropped silently."""
+    if not skip_bad:
+        raise error
+    if report is not None:
+        report.reject(error)
+
+
 def _format_of(path: Path) -> str:
     if path.is_dir():
         if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from axpo_rllm.envs.images import ImageError, image_bytes, open_image
 
-from .loaders import BATCH_ROWS, DataError, DataRow, LoadReport
+from .loaders import BATCH_ROWS, DataError, DataRow, LoadReport, reject_or_raise
 
 __all__ = ["verl_row", "write_verl_parquet", "rllm_row", "register_rllm", "SFT_COLUMNS", "write_sft_parquet", "read_sft_parquet"]
 
@@ -122,10 +122,7 @@ def _batched(rows: Iterable[DataRow], make: Callable[[DataRow, int], dict], skip
         try:
             batch.append(make(row, index))
         except DataError as e:
-            if not skip_bad:
-                raise
-            if report is not None:
-                report.reject(e)
+            reject_or_raise(e, skip_bad, report)
             continue
         index += 1
         if len(batch) >= BATCH_ROWS:
