@@ -8,7 +8,13 @@
              a verl ``DataProto`` of them)
 
 The phase order is the core's (:func:`axpo_rllm.core.step.run_axpo_step`); this module supplies
-phases 1 and 3.
+phases 1 and 3. With ``AXPOConfig.streaming`` ``exact`` (the default) or ``greedy`` the step is
+:func:`~axpo_rllm.core.step.run_axpo_step_streaming`: every graded rollout and every completed
+question is reported to the core's streaming planner, and the K continuations of each prefix
+start as soon as its selection is certain (``exact``: the same plan, and the same tokens, as the
+batch barrier) instead of after the slowest rollout of the batch. With streaming the engine's
+prefix-cache counters are split at the end of phase 1, so the "phase 1" figures include the
+continuations that started early.
 
 GRPO is the same workflow with ``AXPOConfig(enable=False)`` (phases 2-3 off). A rollout that fails
 (engine error, env/tool crash, timeout) is retried ``rollout_retries`` times, then recorded with
@@ -32,7 +38,7 @@ from axpo_rllm.agents.agent import Agent, AgentConfig, ChatFormat, Episode, Epis
 from axpo_rllm.core.advantages import original_groups
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, Termination, TrainingRow
-from axpo_rllm.core.step import run_axpo_step
+from axpo_rllm.core.step import run_axpo_step, run_axpo_step_streaming
 from axpo_rllm.engines.base import RolloutEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
 
@@ -114,14 +120,31 @@ class AXPOWorkflow:
             episodes["originals"] = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
             return original_groups(e.rollout for e in episodes["originals"])
 
+        async def streamed(on_rollout, on_group) -> list[QuestionGroup]:  # phase 1, reporting as it goes
+            async def question(task: Task) -> list[Episode]:
+                eps = await self.originals(task, step, limit, counters, on_rollout)
+                on_group(QuestionGroup(task.task_id, tuple(e.rollout for e in eps)))
+                return eps
+
+            per_question = await asyncio.gather(*(question(t) for t in tasks))
+            episodes["originals"] = [e for q in per_question for e in q]
+            return [QuestionGroup(t.task_id, tuple(e.rollout for e in eps)) for t, eps in zip(tasks, per_question)]
+
         async def resample(plan: ResamplePlan) -> list[Rollout]:  # phase 3: K token-exact continuations per prefix
-            episodes["continuations"] = await self.continuations(plan.jobs, {t.task_id: t for t in tasks}, step, limit, counters)
-            return [e.rollout for e in episodes["continuations"]]
+            return await resample_jobs(plan.jobs)
+
+        async def resample_jobs(jobs: Sequence[ResampleJob]) -> list[Rollout]:
+            drawn = await self.continuations(jobs, {t.task_id: t for t in tasks}, step, limit, counters)
+            episodes.setdefault("continuations", []).extend(drawn)
+            return [e.rollout for e in drawn]
 
         def on_phase(name: str) -> None:
             cache[name] = self._cache_counters()
 
-        outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
+        if cfg.axpo.enable and cfg.axpo.streaming != "off":
+            outcome = await run_axpo_step_streaming(ids, streamed, resample_jobs, cfg.axpo, cfg.n, step, on_phase)
+        else:
+            outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
         originals, continuations = episodes["originals"], episodes.get("continuations", [])
         metrics = dict(outcome.diagnostics)
         metrics.update(self.episode_metrics(originals, continuations, outcome.plan, counters))
@@ -132,13 +155,20 @@ class AXPOWorkflow:
 
     # -- the phases' building blocks (also used by the rllm adapter, one question per run) -------
 
-    async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter) -> list[Episode]:
-        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``."""
+    async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter,
+                        on_rollout: Callable[[Rollout], None] | None = None) -> list[Episode]:
+        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``.
+        ``on_rollout`` is called with each graded rollout as it finishes (the streaming planner)."""
         cfg = self.config
-        return list(await asyncio.gather(*(
-            self._episode(task, f"{task.task_id}#{i}", task.task_id, derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
-            for i in range(cfg.n)
-        )))
+
+        async def one(i: int) -> Episode:
+            episode = await self._episode(task, f"{task.task_id}#{i}", task.task_id,
+                                          derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
+            if on_rollout is not None:
+                on_rollout(episode.rollout)
+            return episode
+
+        return list(await asyncio.gather(*(one(i) for i in range(cfg.n))))
 
     async def continuations(
         self, jobs: Sequence[ResampleJob], tasks: dict[str, Task], step: int, limit: asyncio.Semaphore, counters: Counter
