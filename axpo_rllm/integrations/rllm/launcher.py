@@ -151,7 +151,7 @@ def workflow_args(cfg: DictConfig) -> dict:
                               int(tokenizer.convert_tokens_to_ids("<|image_pad|>")),
                               int(tokenizer.convert_tokens_to_ids("<|video_pad|>")))
     return {
-        "coordinator": AXPOStepCoordinator(int(cfg.data.train_batch_size), config.axpo),
+        "coordinator": AXPOStepCoordinator(int(cfg.data.train_batch_size), config.axpo, group_size=config.n),
         "chat": processor,
         "env_factory": functools.partial(MultimodalToolEnv, tools=list(cfg.axpo_launch.tools)),
         "config": config,
