@@ -38,7 +38,7 @@ from axpo_rllm.agents.agent import Agent, AgentConfig, ChatFormat, Episode, Epis
 from axpo_rllm.core.advantages import original_groups
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, Termination, TrainingRow
-from axpo_rllm.core.step import run_axpo_step, run_axpo_step_streaming
+from axpo_rllm.core.step import PhaseOneReport, run_axpo_step, run_axpo_step_streaming
 from axpo_rllm.engines.base import RolloutEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
 
@@ -120,10 +120,10 @@ class AXPOWorkflow:
             episodes["originals"] = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
             return original_groups(e.rollout for e in episodes["originals"])
 
-        async def streamed(on_rollout, on_group) -> list[QuestionGroup]:  # phase 1, reporting as it goes
+        async def streamed(report: PhaseOneReport) -> list[QuestionGroup]:  # phase 1, reporting as it goes
             async def question(task: Task) -> list[Episode]:
-                eps = await self.originals(task, step, limit, counters, on_rollout)
-                on_group(QuestionGroup(task.task_id, tuple(e.rollout for e in eps)))
+                eps = await self.originals(task, step, limit, counters, report.rollout, report.first_call)
+                report.group(QuestionGroup(task.task_id, tuple(e.rollout for e in eps)))
                 return eps
 
             per_question = await asyncio.gather(*(question(t) for t in tasks))
@@ -156,14 +156,16 @@ class AXPOWorkflow:
     # -- the phases' building blocks (also used by the rllm adapter, one question per run) -------
 
     async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter,
-                        on_rollout: Callable[[Rollout], None] | None = None) -> list[Episode]:
-        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``.
-        ``on_rollout`` is called with each graded rollout as it finishes (the streaming planner)."""
+                        on_rollout: Callable[[Rollout], None] | None = None,
+                        on_first_call: Callable[[str, str, float | None], None] | None = None) -> list[Episode]:
+        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``. For the
+        streaming planner: ``on_rollout`` gets each graded rollout as it finishes, ``on_first_call``
+        ``(question_id, rollout_id, c_s)`` each rollout's first tool call as its turn ends."""
         cfg = self.config
 
         async def one(i: int) -> Episode:
             episode = await self._episode(task, f"{task.task_id}#{i}", task.task_id,
-                                          derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters)
+                                          derive_seed(cfg.seed, step, task.task_id, i), None, limit, counters, on_first_call)
             if on_rollout is not None:
                 on_rollout(episode.rollout)
             return episode
@@ -188,21 +190,32 @@ class AXPOWorkflow:
 
     async def _episode(
         self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None,
-        limit: asyncio.Semaphore, counters: Counter,
+        limit: asyncio.Semaphore, counters: Counter, on_first_call: Callable[[str, str, float | None], None] | None = None,
     ) -> Episode:
         cfg = self.config
+        reported: list[float] = []
+
+        def first_call(c: float) -> None:
+            reported.append(c)
+            on_first_call(question_id, rollout_id, c)
+
         async with limit:
             for attempt in range(cfg.rollout_retries + 1):
-                episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job)
+                episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job,
+                                              first_call if on_first_call is not None else None)
                 if episode.rollout.termination is not Termination.ERROR:
                     return episode
                 counters[f"failure/{episode.rollout.error.split(':', 1)[0]}"] += 1
+                if reported:  # the planner may rely on this rollout's call: a retry would be another rollout
+                    counters["retries_skipped_after_call"] += 1
+                    break
                 if attempt < cfg.rollout_retries:
                     counters["rollout_retries"] += 1
             counters["failed_rollouts"] += 1
             return episode
 
-    async def _attempt(self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None) -> Episode:
+    async def _attempt(self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None,
+                       on_first_call: Callable[[float], None] | None = None) -> Episode:
         env = None
         try:
             env = self.env_factory()
@@ -211,7 +224,8 @@ class AXPOWorkflow:
         except Exception as exc:  # noqa: BLE001 - an env that cannot start is a recorded failure
             return _failed(task, rollout_id, question_id, job, f"EnvError: {type(exc).__name__}: {exc}", self.chat)
         try:
-            run = self.agent.run(env, task, rollout_id=rollout_id, question_id=question_id, seed=seed, job=job, state=state)
+            run = self.agent.run(env, task, rollout_id=rollout_id, question_id=question_id, seed=seed, job=job, state=state,
+                                 on_first_call=on_first_call)
             if self.config.rollout_timeout_s is None:
                 return await run
             return await asyncio.wait_for(run, self.config.rollout_timeout_s)
@@ -253,6 +267,7 @@ class AXPOWorkflow:
             "workflow/malformed_calls": total(everyone, "malformed_calls"),
             "workflow/engine_retries": total(everyone, "engine_retries"),
             "workflow/rollout_retries": float(counters.get("rollout_retries", 0)),
+            "workflow/retries_skipped_after_call": float(counters.get("retries_skipped_after_call", 0)),
             "workflow/failed_rollouts": float(counters.get("failed_rollouts", 0)),
             "workflow/extra_samples_exact": float(len(conts) == plan.used),
         }

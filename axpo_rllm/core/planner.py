@@ -37,6 +37,7 @@ __all__ = [
     "is_triggered",
     "prefix_len",
     "confidence",
+    "mean_probability",
     "extra_budget",
     "collect_candidates",
     "eligible_sources",
@@ -102,8 +103,15 @@ def confidence(rollout: Rollout, target: Target = "tool") -> float:
         logprobs = logprobs[rollout.response_mask[window].astype(bool)]
     if not len(logprobs):
         raise RecordError(f"rollout {rollout.rollout_id}: no model tokens in {window} to score its confidence c_s")
+    return mean_probability(logprobs)
+
+
+def mean_probability(logprobs: Sequence[float]) -> float:
+    """mean exp(logprob) of the scored tokens, taken as float32 as a ``Rollout`` stores them (the
+    agent scores a call with this while the rollout still runs: same tokens, same value)."""
     # A call is tens of tokens: plain floats beat numpy's per-call overhead here.
-    return math.fsum(map(math.exp, logprobs.tolist())) / len(logprobs)
+    values = np.asarray(logprobs, dtype=np.float32).tolist()
+    return math.fsum(map(math.exp, values)) / len(values)
 
 
 # ---------------------------------------------------------------------------------------------

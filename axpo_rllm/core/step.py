@@ -31,7 +31,8 @@ from axpo_rllm.core.planner import plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, TrainingRow
 from axpo_rllm.core.streaming import StreamingPlanner
 
-__all__ = ["StepOutcome", "finish_step", "axpo_step", "run_axpo_step", "run_axpo_step_streaming", "in_plan_order"]
+__all__ = ["StepOutcome", "PhaseOneReport", "finish_step", "axpo_step", "run_axpo_step", "run_axpo_step_streaming",
+           "in_plan_order"]
 
 
 @dataclass
@@ -48,6 +49,20 @@ class StepOutcome:
     """Wall time per phase (``phase1_s``, ``plan_s``, ``phase3_s``, ``step_s``) when measured;
     streaming adds ``first_release_s`` (step start to the first continuation's start) and counts
     ``jobs_early`` (prefixes whose continuations started before phase 1 ended)."""
+
+
+@dataclass(frozen=True)
+class PhaseOneReport:
+    """What phase 1 tells the streaming planner as it runs (each call may start continuations)."""
+
+    first_call: Callable[[str, str, float | None], None]
+    """``(question_id, rollout_id, c_s)``: an original rollout's first tool call has ended (None:
+    forget it). The rollout must then not be retried: its retry would be another rollout than the
+    one the plan may already rely on."""
+    rollout: Callable[[Rollout], None]
+    """An original rollout is graded."""
+    group: Callable[[QuestionGroup], None]
+    """A question's N rollouts are all graded."""
 
 
 def finish_step(groups: Sequence[QuestionGroup], plan: ResamplePlan, continuations: Sequence[Rollout],
@@ -101,7 +116,7 @@ async def run_axpo_step(
 
 async def run_axpo_step_streaming(
     questions: Sequence[str],
-    rollouts: Callable[[Callable[[Rollout], None], Callable[[QuestionGroup], None]], Awaitable[Sequence[QuestionGroup]]],
+    rollouts: Callable[[PhaseOneReport], Awaitable[Sequence[QuestionGroup]]],
     resample: Callable[[Sequence[ResampleJob]], Awaitable[Sequence[Rollout]]],
     config: AXPOConfig,
     group_size: int,
@@ -110,9 +125,9 @@ async def run_axpo_step_streaming(
 ) -> StepOutcome:
     """Phases 1–4 with phase 3 started inside phase 1 (``config.streaming``: ``exact`` or ``greedy``).
 
-    ``questions``: the step's question ids in plan order (the task order). ``rollouts(on_rollout,
-    on_group)`` runs phase 1, calling ``on_rollout`` with each original rollout as it is graded
-    (optional: it sharpens the rule) and ``on_group`` with each question's complete group, and
+    ``questions``: the step's question ids in plan order (the task order). ``rollouts(report)``
+    runs phase 1, telling ``report`` (:class:`PhaseOneReport`) each first tool call and each graded
+    rollout (both optional: they sharpen the rule) and each question's complete group, and
     returns the groups in ``questions`` order. ``resample(jobs)`` draws the K continuations of some
     jobs; it is called as jobs are released and once more after phase 1 for the rest. The
     continuations come back in plan order, as :func:`run_axpo_step` returns them.
@@ -129,7 +144,12 @@ async def run_axpo_step_streaming(
             launched.append(asyncio.ensure_future(resample(list(jobs))))
 
     try:
-        groups = list(await rollouts(lambda r: start(planner.observe(r)), lambda g: start(planner.add(g))))
+        report = PhaseOneReport(
+            first_call=lambda q, rid, c: start(planner.observe_call(q, rid, c)),
+            rollout=lambda r: start(planner.observe(r)),
+            group=lambda g: start(planner.add(g)),
+        )
+        groups = list(await rollouts(report))
         t1 = time.perf_counter()
         mark("rollouts")
         plan = planner.finish()

@@ -24,15 +24,19 @@ above the bound, and the plan never changes. The bounds, per question u:
   its draws at offset o_u = the number of candidates of the questions before it (that is how
   ``collect_candidates`` draws them), so they are known once every earlier question's m is known.
 - u running: m_u <= cap_u = 0 if a graded rollout of u's target subgroup is correct (u can no
-  longer trigger), else (graded eligible sources) + (ungraded rollouts). Its round-j key can be
-  made arbitrarily small by ungraded rollouts when j < g_u (ungraded count); for j >= g_u it is at
-  least the (j - g_u)-th smallest graded key (g_u rollouts with tiny keys is the worst case).
+  longer trigger), else (graded eligible sources) + (ungraded rollouts). An ungraded rollout that
+  has made its first tool call (``observe_call``: c_s is fixed from that call on) has a known key;
+  the g_u others have free keys. u's round-j key can be made arbitrarily small when j < g_u; for
+  j >= g_u it is at least the (j - g_u)-th smallest known key (free keys all tiny is the worst case).
+  A reported call binds the rollout: the workflow does not retry a rollout after its call was
+  reported (a retry would be another rollout), and the planner checks the key at the grade.
 - u not yet seen (the rllm coordinator does not know the step's question ids): m_u <= N, any key,
   any position.
 
-Each bound is attained by one completion (the running questions' remaining rollouts all wrong,
-tool-using and eligible with tiny keys), so with keys known the rule is necessary as well as
-sufficient: no exact rule can release more from the same information. Two special cases:
+Each bound is attained by one completion (every ungraded rollout wrong, tool-using and eligible,
+the free ones with tiny keys), the same for every candidate, so with keys known the rule is
+necessary as well as sufficient: no exact rule can release more from the same information
+(property-tested against that completion). Two special cases:
 round 0 is released once (questions ahead of it by key, done) + (questions still running) < S,
 i.e. the issue's rule (triggered with candidates so far) + (running) <= S is implied; a later round
 j is released once every question's rounds < j plus round-j rivals provably fit.
@@ -124,6 +128,9 @@ class _Question:
     graded_eligible: int = 0
     graded_keys: list[float] = field(default_factory=list)
     """Rank keys of the graded eligible sources (uncertainty / confidence ranking), sorted."""
+    calls: dict[str, float] = field(default_factory=dict)
+    """Ungraded rollouts that have made their first tool call: rollout id -> the rank key it will
+    have as a source (fixed from that call on)."""
     group: QuestionGroup | None = None
     sources: list[tuple[Rollout, float]] = field(default_factory=list)
     """Done: the eligible sources if triggered (the candidates), in group order, with c_s."""
@@ -142,9 +149,14 @@ class _Question:
             return len(self.sources)
         return 0 if self.untriggered else self.graded_eligible + n - len(self.graded)
 
+    def keys(self) -> list[float]:
+        """Every known key a running question's candidates will have (graded and in-flight callers), sorted."""
+        return sorted(self.graded_keys + list(self.calls.values())) if self.calls else self.graded_keys
+
     def open(self, n: int) -> bool:
-        """Running with ungraded rollouts and still able to trigger: a rival in round 0 of any key."""
-        return not self.done and len(self.graded) < n and self.bound(n) > 0
+        """Running, still able to trigger, with a rollout whose key is free: a rival in round 0 of
+        any key (and, with a candidate to come, in every later round)."""
+        return not self.done and n - len(self.graded) - len(self.calls) > 0 and self.bound(n) > 0
 
     def determined(self, n: int) -> bool:
         return self.done or self.bound(n) == 0
@@ -214,17 +226,45 @@ class StreamingPlanner:
             raise ValueError(f"question {q.question_id!r} has more than N = {self.group_size} rollouts")
         before, was_open = q.bound(self.group_size), q.open(self.group_size)
         q.graded[rollout.rollout_id] = rollout
-        target, keys_changed = self.config.resample_target, False
+        called = q.calls.pop(rollout.rollout_id, None)
+        target, keys_changed = self.config.resample_target, called is not None
         if _in_target(rollout, target):
             q.untriggered = q.untriggered or rollout.correct
             if is_eligible_source(rollout, target):
                 q.graded_eligible += 1
                 if self.config.ranking != "random":
-                    q.graded_keys = sorted(q.graded_keys + [_key(confidence(rollout, target), self.config.ranking)])
+                    key = _key(confidence(rollout, target), self.config.ranking)
+                    if called is not None and called != key:
+                        raise RuntimeError(f"rollout {rollout.rollout_id}: its first call was reported with key {called!r}, "
+                                           f"it is {key!r} as a source (report the call from the final attempt only)")
+                    q.graded_keys = sorted(q.graded_keys + [key])
                     keys_changed = True
         after = q.bound(self.group_size)
-        self._open -= was_open and not q.open(self.group_size)
+        self._open += q.open(self.group_size) - was_open
         return self._evaluate() if after != before or keys_changed else []
+
+    def observe_call(self, question_id: str, rollout_id: str, confidence: float | None) -> list[ResampleJob]:
+        """An ungraded original rollout has made its first tool call, with c_s = ``confidence``
+        (None: the rollout was restarted, forget the call). Sharpens the bound on its question:
+        that rollout can no longer bring an arbitrarily small key. Used with the ``tool`` target and
+        a non-random ranking (ignored otherwise: c_s is not the key there)."""
+        if self.config.resample_target != "tool" or self.config.ranking == "random":
+            return []
+        q = self._question(question_id)
+        if q.done or rollout_id in q.graded:
+            raise ValueError(f"rollout {rollout_id!r} of {question_id!r} is graded already; its call comes too late")
+        was_open = q.open(self.group_size)
+        if confidence is None:
+            q.calls.pop(rollout_id, None)
+            self._open += q.open(self.group_size) - was_open
+            return []  # a forgotten call only loosens the bound: nothing new can be certain
+        if rollout_id in q.calls:
+            raise ValueError(f"rollout {rollout_id!r}: its first call was reported twice")
+        if len(q.calls) + len(q.graded) >= self.group_size:
+            raise ValueError(f"question {question_id!r} has more than N = {self.group_size} rollouts")
+        q.calls[rollout_id] = _key(confidence, self.config.ranking)
+        self._open += q.open(self.group_size) - was_open
+        return self._evaluate()
 
     def add(self, group: QuestionGroup) -> list[ResampleJob]:
         """A question's complete group (its N rollouts, failed ones included)."""
@@ -234,6 +274,7 @@ class StreamingPlanner:
         if q.done:
             raise ValueError(f"question {group.question_id!r} added twice")
         self._open -= q.open(self.group_size)
+        q.calls.clear()
         q.group = group
         q.arrival = len(self._arrived)
         self._arrived.append(q.question_id)
@@ -333,10 +374,11 @@ class StreamingPlanner:
             elif q.done or randomly:
                 rivals[:b] += 1
             else:
-                g = n - len(q.graded)
+                g = n - len(q.graded) - len(q.calls)  # rollouts whose key is still free
+                known = q.keys()
                 rivals[: min(g, b)] += 1
-                for j in range(g, b):  # round j >= g: at best the (j - g)-th graded key, ungraded ones all below
-                    keyed[j].append((q.graded_keys[j - g], p))
+                for j in range(g, b):  # round j >= g: at best the (j - g)-th known key, the free ones all below
+                    keyed[j].append((known[j - g], p))
         if not greedy:
             rivals[:n] += unseen
 

@@ -48,3 +48,21 @@ def test_the_batch_barrier_waits_and_exact_streaming_is_the_same_step(chat, chat
         assert a.rollout_id == b.rollout_id and (a.response_ids == b.response_ids).all() and a.reward == b.reward
     assert [(r.rollout.rollout_id, r.adv_group, r.segments) for r in exact.rows] == \
         [(r.rollout.rollout_id, r.adv_group, r.segments) for r in batch.rows]
+
+
+@pytest.mark.parametrize("streaming", ["off", "exact"])
+def test_a_rollout_whose_call_was_reported_is_not_retried(chat, chat_words, env_factory, streaming):
+    # Rollout #0 of every question fails in its second turn, which only a rollout that called a
+    # tool in its first turn reaches. Streaming told the planner about that call, so a retry
+    # (another rollout, maybe with another call) could contradict a prefix already started.
+    engine = biased(FakeEngine(chat, chat_words, fail_ids=("#0/t1",)), chat, open_rate=0.0, call_rate=0.9)
+    config = WorkflowConfig(n=4, axpo=AXPOConfig(r=0.5, k=2, streaming=streaming, max_failed_share=0.5), agent=AGENT,
+                            seed=5, rollout_retries=1)
+    res = AXPOWorkflow(engine, chat, env_factory, config).run_step(make_tasks(4, with_images=False), 0)
+    m = res.metrics
+    if streaming == "off":
+        assert m["workflow/rollout_retries"] >= 1 and m["workflow/retries_skipped_after_call"] == 0
+    else:
+        assert m["workflow/rollout_retries"] == 0 and m["workflow/retries_skipped_after_call"] >= 1
+        assert m["workflow/failed_rollouts"] == m["workflow/retries_skipped_after_call"]
+        assert all("scripted failure" in r.error for r in res.rollouts if r.error)

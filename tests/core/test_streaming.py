@@ -43,7 +43,7 @@ def step_case(draw):
         seed=draw(st.integers(0, 3)), prefix_fix=draw(st.booleans()),
         resample_target=draw(st.sampled_from(["tool", "tool", "no_tool"])),
     )
-    events = draw(st.permutations([q for q in range(b) for _ in range(n + 1)]))
+    events = draw(st.permutations([i for i in range(b * n) for _ in range(2)]))
     return specs, config, events, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2))
 
 
@@ -58,20 +58,31 @@ def build_groups(specs, names):
     return groups
 
 
-def replay(planner, groups, events, observe):
-    """Feed the planner in completion order: the t-th event of question i is its rollout t
-    (observed) or, after N of them, its group. Returns the releases and the arrival order."""
-    seen = {g.question_id: 0 for g in groups}
+def replay(planner, groups, events, observe, on_event=None):
+    """Feed the planner in completion order. Each rollout appears twice in ``events``: first its
+    first tool call (reported if it has one), then its grade; a question's group is added right
+    after its last grade. ``observe`` False: only the groups. Returns the releases and the arrival
+    order; ``on_event(seen)`` is called after every event with how far each rollout has got
+    (0 nothing, 1 called, 2 graded)."""
+    from axpo_rllm.core.planner import mean_probability
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    seen = {r.rollout_id: 0 for r in rollouts}
     released, arrival = [], []
-    for q in events:
-        g = groups[q]
-        t = seen[g.question_id]
-        seen[g.question_id] += 1
-        if t < len(g.rollouts):
-            released += planner.observe(g.rollouts[t]) if observe else []
-        else:
-            released += planner.add(g)
-            arrival.append(g.question_id)
+    for index in events:
+        r = rollouts[index]
+        g = next(g for g in groups if g.question_id == r.question_id)
+        seen[r.rollout_id] += 1
+        if seen[r.rollout_id] == 1 and observe and r.used_tool:
+            call = r.first_tool_call
+            released += planner.observe_call(r.question_id, r.rollout_id, mean_probability(r.response_logprobs[call.body_start:call.end]))
+        elif seen[r.rollout_id] == 2:
+            released += planner.observe(r) if observe else []
+            if all(seen[x.rollout_id] == 2 for x in g.rollouts):
+                released += planner.add(g)
+                arrival.append(g.question_id)
+        if on_event is not None:
+            on_event(seen)
     return released, arrival
 
 
@@ -209,25 +220,46 @@ def test_the_exact_rule_holds_back_only_what_some_completion_would_not_select(ca
     groups = build_groups(specs, names)
     n = len(groups[0].rollouts)
     planner = StreamingPlanner(config, len(groups), n, step, order=names)
-    seen = {q: 0 for q in names}
-    for q in events:
-        g = groups[q]
-        t = seen[g.question_id]
-        seen[g.question_id] += 1
-        if t < n:
-            if observe:
-                planner.observe(g.rollouts[t])
-        else:
-            planner.add(g)
-        # The adversary: every ungraded rollout of a running question is tool-using, wrong and eligible
-        # with a call of probability 0.01 (ranked before anything real).
+
+    def check(seen):
+        # The adversary's completion: every rollout not graded yet is tool-using, wrong and eligible;
+        # one whose first call was reported keeps that call, any other calls with probability 0.01
+        # (ranked before anything real). It is the worst completion for every prefix at once.
+        done = {r.rollout_id for g in groups for r in g.rollouts if all(seen[x.rollout_id] == 2 for x in g.rollouts)}
         worst = []
-        for h in groups:
-            graded = seen[h.question_id] if observe or seen[h.question_id] > n else 0
-            worst.append(QuestionGroup(h.question_id, tuple(
-                r if i < graded else make_rollout(r.rollout_id, h.question_id, correct=False, call_body=(0.01,))
-                for i, r in enumerate(h.rollouts))))
+        for g in groups:
+            known = lambda r: r.rollout_id in done or (observe and seen[r.rollout_id] == 2)  # noqa: E731
+            called = lambda r: observe and seen[r.rollout_id] == 1 and r.used_tool  # noqa: E731
+            worst.append(QuestionGroup(g.question_id, tuple(
+                r if known(r) else make_rollout(
+                    r.rollout_id, g.question_id, correct=False,
+                    call_body=tuple(specs[int(g.question_id[1:])][int(r.rollout_id.split("#")[1])][3]) if called(r) else (0.01,))
+                for r in g.rollouts)))
         selected = {j.source_id for j in plan_resampling(worst, config, step).jobs}
-        done = {r.rollout_id for h in groups if seen[h.question_id] > n for r in h.rollouts}
-        # Released iff selected even in the worst completion (which is the worst for every prefix at once).
+        # Released iff selected even in the worst completion: no exact rule could release more.
         assert {j.source_id for j in planner.released} == selected & done
+
+    replay(planner, groups, events, observe, check)
+
+
+def test_a_reported_call_binds_the_rollout():
+    g = tool_group("q0", 0.5)
+    planner = StreamingPlanner(AXPOConfig(r=0.5, k=1), 2, 2, order=["q0", "q1"])
+    planner.observe_call("q0", "q0#0", 0.9)  # a different c than the rollout ends with
+    with pytest.raises(RuntimeError, match="report the call from the final attempt only"):
+        planner.observe(g.rollouts[0])
+    planner = StreamingPlanner(AXPOConfig(r=0.5, k=1), 2, 2, order=["q0", "q1"])
+    planner.observe_call("q0", "q0#0", 0.9)
+    planner.observe_call("q0", "q0#0", None)  # forgotten (restarted): no claim left
+    planner.observe(g.rollouts[0])
+
+
+def test_in_flight_calls_let_round_zero_start_before_rivals_are_graded():
+    # B = 2, N = 2, K = 1, E = 1 slot. q0 is done with c = 0.2; q1's two rollouts are still
+    # running but both have called a tool with c = 0.6 and 0.8: q1 cannot beat 0.2.
+    q0 = tool_group("q0", 0.2)
+    planner = StreamingPlanner(AXPOConfig(r=0.25, k=1), 2, 2, order=["q0", "q1"])
+    assert planner.add(q0) == []
+    assert planner.observe_call("q1", "q1#0", 0.6) == []  # q1#1 may still call with a tiny c
+    (job,) = planner.observe_call("q1", "q1#1", 0.8)
+    assert job.source_id == "q0#0"

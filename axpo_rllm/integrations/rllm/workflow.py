@@ -174,6 +174,11 @@ class AXPOStepCoordinator:
         if self.streaming and self.group_size is not None:
             self._dispatch(self._stream().observe(rollout))
 
+    def observe_call(self, question_id: str, rollout_id: str, confidence: float | None) -> None:
+        """A running rollout's first tool call (streaming only; see ``StreamingPlanner.observe_call``)."""
+        if self.streaming and self.group_size is not None:
+            self._dispatch(self._stream().observe_call(question_id, rollout_id, confidence))
+
     async def submit(self, group: QuestionGroup,
                      on_jobs: Callable[[list[ResampleJob]], None] | None = None) -> tuple[ResamplePlan, int]:
         """Register one question's group; return the step's plan (and step number) once all are in.
@@ -469,7 +474,8 @@ class AXPORllmWorkflow(Workflow):
             early.append(asyncio.ensure_future(self.axpo.continuations(jobs, tasks, step, limit, counters)))
 
         try:
-            originals = await self.axpo.originals(axpo_task, step, limit, counters, self.coordinator.observe)
+            originals = await self.axpo.originals(axpo_task, step, limit, counters, self.coordinator.observe,
+                                                  self.coordinator.observe_call)
             group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
             plan, plan_step = await self.coordinator.submit(group, on_jobs)
             if plan_step != step:
