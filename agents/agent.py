@@ -37,7 +37,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from axpo_rllm.agents.parsing import (
     locate_calls,
     parse_turn_text,
 )
+from axpo_rllm.core.planner import mean_probability
 from axpo_rllm.core.records import ResampleJob, Rollout, RolloutKind, Task, Termination, ToolCallSpan
 from axpo_rllm.engines.base import BackendContractError, EngineError, GenerationRequest, GenerationResult, RolloutEngine
 
@@ -171,17 +172,22 @@ class Agent:
         seed: int,
         job: ResampleJob | None = None,
         state: _State | None = None,
+        on_first_call: Callable[[float], None] | None = None,
     ) -> Episode:
         """One episode (``job`` given: a continuation of the job's prefix). Never raises for engine,
         tool or env failures: they end the rollout with ``Termination.ERROR`` and the reason. A
         :class:`~axpo_rllm.engines.base.BackendContractError` (e.g. no log-probs) propagates: every
-        request would fail the same way, so the step must stop."""
+        request would fail the same way, so the step must stop.
+
+        ``on_first_call(c)``: called once, as soon as the turn holding the rollout's first tool call
+        has ended, with that call's c_s (AXPO's confidence, as the finished rollout will score it);
+        the streaming planner uses it while the rollout still runs."""
         started = time.perf_counter()
         env.reset(task)
         if state is None:
             state = self.new_state(task, env, job)
         try:
-            termination, reward, correct = await self._loop(env, task, state, rollout_id, seed, job)
+            termination, reward, correct = await self._loop(env, task, state, rollout_id, seed, job, on_first_call)
             error = ""
         except BackendContractError:
             raise
@@ -234,7 +240,8 @@ class Agent:
         obs = [i for i, m in enumerate(state.mask) if m == 0]
         return max(job.turns_used - 1, 0), (obs[-1] + 1 if obs else 0)
 
-    async def _loop(self, env, task: Task, state: _State, rollout_id: str, seed: int, job: ResampleJob | None):
+    async def _loop(self, env, task: Task, state: _State, rollout_id: str, seed: int, job: ResampleJob | None,
+                    on_first_call: Callable[[float], None] | None = None):
         cfg, chat = self.config, self.chat
         tool_names = set(env.tool_names)
         turn, turn_start = self._start(state, job)
@@ -279,6 +286,10 @@ class Agent:
                 return termination, float(verdict.reward), bool(verdict.correct)
 
             calls = self._record_calls(state, parsed, turn_ids, turn_start, turn)
+            if on_first_call is not None and state.calls:
+                first = state.calls[0]
+                on_first_call(mean_probability(state.logprobs[first.body_start:first.end]))  # = planner.confidence
+                on_first_call = None
             if turn == cfg.max_turns - 1:  # mask policy: a call in the last turn (Mini-o3 over-turn)
                 return Termination.OVER_TURN, 0.0, False
             responses = await self._answer_calls(env, calls, state.stats)

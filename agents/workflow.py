@@ -8,7 +8,13 @@
              a verl ``DataProto`` of them)
 
 The phase order is the core's (:func:`axpo_rllm.core.step.run_axpo_step`); this module supplies
-phases 1 and 3.
+phases 1 and 3. With ``AXPOConfig.streaming`` ``exact`` (the default) or ``greedy`` the step is
+:func:`~axpo_rllm.core.step.run_axpo_step_streaming`: every graded rollout and every completed
+question is reported to the core's streaming planner, and the K continuations of each prefix
+start as soon as its selection is certain (``exact``: the same plan, and the same tokens, as the
+batch barrier) instead of after the slowest rollout of the batch. With streaming the engine's
+prefix-cache counters are split at the end of phase 1, so the "phase 1" figures include the
+continuations that started early.
 
 GRPO is the same workflow with ``AXPOConfig(enable=False)`` (phases 2-3 off). A rollout that fails
 (engine error, env/tool crash, timeout) is retried ``rollout_retries`` times, then recorded with
@@ -32,7 +38,7 @@ from axpo_rllm.agents.agent import Agent, AgentConfig, ChatFormat, Episode, Epis
 from axpo_rllm.core.advantages import original_groups
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, Termination, TrainingRow
-from axpo_rllm.core.step import run_axpo_step
+from axpo_rllm.core.step import PhaseOneReport, run_axpo_step, run_axpo_step_streaming
 from axpo_rllm.engines.base import RolloutEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
 
@@ -114,14 +120,31 @@ class AXPOWorkflow:
             episodes["originals"] = [e for q in await asyncio.gather(*(self.originals(t, step, limit, counters) for t in tasks)) for e in q]
             return original_groups(e.rollout for e in episodes["originals"])
 
+        async def streamed(report: PhaseOneReport) -> list[QuestionGroup]:  # phase 1, reporting as it goes
+            async def question(task: Task) -> list[Episode]:
+                eps = await self.originals(task, step, limit, counters, report.rollout, report.first_call)
+                report.group(QuestionGroup(task.task_id, tuple(e.rollout for e in eps)))
+                return eps
+
+            per_question = await asyncio.gather(*(question(t) for t in tasks))
+            episodes["originals"] = [e for q in per_question for e in q]
+            return [QuestionGroup(t.task_id, tuple(e.rollout for e in eps)) for t, eps in zip(tasks, per_question)]
+
         async def resample(plan: ResamplePlan) -> list[Rollout]:  # phase 3: K token-exact continuations per prefix
-            episodes["continuations"] = await self.continuations(plan.jobs, {t.task_id: t for t in tasks}, step, limit, counters)
-            return [e.rollout for e in episodes["continuations"]]
+            return await resample_jobs(plan.jobs)
+
+        async def resample_jobs(jobs: Sequence[ResampleJob]) -> list[Rollout]:
+            drawn = await self.continuations(jobs, {t.task_id: t for t in tasks}, step, limit, counters)
+            episodes.setdefault("continuations", []).extend(drawn)
+            return [e.rollout for e in drawn]
 
         def on_phase(name: str) -> None:
             cache[name] = self._cache_counters()
 
-        outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
+        if cfg.axpo.enable and cfg.axpo.streaming != "off":
+            outcome = await run_axpo_step_streaming(ids, streamed, resample_jobs, cfg.axpo, cfg.n, step, on_phase)
+        else:
+            outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
         originals, continuations = episodes["originals"], episodes.get("continuations", [])
         metrics = dict(outcome.diagnostics)
         metrics.update(self.episode_metrics(originals, continuations, outcome.plan, counters))
@@ -132,15 +155,27 @@ class AXPOWorkflow:
 
     # -- the phases' building blocks (also used by the rllm adapter, one question per run) -------
 
-    async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter) -> list[Episode]:
-        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``."""
-        return list(await asyncio.gather(*(self.original(task, i, step, limit, counters) for i in range(self.config.n))))
+    async def originals(self, task: Task, step: int, limit: asyncio.Semaphore, counters: Counter,
+                        on_rollout: Callable[[Rollout], None] | None = None,
+                        on_first_call: Callable[[str, str, float | None], None] | None = None) -> list[Episode]:
+        """Phase 1 for one question: its N episodes, concurrently; ids ``<task_id>#<i>``. For the
+        streaming planner: ``on_rollout`` gets each graded rollout as it finishes, ``on_first_call``
+        ``(question_id, rollout_id, c_s)`` each rollout's first tool call as its turn ends."""
 
-    async def original(self, task: Task, index: int, step: int, limit: asyncio.Semaphore, counters: Counter) -> Episode:
+        async def one(i: int) -> Episode:
+            episode = await self.original(task, i, step, limit, counters, on_first_call)
+            if on_rollout is not None:
+                on_rollout(episode.rollout)
+            return episode
+
+        return list(await asyncio.gather(*(one(i) for i in range(self.config.n))))
+
+    async def original(self, task: Task, index: int, step: int, limit: asyncio.Semaphore, counters: Counter,
+                       on_first_call: Callable[[str, str, float | None], None] | None = None) -> Episode:
         """Episode ``index`` of phase 1 alone (id ``<task_id>#<index>``, the same seed as in :meth:`originals`),
         so an evaluation can run, cache and resume samples one by one."""
         seed = derive_seed(self.config.seed, step, task.task_id, index)
-        return await self._episode(task, f"{task.task_id}#{index}", task.task_id, seed, None, limit, counters)
+        return await self._episode(task, f"{task.task_id}#{index}", task.task_id, seed, None, limit, counters, on_first_call)
 
     async def continuations(
         self, jobs: Sequence[ResampleJob], tasks: dict[str, Task], step: int, limit: asyncio.Semaphore, counters: Counter
@@ -160,21 +195,32 @@ class AXPOWorkflow:
 
     async def _episode(
         self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None,
-        limit: asyncio.Semaphore, counters: Counter,
+        limit: asyncio.Semaphore, counters: Counter, on_first_call: Callable[[str, str, float | None], None] | None = None,
     ) -> Episode:
         cfg = self.config
+        reported: list[float] = []
+
+        def first_call(c: float) -> None:
+            reported.append(c)
+            on_first_call(question_id, rollout_id, c)
+
         async with limit:
             for attempt in range(cfg.rollout_retries + 1):
-                episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job)
+                episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job,
+                                              first_call if on_first_call is not None else None)
                 if episode.rollout.termination is not Termination.ERROR:
                     return episode
                 counters[f"failure/{episode.rollout.error.split(':', 1)[0]}"] += 1
+                if reported:  # the planner may rely on this rollout's call: a retry would be another rollout
+                    counters["retries_skipped_after_call"] += 1
+                    break
                 if attempt < cfg.rollout_retries:
                     counters["rollout_retries"] += 1
             counters["failed_rollouts"] += 1
             return episode
 
-    async def _attempt(self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None) -> Episode:
+    async def _attempt(self, task: Task, rollout_id: str, question_id: str, seed: int, job: ResampleJob | None,
+                       on_first_call: Callable[[float], None] | None = None) -> Episode:
         env = None
         try:
             env = self.env_factory()
@@ -183,7 +229,8 @@ class AXPOWorkflow:
         except Exception as exc:  # noqa: BLE001 - an env that cannot start is a recorded failure
             return _failed(task, rollout_id, question_id, job, f"EnvError: {type(exc).__name__}: {exc}", self.chat)
         try:
-            run = self.agent.run(env, task, rollout_id=rollout_id, question_id=question_id, seed=seed, job=job, state=state)
+            run = self.agent.run(env, task, rollout_id=rollout_id, question_id=question_id, seed=seed, job=job, state=state,
+                                 on_first_call=on_first_call)
             if self.config.rollout_timeout_s is None:
                 return await run
             return await asyncio.wait_for(run, self.config.rollout_timeout_s)
@@ -225,6 +272,7 @@ class AXPOWorkflow:
             "workflow/malformed_calls": total(everyone, "malformed_calls"),
             "workflow/engine_retries": total(everyone, "engine_retries"),
             "workflow/rollout_retries": float(counters.get("rollout_retries", 0)),
+            "workflow/retries_skipped_after_call": float(counters.get("retries_skipped_after_call", 0)),
             "workflow/failed_rollouts": float(counters.get("failed_rollouts", 0)),
             "workflow/extra_samples_exact": float(len(conts) == plan.used),
         }

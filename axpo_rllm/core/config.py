@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal, Mapping, TypeVar
 
-__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "dataclass_from_mapping"]
+__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "Streaming", "dataclass_from_mapping"]
 
 Ranking = Literal["uncertainty", "random", "confidence"]
 Target = Literal["tool", "no_tool"]
 SourceTail = Literal["mask", "keep"]
+Streaming = Literal["off", "exact", "greedy"]
 
 D = TypeVar("D")
 
@@ -63,6 +64,12 @@ class AXPOConfig:
     of rollouts failed raises instead of training."""
     seed: int = 0
     """Seeds the ``random`` ranking (combined with the step number)."""
+    streaming: Streaming = "exact"
+    """When phase 3 may start (:mod:`axpo_rllm.core.streaming`). ``exact``: each prefix as soon as
+    its selection is certain whatever the rest of the batch brings; the plan is
+    ``plan_resampling``'s. ``off``: after the whole batch (the plain barrier; same plan).
+    ``greedy``: first come, breadth-first: within a round questions take slots in the order their
+    groups arrive instead of by rank key (a different plan; ``plan_first_come``)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +79,7 @@ class AXPOConfig:
              f"ranking must be uncertainty|random|confidence, got {self.ranking!r}"),
             (self.resample_target in ("tool", "no_tool"), f"resample_target must be tool|no_tool, got {self.resample_target!r}"),
             (self.source_tail in ("mask", "keep"), f"source_tail must be mask|keep, got {self.source_tail!r}"),
+            (self.streaming in ("off", "exact", "greedy"), f"streaming must be off|exact|greedy, got {self.streaming!r}"),
             (self.epsilon >= 0.0, f"epsilon must be >= 0, got {self.epsilon!r}"),
             (0.0 <= self.max_failed_share <= 1.0, f"max_failed_share must be in [0, 1], got {self.max_failed_share!r}"),
         ]

@@ -37,8 +37,11 @@ __all__ = [
     "is_triggered",
     "prefix_len",
     "confidence",
+    "mean_probability",
     "extra_budget",
     "collect_candidates",
+    "eligible_sources",
+    "step_budget",
     "allocate_breadth_first",
     "plan_resampling",
     "check_groups",
@@ -100,8 +103,15 @@ def confidence(rollout: Rollout, target: Target = "tool") -> float:
         logprobs = logprobs[rollout.response_mask[window].astype(bool)]
     if not len(logprobs):
         raise RecordError(f"rollout {rollout.rollout_id}: no model tokens in {window} to score its confidence c_s")
+    return mean_probability(logprobs)
+
+
+def mean_probability(logprobs: Sequence[float]) -> float:
+    """mean exp(logprob) of the scored tokens, taken as float32 as a ``Rollout`` stores them (the
+    agent scores a call with this while the rollout still runs: same tokens, same value)."""
     # A call is tens of tokens: plain floats beat numpy's per-call overhead here.
-    return math.fsum(map(math.exp, logprobs.tolist())) / len(logprobs)
+    values = np.asarray(logprobs, dtype=np.float32).tolist()
+    return math.fsum(map(math.exp, values)) / len(values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,30 +125,35 @@ def extra_budget(r: float, num_questions: int, group_size: int) -> int:
 def collect_candidates(
     groups: Sequence[QuestionGroup], config: AXPOConfig, rng: np.random.Generator
 ) -> tuple[tuple[str, ...], dict[str, list[Candidate]]]:
-    """Triggered question ids (input order) and each one's candidate prefixes, best first."""
+    """Triggered question ids (input order) and each one's candidate prefixes, best first.
+
+    The ``random`` ranking draws one key per candidate, in question input order: a candidate's
+    draw depends on how many candidates the questions before it have
+    (:mod:`axpo_rllm.core.streaming` relies on exactly this order)."""
     triggered: list[str] = []
     by_question: dict[str, list[Candidate]] = {}
     for group in groups:
         if not is_triggered(group, config.resample_target):
             continue
         triggered.append(group.question_id)
-        found = []
-        for source in target_subgroup(group, config.resample_target):
-            if not is_eligible_source(source, config.resample_target):
-                continue
-            c = confidence(source, config.resample_target)
-            found.append(
-                Candidate(
-                    question_id=group.question_id,
-                    source_id=source.rollout_id,
-                    prefix_len=prefix_len(source, config.resample_target),
-                    confidence=c,
-                    rank_key=rank_key(c, config.ranking, rng),
-                )
+        found = [
+            Candidate(
+                question_id=group.question_id,
+                source_id=source.rollout_id,
+                prefix_len=prefix_len(source, config.resample_target),
+                confidence=c,
+                rank_key=rank_key(c, config.ranking, rng),
             )
+            for source, c in eligible_sources(group, config.resample_target)
+        ]
         if found:
             by_question[group.question_id] = sorted(found, key=lambda cand: cand.rank_key)
     return tuple(triggered), by_question
+
+
+def eligible_sources(group: QuestionGroup, target: Target) -> list[tuple[Rollout, float]]:
+    """The rollouts of q's target subgroup that can be sources, in group order, with their c_s."""
+    return [(s, confidence(s, target)) for s in target_subgroup(group, target) if is_eligible_source(s, target)]
 
 
 def rank_key(c: float, ranking: Ranking, rng: np.random.Generator) -> float:
@@ -178,13 +193,7 @@ def plan_resampling(groups: Sequence[QuestionGroup], config: AXPOConfig, step: i
     group_size = check_groups(groups)
     if not config.enable:
         return ResamplePlan(budget=0, jobs=(), triggered=(), candidates=())
-    budget = extra_budget(config.r, len(groups), group_size)
-    if budget < config.k:
-        raise ValueError(
-            f"AXPO budget E = floor(r·B·N) = floor({config.r}·{len(groups)}·{group_size}) = {budget} "
-            f"is below K = {config.k}: no prefix could ever be resampled. Raise r or the batch size, "
-            "or lower K."
-        )
+    budget = step_budget(config, len(groups), group_size)
     rng = np.random.default_rng([config.seed, step])
     triggered, candidates = collect_candidates(groups, config, rng)
     by_id = rollouts_by_id([r for g in groups for r in g.rollouts])
@@ -193,6 +202,18 @@ def plan_resampling(groups: Sequence[QuestionGroup], config: AXPOConfig, step: i
     )
     all_candidates = tuple(c for q in triggered for c in candidates.get(q, ()))
     return ResamplePlan(budget=budget, jobs=jobs, triggered=triggered, candidates=all_candidates)
+
+
+def step_budget(config: AXPOConfig, num_questions: int, group_size: int) -> int:
+    """E for a step of B questions x N rollouts; E < K is a config error (nothing could ever be resampled)."""
+    budget = extra_budget(config.r, num_questions, group_size)
+    if budget < config.k:
+        raise ValueError(
+            f"AXPO budget E = floor(r·B·N) = floor({config.r}·{num_questions}·{group_size}) = {budget} "
+            f"is below K = {config.k}: no prefix could ever be resampled. Raise r or the batch size, "
+            "or lower K."
+        )
+    return budget
 
 
 def check_groups(groups: Sequence[QuestionGroup]) -> int:

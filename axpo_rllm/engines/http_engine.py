@@ -41,7 +41,15 @@ def image_to_data_url(image) -> str:
 
 
 class HTTPEngine(RolloutEngine):
-    """Token-in/token-out generation against a vLLM server's ``/inference/v1/generate``."""
+    """Token-in/token-out generation against a vLLM server's ``/inference/v1/generate``.
+
+    One pooled ``httpx.AsyncClient`` per event loop serves every request (keep-alive: a step's
+    thousands of turns reuse ``max_concurrency`` connections instead of opening one per request),
+    and one semaphore caps the requests in flight across all callers at ``max_concurrency`` (the
+    agent sends one ``generate`` per turn, so a per-call limit capped nothing). An ``AsyncClient``
+    belongs to the loop it was made in; a new loop (a new ``asyncio.run``) gets a new client, and the
+    old one is closed when its loop shuts down (or by :meth:`aclose` / :meth:`close`).
+    """
 
     def __init__(
         self,
@@ -52,13 +60,18 @@ class HTTPEngine(RolloutEngine):
         model: str | None = None,
         timeout_s: float = 600.0,
         max_concurrency: int = 64,
+        keepalive_s: float = 60.0,
     ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.base_url = base_url.rstrip("/")
         self.image_pad_id = int(image_pad_id)
         self.video_pad_id = int(video_pad_id)
         self.model = model
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
+        self.keepalive_s = keepalive_s
+        self._pool: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore, Any] | None = None
 
     @classmethod
     def for_model(cls, base_url: str, model_dir: str | Path, **kwargs: Any) -> "HTTPEngine":
@@ -66,18 +79,43 @@ class HTTPEngine(RolloutEngine):
         config = json.loads((Path(model_dir) / "config.json").read_text())
         return cls(base_url, image_pad_id=config["image_token_id"], video_pad_id=config["video_token_id"], **kwargs)
 
+    # -- the pooled client ---------------------------------------------------------------------
+
+    async def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool[0] is not loop:
+            client = httpx.AsyncClient(
+                base_url=self.base_url, timeout=self.timeout_s,
+                limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency,
+                                    keepalive_expiry=self.keepalive_s),
+            )
+            # An async generator registered with the loop: asyncio.run's shutdown_asyncgens closes it,
+            # and so the client, inside its own loop (a client cannot be closed from another loop).
+            holder = _close_on_shutdown(client)
+            await holder.__anext__()
+            self._pool = (loop, client, asyncio.Semaphore(self.max_concurrency), holder)
+        return self._pool[1], self._pool[2]
+
+    async def aclose(self) -> None:
+        """Close the pooled client (from inside the loop that uses it)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool[3].aclose()
+
+    def close(self) -> None:
+        """Close the pooled client if its loop is not running any more (else it closes with its loop)."""
+        pool = self._pool
+        if pool is None or pool[0].is_running():
+            return
+        self._pool = None
+        if not pool[0].is_closed():
+            pool[0].run_until_complete(pool[3].aclose())
+
     # -- public API -------------------------------------------------------------------------
 
     async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         bodies = [self._body(r) for r in requests]  # validate everything before sending anything
-        limit = asyncio.Semaphore(self.max_concurrency)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
-
-            async def one(request: GenerationRequest, body: dict) -> GenerationResult:
-                async with limit:
-                    return _to_result(await self._post(client, body, request.request_id), request)
-
-            return list(await asyncio.gather(*(one(r, b) for r, b in zip(requests, bodies))))
+        return list(await asyncio.gather(*(self._post(body, r.request_id, r) for r, body in zip(requests, bodies))))
 
     async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
         """Teacher forcing through ``prompt_logprobs``, as the offline engine does."""
@@ -86,8 +124,7 @@ class HTTPEngine(RolloutEngine):
         request = GenerationRequest(prompt_ids=tuple(prompt_ids) + tuple(continuation_ids), images=tuple(images))
         body = self._body(request)
         body["sampling_params"] = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
-            data = await self._post(client, body, "")
+        data = await self._post(body, "")
         tail = data["prompt_logprobs"][-len(continuation_ids):]
         return [float(entry[str(token)]["logprob"]) for entry, token in zip(tail, continuation_ids)]
 
@@ -120,16 +157,27 @@ class HTTPEngine(RolloutEngine):
             body["model"] = self.model
         return body
 
-    async def _post(self, client, body: dict, request_id: str) -> dict:
-        try:
-            response = await client.post(GENERATE_PATH, json=body)
-        except httpx.HTTPError as exc:
-            raise EngineError(f"POST {self.base_url}{GENERATE_PATH} failed: {type(exc).__name__}: {exc}", request_id) from exc
+    async def _post(self, body: dict, request_id: str, request: GenerationRequest | None = None):
+        """POST one body through the pooled client, at most ``max_concurrency`` in flight; the
+        parsed result for a generation ``request``, the raw JSON otherwise."""
+        client, limit = await self._client()
+        async with limit:
+            try:
+                response = await client.post(GENERATE_PATH, json=body)
+            except httpx.HTTPError as exc:
+                raise EngineError(f"POST {self.base_url}{GENERATE_PATH} failed: {type(exc).__name__}: {exc}", request_id) from exc
         if response.status_code != 200:
             raise EngineError(
                 f"POST {self.base_url}{GENERATE_PATH} returned {response.status_code}: {response.text[:500]}", request_id
             )
-        return response.json()
+        return response.json() if request is None else _to_result(response.json(), request)
+
+
+async def _close_on_shutdown(client: httpx.AsyncClient):
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 def _to_result(data: dict, request: GenerationRequest) -> GenerationResult:

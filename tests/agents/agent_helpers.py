@@ -122,3 +122,34 @@ class FakeEngine:
 
     async def score(self, prompt_ids, images, continuation_ids):
         return [-0.25] * len(continuation_ids)
+
+
+class DelayedEngine:
+    """Wraps an engine; each request first waits ``delay(request_id)`` seconds and its start and end
+    times are kept (``spans[request_id] = (start, end)``, ``time.perf_counter``)."""
+
+    def __init__(self, inner, delay) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.spans = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, request):
+        import asyncio
+        import time
+
+        start = time.perf_counter()
+        await asyncio.sleep(self.delay(request.request_id))
+        result = await self.inner.generate(request)
+        self.spans[request.request_id] = (start, time.perf_counter())
+        return result
+
+    async def generate_many(self, requests):
+        import asyncio
+
+        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+
+    async def score(self, *args):
+        return await self.inner.score(*args)

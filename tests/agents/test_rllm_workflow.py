@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("rllm")
 
-from agent_helpers import FakeEngine, biased, make_tasks  # noqa: E402
+from agent_helpers import DelayedEngine, FakeEngine, biased, make_tasks  # noqa: E402
 
 from axpo_rllm.agents.agent import AgentConfig  # noqa: E402
 from axpo_rllm.integrations.rllm.workflow import (  # noqa: E402
@@ -39,13 +39,13 @@ def task_dicts(tasks):
              "images": list(t.images), "choices": t.metadata["choices"]} for t in tasks]
 
 
-def run_rllm_step(chat, engine, env_factory):
+def run_rllm_step(chat, engine, env_factory, config=CONFIG):
     from rllm.engine.unified_workflow_engine import UnifiedWorkflowEngine
 
-    coordinator = AXPOStepCoordinator(B, CONFIG.axpo, barrier_timeout_s=60)
+    coordinator = AXPOStepCoordinator(B, config.axpo, barrier_timeout_s=60)
     wf_engine = UnifiedWorkflowEngine(
         AXPORllmWorkflow,
-        {"coordinator": coordinator, "chat": chat, "env_factory": env_factory, "config": CONFIG},
+        {"coordinator": coordinator, "chat": chat, "env_factory": env_factory, "config": config},
         AxpoRllmEngine(engine, chat),
         n_parallel_tasks=B, retry_limit=1, raise_on_error=True,
     )
@@ -149,6 +149,69 @@ def test_the_barrier_names_the_fix_when_questions_are_missing():
     group = QuestionGroup("q0", (make_rollout("q0#0", "q0", correct=False),))
     with pytest.raises(RuntimeError, match="n_parallel_tasks"):
         asyncio.run(coordinator.submit(group))
+
+
+def test_streaming_runs_start_certain_continuations_before_the_barrier(chat, chat_words, env_factory):
+    """One slow question (q3): with streaming the other runs' certain prefixes are drawn while q3's
+    rollouts still run; without it every continuation waits for the barrier. Same step either way."""
+    import dataclasses
+
+    def step(streaming):
+        engine = DelayedEngine(biased(FakeEngine(chat, chat_words), chat, open_rate=0.5, call_rate=0.3, body_rate=0.5),
+                               lambda rid: 0.3 if rid.startswith("q3#") else 0.002)
+        config = dataclasses.replace(CONFIG, axpo=dataclasses.replace(CONFIG.axpo, streaming=streaming))
+        episodes, _ = run_rllm_step(chat, engine, env_factory, config)
+        last_original = max(end for rid, (_, end) in engine.spans.items() if "~c" not in rid)
+        first_cont = min(start for rid, (start, _) in engine.spans.items() if "~c" in rid and not rid.startswith("q3#"))
+        return episodes, first_cont - last_original
+
+    exact, lead = step("exact")
+    assert lead < -0.2, "continuations waited for the slow question"
+    assert sum(ep.metrics["workflow/jobs_early"] for ep in exact) >= 1
+    batch, lag = step("off")
+    assert lag >= 0
+    plan_exact, plan_batch = exact[0].metadata["axpo_plan"], batch[0].metadata["axpo_plan"]
+    assert [j.job_id for j in plan_exact.jobs] == [j.job_id for j in plan_batch.jobs] and plan_exact.jobs
+    tokens = lambda eps: {t.uid: t.metadata["axpo_rollout"].response_ids.tobytes() for ep in eps for t in ep.trajectories}  # noqa: E731
+    assert tokens(exact) == tokens(batch)
+
+
+def test_the_streaming_coordinator_hands_out_certain_jobs_and_the_batch_plan():
+    from axpo_rllm.core.planner import plan_resampling
+    from axpo_rllm.core.records import QuestionGroup
+    from synthetic_rollouts import make_rollout
+
+    def group(qid, c):
+        return QuestionGroup(qid, (make_rollout(f"{qid}#0", qid, correct=False, call_body=(c,)),
+                                   make_rollout(f"{qid}#1", qid, correct=False)))
+
+    groups = [group("q2", 0.9), group("q0", 0.2), group("q1", 0.5)]
+    config = AXPOConfig(r=2 / 6, k=1)  # B = 3, N = 2: E = 2 slots
+
+    async def main():
+        coordinator = AXPOStepCoordinator(3, config, barrier_timeout_s=5)
+        got: dict[str, list] = {}
+        events = []
+
+        def on_jobs(qid):
+            return lambda jobs: (got.setdefault(qid, []).extend(jobs), events.append((qid, len(coordinator._groups))))
+
+        runs = []
+        for g in groups:
+            for r in g.rollouts:
+                coordinator.observe(r)
+            runs.append(asyncio.ensure_future(coordinator.submit(g, on_jobs(g.question_id))))
+            await asyncio.sleep(0)
+        return await asyncio.gather(*runs), got, events, coordinator
+
+    results, got, events, coordinator = asyncio.run(main())
+    plan = results[0][0]
+    reference = plan_resampling(sorted(groups, key=lambda g: g.question_id), config)
+    assert [j.job_id for j in plan.jobs] == [j.job_id for j in reference.jobs] == ["q0/q0#0", "q1/q1#0"]
+    # q0 (c = 0.2) is certain once only q1 is left running (1 + 0 < 2 slots): before the barrier.
+    assert events[0] == ("q0", 2) and [j.job_id for j in got["q0"]] == ["q0/q0#0"]
+    assert all(job in plan.jobs for jobs in got.values() for job in jobs)  # the very objects handed out
+    assert coordinator.step == 1 and coordinator._planner is None
 
 
 def test_logprobs_reach_verl_and_back_through_rllms_own_verl_engine():

@@ -307,7 +307,7 @@ def workflow_args(cfg: DictConfig) -> dict:
     return {
         "coordinator": AXPOStepCoordinator(int(OmegaConf.select(cfg, "rllm.data.train_batch_size")), config.axpo,
                                            barrier_timeout_s=float(cfg.axpo_launch.barrier_timeout_s),
-                                           start_step=resume_step(cfg)),
+                                           start_step=resume_step(cfg), group_size=config.n),
         "chat": processor,
         "env_factory": tool_env_factory(cfg),
         "config": config,

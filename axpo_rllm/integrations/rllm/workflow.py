@@ -47,8 +47,9 @@ from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.advantages import group_normalize, original_groups
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.planner import plan_resampling
-from axpo_rllm.core.records import QuestionGroup, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
-from axpo_rllm.core.step import finish_step
+from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
+from axpo_rllm.core.step import finish_step, in_plan_order
+from axpo_rllm.core.streaming import StreamingPlanner
 from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
 from axpo_rllm.engines.vision import TrainingInputs, first_images
 from axpo_rllm.envs.adapters.rllm import task_from_dict
@@ -115,7 +116,7 @@ def _group_config(group: TrajectoryGroup | None) -> AXPOConfig:
 # Batch-level coordination of per-question runs
 # ---------------------------------------------------------------------------------------------
 class AXPOStepCoordinator:
-    """Collects the B question groups of a step, plans once (AXPO_SPEC §1-4), hands every run the plan.
+    """Collects the B question groups of a step and plans them (AXPO_SPEC §1-4) for every run.
 
     Share one instance through ``workflow_args``; ``UnifiedWorkflowEngine`` must keep all B runs in
     flight together (``n_parallel_tasks >= questions_per_step``; the launcher checks it). A run that
@@ -126,15 +127,24 @@ class AXPOStepCoordinator:
     raises here) and writes them into every episode's metrics — rllm logs the mean of episode
     metrics per step, so each logged value is the step's exact figure. ``start_step`` continues a
     resumed run's step count (seeds and random rankings never repeat).
+
+    With ``config.streaming`` ``exact`` or ``greedy`` the coordinator feeds the core's
+    :class:`~axpo_rllm.core.streaming.StreamingPlanner` (plan order: sorted question ids, learnt as
+    runs report them): runs report each graded rollout (:meth:`observe`) and their group
+    (:meth:`submit`), and a run's ``on_jobs`` callback receives its prefixes as soon as their
+    selection is certain, before the barrier; the plan at the barrier is the same plan.
     """
 
     def __init__(self, questions_per_step: int, config: AXPOConfig, barrier_timeout_s: float = 600.0,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, group_size: int | None = None) -> None:
         if questions_per_step < 1:
             raise ValueError(f"questions_per_step must be >= 1, got {questions_per_step}")
         self.questions_per_step = questions_per_step
         self.config = config
         self.barrier_timeout_s = barrier_timeout_s
+        self.group_size = group_size
+        """N, which the streaming planner needs up front (E = r·B·N): set by :meth:`bind` (the
+        workflow's config) or by the first group submitted (observations before it are skipped)."""
         self.step = int(start_step)
         self._groups: dict[str, QuestionGroup] = {}
         self._plan: ResamplePlan | None = None
@@ -142,18 +152,65 @@ class AXPOStepCoordinator:
         self._handed_out = 0
         self._aborted: str | None = None
         self._steps: dict[int, dict[str, Any]] = {}
+        self._planner: StreamingPlanner | None = None
+        self._on_jobs: dict[str, Callable[[list[ResampleJob]], None]] = {}
 
-    async def submit(self, group: QuestionGroup) -> tuple[ResamplePlan, int]:
-        """Register one question's group; return the step's plan (and step number) once all are in."""
+    @property
+    def streaming(self) -> bool:
+        return self.config.enable and self.config.streaming != "off"
+
+    def bind(self, group_size: int) -> None:
+        """The workflow's N (every run of every step must use the same)."""
+        if self.group_size is None:
+            self.group_size = group_size
+        elif self.group_size != group_size:
+            raise ValueError(f"the coordinator plans groups of N = {self.group_size}; this workflow draws {group_size}")
+
+    def _stream(self) -> StreamingPlanner:
+        if self._planner is None:
+            self._planner = StreamingPlanner(self.config, self.questions_per_step, self.group_size, self.step)
+        return self._planner
+
+    def _dispatch(self, jobs: Sequence[ResampleJob]) -> None:
+        by_question: dict[str, list[ResampleJob]] = {}
+        for job in jobs:
+            by_question.setdefault(job.question_id, []).append(job)
+        for question, mine in by_question.items():
+            callback = self._on_jobs.get(question)
+            if callback is not None:
+                callback(mine)
+
+    def observe(self, rollout: Rollout) -> None:
+        """One graded rollout of a question still running (streaming only; a no-op otherwise)."""
+        if self.streaming and self.group_size is not None:
+            self._dispatch(self._stream().observe(rollout))
+
+    def observe_call(self, question_id: str, rollout_id: str, confidence: float | None) -> None:
+        """A running rollout's first tool call (streaming only; see ``StreamingPlanner.observe_call``)."""
+        if self.streaming and self.group_size is not None:
+            self._dispatch(self._stream().observe_call(question_id, rollout_id, confidence))
+
+    async def submit(self, group: QuestionGroup,
+                     on_jobs: Callable[[list[ResampleJob]], None] | None = None) -> tuple[ResamplePlan, int]:
+        """Register one question's group; return the step's plan (and step number) once all are in.
+
+        ``on_jobs`` (streaming) is called with this question's jobs as soon as they are certain,
+        possibly right away and always before this returns; the jobs it got are in the plan too.
+        """
         if self._ready is None:
             self._ready = asyncio.Event()
         if group.question_id in self._groups:
             raise ValueError(f"question {group.question_id!r} submitted twice in step {self.step}")
         self._groups[group.question_id] = group
         ready, step = self._ready, self.step
+        if self.streaming:
+            self.bind(len(group.rollouts))
+            if on_jobs is not None:
+                self._on_jobs[group.question_id] = on_jobs
+            self._dispatch(self._stream().add(group))
         if len(self._groups) == self.questions_per_step:
             ordered = [self._groups[q] for q in sorted(self._groups)]
-            self._plan = plan_resampling(ordered, self.config, self.step)
+            self._plan = self._stream().finish() if self.streaming else plan_resampling(ordered, self.config, self.step)
             self._steps[step] = {"groups": ordered, "plan": self._plan, "episodes": [], "continuations": []}
             ready.set()
         try:
@@ -170,6 +227,7 @@ class AXPOStepCoordinator:
         self._handed_out += 1
         if self._handed_out == self.questions_per_step:  # everyone has it: open the next step
             self._groups, self._plan, self._ready, self._handed_out = {}, None, None, 0
+            self._planner, self._on_jobs = None, {}
             self.step += 1
         return plan, step
 
@@ -413,6 +471,7 @@ class AXPORllmWorkflow(Workflow):
             raise ValueError("the workflow's AXPOConfig must be the coordinator's (one plan per step)")
         chat = chat if isinstance(chat, ChatFormat) else ChatFormat(chat)
         engine = rollout_engine.inner if isinstance(rollout_engine, AxpoRllmEngine) else RllmTokenEngine(rollout_engine)
+        coordinator.bind(config.n)
         self.coordinator = coordinator
         self.vision = vision
         self._rllm_engine = rollout_engine  # rllm sets is_validation on it for validation batches
@@ -438,18 +497,39 @@ class AXPORllmWorkflow(Workflow):
         limit = asyncio.Semaphore(self.axpo.config.max_concurrency)
         counters: Counter[str] = Counter()
         t0 = time.perf_counter()
+        step = self.coordinator.step
+        tasks = {axpo_task.task_id: axpo_task}
+        early: list[asyncio.Future] = []
+        started: set[str] = set()
+
+        def on_jobs(jobs: list[ResampleJob]) -> None:  # certain before the barrier: start them now
+            started.update(job.job_id for job in jobs)
+            early.append(asyncio.ensure_future(self.axpo.continuations(jobs, tasks, step, limit, counters)))
+
         try:
-            originals = await self.axpo.originals(axpo_task, self.coordinator.step, limit, counters)
-        except BaseException as exc:
-            self.coordinator.abort(axpo_task.task_id, f"{type(exc).__name__}: {exc}")
-            raise
-        group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
-        plan, step = await self.coordinator.submit(group)
-        mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
-        conts = await self.axpo.continuations(mine, {axpo_task.task_id: axpo_task}, step, limit, counters)
+            try:
+                originals = await self.axpo.originals(axpo_task, step, limit, counters, self.coordinator.observe,
+                                                      self.coordinator.observe_call)
+            except BaseException as exc:  # release the other runs of the step with the reason
+                self.coordinator.abort(axpo_task.task_id, f"{type(exc).__name__}: {exc}")
+                raise
+            group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
+            plan, plan_step = await self.coordinator.submit(group, on_jobs)
+            if plan_step != step:
+                raise RuntimeError(f"question {axpo_task.task_id} started in step {step} but was planned in step {plan_step}")
+            mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
+            rest = self.axpo.continuations([j for j in mine if j.job_id not in started], tasks, step, limit, counters)
+            drawn = [e for batch in await asyncio.gather(*early, rest) for e in batch]
+        finally:
+            for future in early:
+                future.cancel()
+        order = {c.rollout_id: i for i, c in enumerate(in_plan_order(plan, [e.rollout for e in drawn]))}
+        conts = sorted(drawn, key=lambda e: order[e.rollout.rollout_id])
+        metrics_early = float(len(started))
         trajectories = [rollout_to_trajectory(e.rollout, inputs=self._expand(e.rollout)) for e in list(originals) + list(conts)]
         metrics = self.axpo.episode_metrics(originals, conts, ResamplePlan(plan.budget, tuple(mine), plan.triggered, ()), counters)
         metrics["workflow/question_s"] = time.perf_counter() - t0
+        metrics["workflow/jobs_early"] = metrics_early
         episode = RllmEpisode(
             id=uid, task=task, trajectories=trajectories,
             metadata={"axpo_plan": plan, "axpo_config": self.axpo.config.axpo, "axpo_step": step, "axpo_metrics": metrics},
