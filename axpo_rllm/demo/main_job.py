@@ -192,7 +192,7 @@ class Runtime:
 # Stages
 
 
-def stage_sft(rt: Runtime, log) -> dict[str, Any]:
+def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any]:
     """SFT from the freshly built model, or the cached checkpoint of an identical earlier run."""
     cfg = rt.cfg
     node = OmegaConf.to_container(cfg.sft, resolve=True)
@@ -216,8 +216,17 @@ def stage_sft(rt: Runtime, log) -> dict[str, Any]:
         f"in {time.perf_counter() - t0:.1f}s")
     before = rt.first_turn_stats(probe)
     loss_before = eval_loss(rt.policy, held_out)
-    history = train_sft(rt.policy, examples, sft_cfg, log=lambda r: log(
-        f"  sft step {r['step']:4d}  loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['elapsed_s']:.0f}s"))
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("SFT"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=console is None) as progress:
+        bar = progress.add_task("sft", total=60 * sft_cfg.minutes, info="")
+
+        def on_record(r: dict) -> None:
+            progress.update(bar, completed=min(r["elapsed_s"], 60 * sft_cfg.minutes), info=f"step {r['step']} loss {r['loss']:.3f}")
+            log(f"  sft step {r['step']:4d}  loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['elapsed_s']:.0f}s")
+
+        history = train_sft(rt.policy, examples, sft_cfg, log=on_record)
     after = rt.first_turn_stats(probe)
     stats = {
         "teacher_tool_share": sum(e.uses_tool for e in examples) / len(examples),
@@ -373,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
             sft = json.loads((sft_dir / "sft_stats.json").read_text())
             log(f"SFT: resumed from {sft_dir}")
         else:
-            sft = stage_sft(rt, log)
+            sft = stage_sft(rt, log, console)
             staging = run_dir / "sft.tmp"
             shutil.copytree(rt.model_dir, staging, dirs_exist_ok=True)
             rt.policy.model.save_pretrained(staging)
