@@ -1,18 +1,23 @@
-"""The embedded CPU job: a tiny Qwen-VL built offline, synthetic visual tasks, SFT, then AXPO.
+"""The embedded CPU job: a tiny Qwen-VL built offline, synthetic visual tasks, SFT once, then RL arms.
 
-    axpo-rllm main [--smoke] [--ablation NAME] [--steps N] [key=value ...]
+    axpo-rllm main [--smoke] [--arms axpo,grpo] [--seeds S] [--steps N] [--resume RUN_DIR] [key=value ...]
 
 Stages, in order (nothing is downloaded; no GPU)::
 
     model   tiny Qwen2.5-VL built offline, its BPE retrained on rendered teacher conversations (cached)
-    tasks   synthetic visual tasks (colour / position / size direct; code / search / crop via tools)
+    tasks   synthetic visual tasks (colour / position / size direct; code / search / crop with or without a tool)
     tools   crop, sandboxed python, search against a local BM25 server over a made-up fact corpus
-    SFT     teacher trajectories (~25% with a tool call); well-formed / tool-call rates before & after
-    eval    Pass@1 / Pass@4 and tool-use rate on held-out tasks (after SFT)
-    RL      AXPO (or GRPO / an ablation) steps: real engine, verl estimator + losses, JSONL metrics
-    eval    the same held-out tasks after RL; a summary table
+    SFT     teacher trajectories (tool use a choice, call content varied); well-formed / tool-call rates
+    eval    Pass@1 / Pass@4 and tool-use rate on held-out tasks (after SFT), once
+    RL      every arm (axpo, grpo, any ablation) x seed from the same SFT weights and seeds;
+            per-step lines, metrics.jsonl, a checkpoint every job.checkpoint_every steps
+    eval    the same held-out tasks after each arm; plots/curves.png, plots/eval.png, summary.json/.md
 
-Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml``) + ``configs/main_cpu.yaml`` + ``--smoke``
+Run folder: ``job.json`` (the arguments, for ``--resume``), ``config.yaml``, ``sft/`` (the shared
+checkpoint), ``eval_before.json``, ``arms/<arm>/config.yaml``, ``arms/<arm>/seed<i>/{metrics.jsonl,
+checkpoint.pt (the latest), result.json}``, ``plots/``, ``summary.json``, ``summary.md``.
+
+Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` + ``--smoke``
 (``configs/main_smoke.yaml``) + overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
 """
 
@@ -41,6 +46,7 @@ from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.configs.loader import axpo_config, config_text, load_config
 from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.demo.report import step_line
 from axpo_rllm.demo.teacher import teacher_trajectories
 from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
 from axpo_rllm.demo.world import SyntheticWorld
@@ -52,7 +58,7 @@ from axpo_rllm.train.evaluate import evaluate
 from axpo_rllm.train.sft import SFTConfig, eval_loss, first_turn_stats, tokenize_trajectory, tokenizer_corpus, train_sft
 from axpo_rllm.train.trainer import AXPOTrainer, rl_config_from
 
-__all__ = ["job_config", "Runtime", "run", "COMPACT_SCHEMAS"]
+__all__ = ["job_config", "arm_config", "rl_pool", "stage_arm", "Runtime", "run", "COMPACT_SCHEMAS"]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -154,9 +160,13 @@ class Runtime:
         base = tiny_model_dir(family, seed)
         chat0 = ChatFormat(AutoTokenizer.from_pretrained(base))
         tasks = self.world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
-        corpus = tokenizer_corpus(teacher_trajectories(tasks, self.env()), chat0, self.tool_schemas, SYSTEM_PROMPT)
+        corpus = tokenizer_corpus(teacher_trajectories(tasks, self.env(), self.direct_share), chat0, self.tool_schemas, SYSTEM_PROMPT)
         self.model_dir = tiny_model_dir(family, seed, corpus_texts=corpus)
         return self.model_dir
+
+    @property
+    def direct_share(self) -> float:
+        return float(self.cfg.tasks.get("teacher_direct_share", 0.0))
 
     def load(self, model_dir: Path) -> None:
         """Engine + policy on one shared module (the engine samples what the actor trains)."""
@@ -173,16 +183,16 @@ class Runtime:
             max_tokens=int(self.cfg.agent.max_tokens_per_turn), temperature=float(self.cfg.agent.temperature),
         )
 
-    def evaluate(self, tasks) -> dict[str, float]:
+    def evaluate(self, tasks, progress: bool = False) -> dict[str, float]:
         return evaluate(self.engine, self.chat, self.env, tasks, k=int(self.cfg.eval.k),
-                        agent_config=_agent_config(self.cfg), seed=int(self.cfg.job.seed))
+                        agent_config=_agent_config(self.cfg), seed=int(self.cfg.job.seed), progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stages
 
 
-def stage_sft(rt: Runtime, log) -> dict[str, Any]:
+def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any]:
     """SFT from the freshly built model, or the cached checkpoint of an identical earlier run."""
     cfg = rt.cfg
     node = OmegaConf.to_container(cfg.sft, resolve=True)
@@ -199,15 +209,24 @@ def stage_sft(rt: Runtime, log) -> dict[str, Any]:
 
     rt.load(rt.model_dir)
     t0 = time.perf_counter()
-    trajs = teacher_trajectories(rt.world.tasks(sft_cfg.examples, "train"), rt.env())
+    trajs = teacher_trajectories(rt.world.tasks(sft_cfg.examples, "train"), rt.env(), rt.direct_share)
     examples = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in trajs]
-    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in teacher_trajectories(probe, rt.env())]
+    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in teacher_trajectories(probe, rt.env(), rt.direct_share)]
     log(f"SFT: {len(examples)} teacher trajectories ({sum(e.uses_tool for e in examples) / len(examples):.0%} with a tool call) "
         f"in {time.perf_counter() - t0:.1f}s")
     before = rt.first_turn_stats(probe)
     loss_before = eval_loss(rt.policy, held_out)
-    history = train_sft(rt.policy, examples, sft_cfg, log=lambda r: log(
-        f"  sft step {r['step']:4d}  loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['elapsed_s']:.0f}s"))
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("SFT"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=console is None) as progress:
+        bar = progress.add_task("sft", total=60 * sft_cfg.minutes, info="")
+
+        def on_record(r: dict) -> None:
+            progress.update(bar, completed=min(r["elapsed_s"], 60 * sft_cfg.minutes), info=f"step {r['step']} loss {r['loss']:.3f}")
+            log(f"  sft step {r['step']:4d}  loss {r['loss']:.3f}  lr {r['lr']:.2e}  {r['elapsed_s']:.0f}s")
+
+        history = train_sft(rt.policy, examples, sft_cfg, log=on_record)
     after = rt.first_turn_stats(probe)
     stats = {
         "teacher_tool_share": sum(e.uses_tool for e in examples) / len(examples),
@@ -234,114 +253,206 @@ def stage_sft(rt: Runtime, log) -> dict[str, Any]:
     return stats
 
 
-def stage_rl(rt: Runtime, run_dir: Path, log) -> list[dict]:
-    cfg = rt.cfg
-    rl = rl_config_from(cfg.rl, log_path=str(run_dir / "metrics.jsonl"))
-    wf_cfg = WorkflowConfig(
-        n=int(cfg.actor_rollout_ref.rollout.n), axpo=axpo_config(cfg), agent=_agent_config(cfg), seed=int(cfg.job.seed)
-    )
+def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None) -> DictConfig:
+    """An arm's config: ``axpo`` (the defaults) or any ``configs/ablation`` name (``grpo``, ...)."""
+    return job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps)
+
+
+def rl_pool(cfg: DictConfig, seed_index: int) -> list:
+    """The RL questions of seed ``seed_index``: the same for every arm, disjoint across seeds, train split only."""
+    rl = rl_config_from(cfg.rl)
+    world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts), mix=dict(cfg.tasks.rl_mix))
+    per_seed = max(rl.steps * rl.batch_questions, 1)
+    return world.tasks(per_seed * (seed_index + 1), "train")[per_seed * seed_index :]
+
+
+def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log, progress=None) -> list[dict]:
+    """One RL arm from the current (SFT) weights: checkpoints every ``job.checkpoint_every`` steps,
+    resumed from ``arm_dir/checkpoint.pt`` when it exists."""
+    seed = int(acfg.job.seed) + seed_index
+    metrics_path = arm_dir / "metrics.jsonl"
+    rl = rl_config_from(acfg.rl, log_path=str(metrics_path))
+    torch.manual_seed(seed)
+    wf_cfg = WorkflowConfig(n=int(acfg.actor_rollout_ref.rollout.n), axpo=axpo_config(acfg), agent=_agent_config(acfg), seed=seed)
     workflow = AXPOWorkflow(rt.engine, rt.chat, rt.env, wf_cfg)
-    trainer = AXPOTrainer(rt.policy, workflow, cfg, rl)
-    rl_world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts), mix=dict(cfg.tasks.rl_mix))
-    pool = rl_world.tasks(max(rl.steps * rl.batch_questions, 1), "train")
+    trainer = AXPOTrainer(rt.policy, workflow, acfg, rl)
+    ckpt = arm_dir / "checkpoint.pt"
+    start = 0
+    if ckpt.exists():
+        start = trainer.load_checkpoint(ckpt)
+        lines = metrics_path.read_text().splitlines()[:start] if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in lines))  # steps after the checkpoint run again
+        log(f"{arm_dir.parent.name} seed {seed_index}: resumed from {ckpt} at step {start + 1}/{rl.steps}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    pool = rl_pool(acfg, seed_index)
+    every = int(acfg.job.get("checkpoint_every", 0))
+    bar = progress.add_task(f"RL {arm_dir.parent.name} seed {seed_index}", total=rl.steps, completed=start) if progress is not None else None
 
     def stream(step: int):
         return pool[step * rl.batch_questions : (step + 1) * rl.batch_questions]
 
-    def show(m: dict) -> None:
-        log(
-            f"  rl step {int(m['step']):3d}  reward {m['train/reward_mean']:.3f}  tool-use {m['axpo/tool_use_rate']:.2f}  "
-            f"triggered {m['axpo/triggered_questions']:.0f}  prefixes {m['axpo/prefixes_selected']:.0f}  "
-            f"recovery {m['axpo/recovery_rate']:.2f}  pg {m.get('actor/pg_loss', math.nan):+.4f}  "
-            f"kl {m.get('actor/kl_loss', math.nan):.2e}  {m['timing/step_s']:.1f}s"
-        )
+    def on_step(step: int, m: dict) -> None:
+        log(step_line(m, arm_dir.parent.name, seed_index, rl.steps))
+        if every > 0 and ((step + 1) % every == 0 or step + 1 == rl.steps):
+            trainer.save_checkpoint(ckpt, step)
+        if bar is not None:
+            progress.advance(bar)
 
-    return trainer.fit(stream, log=show)
+    return trainer.fit(stream, start_step=start, on_step=on_step)
 
 
 def _summary_table(summary: dict) -> Table:
-    table = Table(title=f"AXPO embedded CPU job — ablation: {summary['ablation']}")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-
-    def fmt(x: Any) -> str:
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3f}" if isinstance(x, float) else str(x))
-
-    sft = summary["sft"]
-    table.add_row("SFT well-formed first turns", fmt(sft.get("before", {}).get("well_formed")), fmt(sft.get("after", {}).get("well_formed")))
-    table.add_row("SFT first-turn tool-call share", fmt(sft.get("before", {}).get("tool_call_share")), fmt(sft.get("after", {}).get("tool_call_share")))
-    table.add_row("SFT held-out teacher loss", fmt(sft.get("heldout_loss_before")), fmt(sft.get("heldout_loss_after")))
-    before, after = summary["eval_before"], summary["eval_after"]
     k = summary["k"]
-    for key in ("eval/pass@1", f"eval/pass@{k}", "eval/tool_use_rate", "eval/acc_tool", "eval/acc_no_tool"):
-        table.add_row(f"RL {key} (held-out)", fmt(before.get(key)), fmt(after.get(key)))
-    fams = sorted({key.split("/")[1] for key in before if key.count("/") == 2})
-    for fam in fams:
-        table.add_row(f"  {fam} pass@1 / tool-use", f"{fmt(before.get(f'eval/{fam}/pass@1'))} / {fmt(before.get(f'eval/{fam}/tool_use_rate'))}",
-                      f"{fmt(after.get(f'eval/{fam}/pass@1'))} / {fmt(after.get(f'eval/{fam}/tool_use_rate'))}")
-    rl = summary["rl"]
-    table.add_row("RL steps / mean step time (s)", "", f"{rl['steps']} / {fmt(rl['mean_step_s'])}")
-    table.add_row("AXPO triggered / prefixes / recovery (sum, sum, mean)", "",
-                  f"{fmt(rl['triggered'])} / {fmt(rl['prefixes'])} / {fmt(rl['recovery_mean'])}")
+    table = Table(title=f"AXPO embedded CPU job — arms: {', '.join(summary['arms'])} × {summary['seeds']} seed(s), "
+                        f"{summary['steps']} RL steps")
+    for col in ("arm", "tool use first ⅓", "all-wrong first ⅓", "tool use last ⅓", "all-wrong last ⅓", "recovery",
+                "Pass@1 after", f"Pass@{k} after"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    from axpo_rllm.demo.report import _pm
+
+    for arm, f in summary["figures"].items():
+        table.add_row(arm, _pm(f["first_third/tool_use"]), _pm(f["first_third/all_wrong"]), _pm(f["last_third/tool_use"]),
+                      _pm(f["last_third/all_wrong"]), _pm(f["recovery_rate"]), _pm(f["after/eval/pass@1"]), _pm(f[f"after/eval/pass@{k}"]))
+    before = summary["eval_before"]
+    table.add_row("SFT (before RL)", "", "", "", "", "", f"{before['eval/pass@1']:.3f}", f"{before[f'eval/pass@{k}']:.3f}")
     return table
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def run(args: argparse.Namespace) -> int:
-    """``axpo-rllm main``: every stage, a summary table, ``runs/<name>/summary.json``."""
+    """``axpo-rllm main``: SFT once, then every arm × seed from the same checkpoint; plots, summary.
+
+    ``--resume DIR`` continues the run in ``DIR`` with its own recorded arguments: the SFT
+    checkpoint and the before-RL eval are reused, finished arms are read back, an arm with a
+    checkpoint continues from it.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from axpo_rllm.demo.report import closing_note, measured_figures, plot_curves, plot_eval
+
     console = Console()
-    cfg = job_config(getattr(args, "ablation", None), getattr(args, "overrides", None) or (),
-                     smoke=bool(getattr(args, "smoke", False)), steps=getattr(args, "steps", None))
+    resume = getattr(args, "resume", None)
+    if resume:
+        run_dir = Path(resume)
+        job = json.loads((run_dir / "job.json").read_text())
+    else:
+        arms = getattr(args, "arms", None)
+        ablation = getattr(args, "ablation", None)
+        job = {
+            "arms": [a.strip() for a in arms.split(",") if a.strip()] if arms else ([ablation] if ablation else None),
+            "seeds": getattr(args, "seeds", None),
+            "overrides": list(getattr(args, "overrides", None) or ()),
+            "smoke": bool(getattr(args, "smoke", False)),
+            "steps": getattr(args, "steps", None),
+        }
+    cfg = job_config(None, job["overrides"], smoke=job["smoke"], steps=job["steps"])
+    arms = job["arms"] or list(cfg.job.arms)
+    seeds = int(job["seeds"] or cfg.job.seeds)
+    arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"]) for arm in arms}
     torch.set_num_threads(int(cfg.job.threads))
     torch.manual_seed(int(cfg.job.seed))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{cfg.job.ablation}{'-smoke' if cfg.job.smoke else ''}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = "-".join(arms) if len(arms) <= 3 else f"{len(arms)}arms"
+        run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{name}{'-smoke' if cfg.job.smoke else ''}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.json").write_text(json.dumps({**job, "arms": arms, "seeds": seeds}, indent=2))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    for arm, acfg in arm_cfgs.items():
+        (run_dir / "arms" / arm).mkdir(parents=True, exist_ok=True)
+        (run_dir / "arms" / arm / "config.yaml").write_text(OmegaConf.to_yaml(acfg))
     started = time.perf_counter()
+    steps = int(cfg.rl.steps)
 
     def log(msg: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {msg}")
 
+    histories: dict[str, list[list[dict]]] = {arm: [] for arm in arms}
+    evals: dict[str, list[dict]] = {arm: [] for arm in arms}
     with Runtime(cfg) as rt:
         rt.build_model()
         log(f"model: {rt.model_dir}")
-        sft = stage_sft(rt, log)
+        sft_dir = run_dir / "sft"
+        if (sft_dir / "sft_stats.json").exists():
+            rt.load(sft_dir)
+            sft = json.loads((sft_dir / "sft_stats.json").read_text())
+            log(f"SFT: resumed from {sft_dir}")
+        else:
+            sft = stage_sft(rt, log, console)
+            staging = run_dir / "sft.tmp"
+            shutil.copytree(rt.model_dir, staging, dirs_exist_ok=True)
+            rt.policy.model.save_pretrained(staging)
+            (staging / "sft_stats.json").write_text(json.dumps(sft, default=float))
+            os.replace(staging, sft_dir)
         log(f"SFT: well-formed {sft['before']['well_formed']:.2f} -> {sft['after']['well_formed']:.2f}, "
             f"tool calls {sft['before']['tool_call_share']:.2f} -> {sft['after']['tool_call_share']:.2f}")
+        sft_state = {k: v.detach().clone() for k, v in rt.policy.model.state_dict().items()}
         eval_tasks = rt.world.tasks(int(cfg.eval.tasks), "eval")
-        t0 = time.perf_counter()
-        eval_before = rt.evaluate(eval_tasks)
-        log(f"eval before RL: pass@1 {eval_before['eval/pass@1']:.3f}  pass@{cfg.eval.k} {eval_before[f'eval/pass@{cfg.eval.k}']:.3f}  "
-            f"tool-use {eval_before['eval/tool_use_rate']:.2f}  ({time.perf_counter() - t0:.0f}s)")
-        history = stage_rl(rt, run_dir, log)
-        eval_after = rt.evaluate(eval_tasks)
-        log(f"eval after RL:  pass@1 {eval_after['eval/pass@1']:.3f}  pass@{cfg.eval.k} {eval_after[f'eval/pass@{cfg.eval.k}']:.3f}  "
-            f"tool-use {eval_after['eval/tool_use_rate']:.2f}")
+        before_path = run_dir / "eval_before.json"
+        if before_path.exists():
+            eval_before = json.loads(before_path.read_text())
+        else:
+            t0 = time.perf_counter()
+            eval_before = rt.evaluate(eval_tasks, progress=True)
+            before_path.write_text(json.dumps(eval_before))
+            log(f"eval before RL: pass@1 {eval_before['eval/pass@1']:.3f}  pass@{cfg.eval.k} {eval_before[f'eval/pass@{cfg.eval.k}']:.3f}  "
+                f"tool-use {eval_before['eval/tool_use_rate']:.2f}  ({time.perf_counter() - t0:.0f}s)")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            for seed_index in range(seeds):
+                for arm in arms:
+                    arm_dir = run_dir / "arms" / arm / f"seed{seed_index}"
+                    arm_dir.mkdir(parents=True, exist_ok=True)
+                    done = arm_dir / "result.json"
+                    if done.exists():
+                        histories[arm].append(_read_jsonl(arm_dir / "metrics.jsonl"))
+                        evals[arm].append(json.loads(done.read_text())["eval_after"])
+                        log(f"{arm} seed {seed_index}: finished earlier, read back")
+                        continue
+                    rt.policy.model.load_state_dict(sft_state)  # every arm starts from the same SFT weights
+                    t0 = time.perf_counter()
+                    stage_arm(rt, arm_cfgs[arm], arm_dir, seed_index, log, progress)
+                    rl_s = time.perf_counter() - t0
+                    eval_after = rt.evaluate(eval_tasks)
+                    log(f"{arm} seed {seed_index}: eval after RL pass@1 {eval_after['eval/pass@1']:.3f}  "
+                        f"pass@{cfg.eval.k} {eval_after[f'eval/pass@{cfg.eval.k}']:.3f}  tool-use {eval_after['eval/tool_use_rate']:.2f}  "
+                        f"(RL {rl_s:.0f}s)")
+                    done.write_text(json.dumps({"eval_after": eval_after, "rl_s": rl_s}))
+                    histories[arm].append(_read_jsonl(arm_dir / "metrics.jsonl"))
+                    evals[arm].append(eval_after)
 
-    def total(key: str) -> float:
-        return float(sum(h.get(key, 0.0) for h in history if not math.isnan(h.get(key, 0.0))))
-
-    recov = [h["axpo/recovery_rate"] for h in history if not math.isnan(h.get("axpo/recovery_rate", math.nan))]
+    k = int(cfg.eval.k)
+    figures = measured_figures(histories, evals, k)
+    plots: dict[str, str] = {}
+    try:
+        plots["curves"] = str(plot_curves(histories, run_dir / "plots" / "curves.png",
+                                          title=f"{' vs '.join(arms)}: {steps} RL steps, {seeds} seed(s), from one SFT checkpoint"))
+        plots["eval"] = str(plot_eval(eval_before, evals, k, run_dir / "plots" / "eval.png"))
+    except ImportError as e:  # matplotlib is optional (the `plot` extra)
+        log(f"no plots: {e}")
+    note = closing_note(figures, eval_before, k)
     summary = {
-        "ablation": str(cfg.job.ablation),
+        "arms": arms,
+        "seeds": seeds,
+        "steps": steps,
         "smoke": bool(cfg.job.smoke),
-        "k": int(cfg.eval.k),
+        "k": k,
         "model_dir": str(rt.model_dir),
         "sft": sft,
         "eval_before": eval_before,
-        "eval_after": eval_after,
-        "rl": {
-            "steps": len(history),
-            "mean_step_s": float(sum(h["timing/step_s"] for h in history) / len(history)) if history else math.nan,
-            "triggered": total("axpo/triggered_questions"),
-            "prefixes": total("axpo/prefixes_selected"),
-            "recovery_mean": float(sum(recov) / len(recov)) if recov else math.nan,
-        },
+        "eval_after": evals,
+        "figures": figures,
+        "plots": plots,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (run_dir / "summary.md").write_text(note)
     console.print(_summary_table(summary))
+    print(note)
     log(f"done: {run_dir}")
     return 0

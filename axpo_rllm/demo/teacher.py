@@ -7,13 +7,23 @@ AXPO_SPEC §9: ~25% of the trajectories call a tool; only correct answers are ke
             [the real tool's observation, rendered by the agent's ChatFormat]
             <think>reasoning</think>\\boxed{answer}<|im_end|>
 
+Tool use is a choice, not a property of the family: with ``direct_share`` (default 0.4) the
+teacher answers a tool family's question without the tool (it "knows" the answer; the tiny policy
+does not, so the same move is right at about chance level when the policy makes it). The content
+of a call varies: crop boxes are jittered around the right quadrant (a box over the wrong corner
+shows another colour), so under the SFT policy the call's arguments are a sample too and a wrong
+region, code or query gives a wrong answer. Which tasks go direct and each box's jitter are pure
+functions of the task id.
+
 The observations come from running the real tools through the env; SFT itself
 (:mod:`axpo_rllm.train.sft`) tokenises and trains on these.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from typing import Sequence
 
 from axpo_rllm.core.records import Task
@@ -31,6 +41,11 @@ THINK = {
     "search": "I do not know this fact, so I search for it.",
     "crop": "The square is small, so I crop that corner.",
 }
+THINK_DIRECT = {
+    "code": "I can work this out from the image without code.",
+    "search": "I think I remember this fact.",
+    "crop": "I can see the square without cropping.",
+}
 THINK_AFTER_TOOL = {
     "code": "The code printed the value.",
     "search": "The first result states the fact.",
@@ -47,12 +62,32 @@ def _answer_text(thinking: str, answer: str) -> str:
     return f"<think>\n{thinking}\n</think>\n\\boxed{{{answer}}}"
 
 
-def teacher_trajectory(task: Task, env: MultimodalToolEnv) -> TeacherTrajectory:
-    """Run the teacher on ``task`` with the real tools of ``env`` (a :class:`MultimodalToolEnv`)."""
+def _task_rng(task: Task, salt: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.blake2b(f"{task.task_id}/{salt}".encode(), digest_size=8).digest(), "big"))
+
+
+def _jitter(call: dict, task: Task) -> dict:
+    """A crop box jittered inside its quadrant's margins (it still covers the square)."""
+    if call["name"] != "crop":
+        return call
+    x1, y1, x2, y2 = call["arguments"]["bbox"]
+    rng = _task_rng(task, "box")
+    box = [x1 + rng.randint(0, 90), y1 + rng.randint(0, 90), x2 - rng.randint(0, 90), y2 - rng.randint(0, 90)]
+    return {"name": "crop", "arguments": {**call["arguments"], "bbox": box}}
+
+
+def teacher_trajectory(task: Task, env: MultimodalToolEnv, direct_share: float = 0.0) -> TeacherTrajectory:
+    """Run the teacher on ``task`` with the real tools of ``env`` (a :class:`MultimodalToolEnv`).
+
+    ``direct_share``: the share of tool-family tasks the teacher answers without its tool.
+    """
     family = family_of(task)
     call = task.metadata.get("teacher")
     if call is None:
         return TeacherTrajectory(task, (_answer_text(THINK[family], task.answer),), ())
+    if direct_share > 0 and _task_rng(task, "direct").random() < direct_share:
+        return TeacherTrajectory(task, (_answer_text(THINK_DIRECT.get(family, THINK[family]), task.answer),), ())
+    call = _jitter(call, task)
     env.reset(task)
     obs = env.call_tool(call["name"], call["arguments"])
     if obs.is_error:
@@ -61,5 +96,5 @@ def teacher_trajectory(task: Task, env: MultimodalToolEnv) -> TeacherTrajectory:
     return TeacherTrajectory(task, (first, _answer_text(THINK_AFTER_TOOL[family], task.answer)), ((obs.model_text, tuple(obs.images)),))
 
 
-def teacher_trajectories(tasks: Sequence[Task], env: MultimodalToolEnv) -> list[TeacherTrajectory]:
-    return [teacher_trajectory(t, env) for t in tasks]
+def teacher_trajectories(tasks: Sequence[Task], env: MultimodalToolEnv, direct_share: float = 0.0) -> list[TeacherTrajectory]:
+    return [teacher_trajectory(t, env, direct_share) for t in tasks]

@@ -510,6 +510,7 @@ def evaluate(
     agent_config: AgentConfig | None = None,
     seed: int = 0,
     chunk: int = 16,
+    progress: bool = False,
 ) -> dict[str, float]:
     """``k`` samples per task with the current policy, scored (the embedded job's held-out evaluation).
 
@@ -518,7 +519,8 @@ def evaluate(
     if not tasks:
         raise ValueError("evaluate needs at least one task")
     result = evaluate_items(engine, chat, env_factory, [EvalItem.of(t) for t in tasks], n=k, k=k,
-                            agent_config=agent_config, seed=seed, questions_in_flight=chunk, max_concurrency=chunk * k)
+                            agent_config=agent_config, seed=seed, questions_in_flight=chunk, max_concurrency=chunk * k,
+                            progress=progress)
     return flat_scores(result.scores)
 
 

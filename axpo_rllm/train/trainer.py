@@ -267,13 +267,47 @@ class AXPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------------
 
-    def fit(self, task_stream: Callable[[int], Sequence[Task]], log: Callable[[dict], None] | None = None) -> list[dict]:
-        """``rl.steps`` steps; ``task_stream(step)`` gives the step's B questions."""
-        for step in range(self.rl.steps):
+    def fit(
+        self,
+        task_stream: Callable[[int], Sequence[Task]],
+        log: Callable[[dict], None] | None = None,
+        start_step: int = 0,
+        on_step: Callable[[int, dict], None] | None = None,
+    ) -> list[dict]:
+        """Steps ``start_step .. rl.steps - 1``; ``task_stream(step)`` gives the step's B questions.
+
+        ``on_step(step, metrics)`` runs after each step (the job's checkpoints). A resumed run
+        (``start_step`` > 0 after :meth:`load_checkpoint`) samples exactly what an uninterrupted one
+        would: rollout seeds derive from ``(seed, step, question, index)``.
+        """
+        for step in range(start_step, self.rl.steps):
             metrics = self.step(task_stream(step), step)
             if log is not None:
                 log(metrics)
+            if on_step is not None:
+                on_step(step, metrics)
         return self.history
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path, step: int) -> Path:
+        """Policy weights, optimizer state, the next step and the history so far (atomic rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": self.policy.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "next_step": int(step) + 1, "history": self.history}, tmp)
+        tmp.replace(path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore a :meth:`save_checkpoint` file; returns the step to continue from."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=False)
+        self.policy.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        sync_weights(self.workflow.engine, self.policy.model)
+        return int(state["next_step"])
 
 
 def rl_config_from(cfg: DictConfig, **overrides: Any) -> RLConfig:

@@ -29,24 +29,80 @@ def test_cli_main_flags():
     assert args.smoke and args.ablation == "grpo" and args.steps == 2 and args.overrides == ["eval.k=4"]
 
 
+def test_arms_and_seeds_flags_and_arm_configs():
+    from axpo_rllm.demo.main_job import arm_config, rl_pool
+
+    args = build_parser().parse_args(["main", "--arms", "axpo,grpo,random_rank", "--seeds", "3", "--resume", "runs/x"])
+    assert args.arms == "axpo,grpo,random_rank" and args.seeds == 3 and args.resume == "runs/x"
+    base = job_config()
+    assert list(base.job.arms) == ["axpo", "grpo"] and base.job.checkpoint_every > 0
+    axpo, grpo = arm_config("axpo", smoke=True), arm_config("grpo", smoke=True)
+    assert axpo_config(axpo).enable and not axpo_config(grpo).enable
+    assert axpo.sft == grpo.sft and axpo.tasks == grpo.tasks and axpo.agent == grpo.agent  # one SFT serves every arm
+    with pytest.raises(ValueError):
+        arm_config("no_such_arm")
+    # the same questions for every arm of one seed; other questions for the next seed; never eval tasks
+    p0, p1 = rl_pool(axpo, 0), rl_pool(grpo, 1)
+    assert [t.task_id for t in rl_pool(grpo, 0)] == [t.task_id for t in p0]
+    assert len(p0) == len(p1) == axpo.rl.steps * axpo.rl.batch_questions
+    assert not {t.task_id for t in p0} & {t.task_id for t in p1}
+    assert all(t.metadata["split"] == "train" for t in p0 + p1)
+
+
 @pytest.mark.slow
-def test_smoke_runs_the_whole_pipeline(tmp_path, monkeypatch):
-    """Tiny model built offline -> tasks -> SFT -> eval -> one AXPO step -> eval -> summary."""
+def test_smoke_runs_both_arms_then_resumes_an_interrupted_arm(tmp_path, monkeypatch, capsys):
+    """Tiny model built offline -> tasks -> SFT once -> eval -> AXPO and GRPO arms (2 steps) -> eval ->
+    plots + summary; then a run interrupted inside the GRPO arm resumes from its checkpoint."""
     from axpo_rllm.cli import main
+    from axpo_rllm.train import trainer as trainer_mod
 
     monkeypatch.setenv("AXPO_TINY_MODEL_CACHE", str(tmp_path / "models"))  # a fresh machine: build everything
     started = time.perf_counter()
     assert main(["main", "--smoke", "--run-dir", str(tmp_path / "runs")]) == 0
-    # About 45-75 s on an idle 2-core machine; the bound leaves room for a loaded CI box.
-    assert time.perf_counter() - started < 240
+    # About 60-90 s on an idle 2-core machine; the bound leaves room for a loaded CI box.
+    assert time.perf_counter() - started < 300
     (run,) = list((tmp_path / "runs").iterdir())
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["smoke"] and summary["rl"]["steps"] == 1
+    assert summary["smoke"] and summary["arms"] == ["axpo", "grpo"] and summary["steps"] == 2
     assert summary["sft"]["heldout_loss_after"] < summary["sft"]["heldout_loss_before"]
-    for key in ("eval/pass@1", "eval/pass@4", "eval/tool_use_rate"):
-        assert 0.0 <= summary["eval_before"][key] <= 1.0 and 0.0 <= summary["eval_after"][key] <= 1.0
+    for arm in ("axpo", "grpo"):
+        (after,) = summary["eval_after"][arm]
+        for key in ("eval/pass@1", "eval/pass@4", "eval/tool_use_rate"):
+            assert 0.0 <= summary["eval_before"][key] <= 1.0 and 0.0 <= after[key] <= 1.0
+        lines = (run / "arms" / arm / "seed0" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [0, 1]
+        metrics = json.loads(lines[0])
+        assert metrics["workflow/failed_rollouts"] == 0 and metrics["actor/loss_tokens"] > 0
+        assert "axpo/budget" in metrics and "actor/kl_loss" in metrics
+        assert (run / "arms" / arm / "seed0" / "checkpoint.pt").exists() and (run / "arms" / arm / "config.yaml").exists()
+        assert "last_third/all_wrong" in summary["figures"][arm]
     assert summary["eval_before"]["eval/failed_rollouts"] == 0
-    (line,) = (run / "metrics.jsonl").read_text().splitlines()
-    metrics = json.loads(line)
-    assert metrics["workflow/failed_rollouts"] == 0 and metrics["actor/loss_tokens"] > 0
-    assert "axpo/budget" in metrics and "actor/kl_loss" in metrics
+    assert (run / "plots" / "curves.png").stat().st_size > 0 and (run / "plots" / "eval.png").stat().st_size > 0
+    assert "Pass@1" in (run / "summary.md").read_text()
+    out = capsys.readouterr().out
+    assert "step   1/2  axpo" in out and "step   2/2  grpo" in out
+
+    # Interrupt the GRPO arm at its second step: the checkpoint after step 1 survives.
+    real_step = trainer_mod.AXPOTrainer.step
+
+    def failing(self, tasks, step):
+        if step == 1 and not self.workflow.config.axpo.enable:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_step(self, tasks, step)
+
+    monkeypatch.setattr(trainer_mod.AXPOTrainer, "step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        main(["main", "--smoke", "--run-dir", str(tmp_path / "again")])
+    (again,) = list((tmp_path / "again").iterdir())
+    assert not (again / "arms" / "grpo" / "seed0" / "result.json").exists()
+    monkeypatch.setattr(trainer_mod.AXPOTrainer, "step", real_step)
+    capsys.readouterr()
+    assert main(["main", "--resume", str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "SFT: resumed" in out and "axpo seed 0: finished earlier" in out and "resumed from" in out
+    lines = (again / "arms" / "grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1]
+    # the resumed run samples what the uninterrupted one did (seeds derive from step and question)
+    first = [json.loads(x) for x in (run / "arms" / "grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in lines]
+    assert [m["train/reward_mean"] for m in resumed] == [m["train/reward_mean"] for m in first]

@@ -105,3 +105,38 @@ def test_the_teacher_is_verified_correct_with_the_real_tools(world, make_env, fa
         assert verdict.correct and verdict.reward == 1.0
         env.reset(task)
         assert not env.finish("<think>\nok\n</think>\n\\boxed{purple}").correct
+
+
+def test_tool_use_is_the_teachers_choice_and_the_crop_box_matters(world, make_env):
+    """With ``direct_share`` the teacher answers some tool-family tasks without the tool (per task,
+    deterministic); its jittered crop boxes still show the asked corner's colour, and the box over
+    another corner shows a different square (the call's content decides the answer)."""
+    from axpo_rllm.demo.teacher import teacher_trajectories
+    from axpo_rllm.demo.world import COLORS, QUADRANTS
+
+    tasks = world.tasks(40, "train", families=["code", "search", "crop"])
+    env = make_env()
+    trajs = teacher_trajectories(tasks, env, direct_share=0.4)
+    direct = [t for t in trajs if not t.uses_tool]
+    assert 0.15 < len(direct) / len(trajs) < 0.65
+    assert all(f"\\boxed{{{t.task.answer}}}" in t.turns[-1] for t in trajs)
+    assert [t.uses_tool for t in teacher_trajectories(tasks, env, direct_share=0.4)] == [t.uses_tool for t in trajs]
+    assert all(t.uses_tool for t in teacher_trajectories(tasks, env))  # direct_share 0: the old teacher
+
+    def has(image, color):
+        target = COLORS[color]
+        return any(px == target for px in image.convert("RGB").getdata())
+
+    boxes = set()
+    for t in trajs:
+        if t.uses_tool and t.task.metadata["family"] == "crop":
+            (text, images), = t.observations
+            assert has(images[0], t.task.answer)
+            boxes.add(t.turns[0].split('"bbox": ')[1].split("]")[0])
+            where = next(q for q in QUADRANTS if q in t.task.question)
+            other = next(q for q in QUADRANTS if q != where)
+            env.reset(t.task)
+            obs = env.call_tool("crop", {"image_index": 0, "bbox": list(QUADRANTS[other])})
+            colors = {c for c in COLORS if has(obs.images[0], c)}
+            assert len(colors) == 1  # one square: the other corner's
+    assert len(boxes) > 1  # the call's content varies across demonstrations

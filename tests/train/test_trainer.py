@@ -175,3 +175,18 @@ def test_an_update_moves_log_probs_the_way_the_advantages_point(stepped):
         trainer.rl = old_rl
     after = logp()
     assert (after - before)[pos].mean() > 0 > (after - before)[neg].mean()
+
+
+def test_a_checkpoint_restores_weights_optimizer_history_and_the_next_step(stepped, tmp_path):
+    trainer = stepped[0]
+    path = trainer.save_checkpoint(tmp_path / "ckpt.pt", step=4)
+    saved = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
+    history = list(trainer.history)
+    with torch.no_grad():
+        for p in trainer.policy.model.parameters():
+            p.add_(1.0)
+    trainer.history.append({"step": 99.0})
+    assert trainer.load_checkpoint(path) == 5
+    for n, p in trainer.policy.model.named_parameters():
+        assert torch.equal(p, saved[n]), n
+    assert [m["step"] for m in trainer.history] == [m["step"] for m in history] and trainer.optimizer.state_dict()["state"]

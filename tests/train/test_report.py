@@ -1,0 +1,48 @@
+"""The embedded job's report: per-step lines, window figures over seeds, the note, the PNGs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from axpo_rllm.demo.report import closing_note, measured_figures, plot_curves, plot_eval, step_line, window_mean
+
+
+def _history(tool_use, all_wrong, recovery=None):
+    return [{"step": float(i), "axpo/tool_use_rate": t, "axpo/all_wrong_rate": a, "train/reward_mean": 0.5,
+             "axpo/recovery_rate": (recovery[i] if recovery else None), "axpo/triggered_questions": 1.0,
+             "axpo/budget": 8.0, "axpo/extra_samples_used": 4.0, "axpo/budget_used_fraction": 0.5,
+             "actor/kl_loss": 1e-3, "timing/step_s": 2.0} for i, (t, a) in enumerate(zip(tool_use, all_wrong))]
+
+
+def test_step_line_names_step_arm_reward_tool_use_all_wrong_recovery_and_seconds():
+    line = step_line(_history([0.3], [0.5], [None])[0], "axpo", 1, 12)
+    assert line.startswith("step   1/12  axpo")
+    for part in ("seed 1", "reward 0.50", "tool-use 0.30", "all-wrong 0.50", "recovery   —", "budget 4/8", "2.0s"):
+        assert part in line
+
+
+def test_windows_are_thirds_per_seed_then_mean_and_spread_over_seeds():
+    h0 = _history([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1, 1, 1, 0, 0, 0])
+    h1 = _history([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [1, 1, 1, 1, 1, 1])
+    mu, sd, n = window_mean([h0, h1], "axpo/tool_use_rate", "first")
+    assert n == 2 and mu == pytest.approx((0.15 + 0.35) / 2) and sd == pytest.approx(0.1)
+    assert window_mean([h0, h1], "axpo/all_wrong_rate", "last")[0] == pytest.approx(0.5)
+    assert math.isnan(window_mean([h0], "axpo/recovery_rate")[0])  # no value anywhere: NaN, not 0
+
+
+def test_figures_note_and_plots(tmp_path):
+    hs = {"axpo": [_history([0.3] * 6, [0.4] * 6, [0.5, None, 1.0, 0.0, None, 0.5])],
+          "grpo": [_history([0.3] * 6, [0.6] * 6)]}
+    evals = {"axpo": [{"eval/pass@1": 0.5, "eval/pass@4": 0.7, "eval/tool_use_rate": 0.3}],
+             "grpo": [{"eval/pass@1": 0.49, "eval/pass@4": 0.69, "eval/tool_use_rate": 0.3}]}
+    figs = measured_figures(hs, evals, 4)
+    assert figs["axpo"]["recovery_rate"][0] == pytest.approx(0.5) and math.isnan(figs["grpo"]["recovery_rate"][0])
+    assert figs["grpo"]["first_third/all_wrong"][0] == pytest.approx(0.6)
+    before = {"eval/pass@1": 0.45, "eval/pass@4": 0.6, "eval/tool_use_rate": 0.3}
+    note = closing_note(figs, before, 4)
+    assert "| axpo | 1 |" in note and "all-wrong -0.200" in note and "does not separate" in note
+    pytest.importorskip("matplotlib")
+    assert plot_curves(hs, tmp_path / "c.png").stat().st_size > 1000
+    assert plot_eval(before, evals, 4, tmp_path / "e.png").stat().st_size > 1000
