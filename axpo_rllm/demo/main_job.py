@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers import AutoTokenizer
 
@@ -46,7 +47,7 @@ from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.configs.loader import axpo_config, config_text, load_config
 from axpo_rllm.core.config import dataclass_from_mapping
-from axpo_rllm.demo.report import step_line
+from axpo_rllm.demo.report import _pm, closing_note, measured_figures, plot_curves, plot_eval, step_line
 from axpo_rllm.demo.teacher import teacher_trajectories
 from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
 from axpo_rllm.demo.world import SyntheticWorld
@@ -216,8 +217,6 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
         f"in {time.perf_counter() - t0:.1f}s")
     before = rt.first_turn_stats(probe)
     loss_before = eval_loss(rt.policy, held_out)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("SFT"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                   console=console, transient=True, disable=console is None) as progress:
         bar = progress.add_task("sft", total=60 * sft_cfg.minutes, info="")
@@ -309,8 +308,6 @@ def _summary_table(summary: dict) -> Table:
     for col in ("arm", "tool use first ⅓", "all-wrong first ⅓", "tool use last ⅓", "all-wrong last ⅓", "recovery",
                 "Pass@1 after", f"Pass@{k} after"):
         table.add_column(col, justify="left" if col == "arm" else "right")
-    from axpo_rllm.demo.report import _pm
-
     for arm, f in summary["figures"].items():
         table.add_row(arm, _pm(f["first_third/tool_use"]), _pm(f["first_third/all_wrong"]), _pm(f["last_third/tool_use"]),
                       _pm(f["last_third/all_wrong"]), _pm(f["recovery_rate"]), _pm(f["after/eval/pass@1"]), _pm(f[f"after/eval/pass@{k}"]))
@@ -330,10 +327,6 @@ def run(args: argparse.Namespace) -> int:
     checkpoint and the before-RL eval are reused, finished arms are read back, an arm with a
     checkpoint continues from it.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from axpo_rllm.demo.report import closing_note, measured_figures, plot_curves, plot_eval
-
     console = Console()
     resume = getattr(args, "resume", None)
     if resume:
