@@ -142,6 +142,13 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str 
     axes.flat[-1].axis("off")
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write the PNG (parents made) and free the figure."""
+    import matplotlib.pyplot as plt  # optional dependency; the caller already loaded it with Agg
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +178,4 @@ def plot_eval(eval_before: Mapping[str, float], evals: Mapping[str, Sequence[Map
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("held-out eval (never trained or tuned on)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
