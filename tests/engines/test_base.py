@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from axpo_rllm.engines import BatchingExecutor, EngineError, GenerationRequest, GenerationResult, check_image_pads
+from axpo_rllm.engines.base import SteppingExecutor
 
 PAD = 7
 
@@ -145,3 +147,132 @@ def test_a_result_without_logprobs_is_a_contract_error_not_an_engine_error():
         checked_result(request, [5, 6, 7], [-1.0, -1.0], "stop", "the server")
     assert not issubclass(BackendContractError, EngineError), "the agent retries EngineErrors; a contract error must stop the step"
     assert checked_result(request, [5], [-0.5], "length", "the server").logprobs == (-0.5,)
+
+
+# ---------------------------------------------------------------- continuous batching (SteppingExecutor)
+
+
+class CountingBackend:
+    """A stepping backend with vLLM's contract: ``add`` starts a request (``length`` = steps it needs),
+    ``step`` advances every running request by one token and reports those that finished."""
+
+    def __init__(self, fail_add=(), fail_step_at=None, lose=()):
+        self.running: dict[str, list] = {}
+        self.steps = 0
+        self.aborted: list[str] = []
+        self.batch_sizes: list[int] = []
+        self.fail_add, self.fail_step_at, self.lose = set(fail_add), fail_step_at, set(lose)
+        self._next = 0
+
+    def add(self, work):
+        name, length = work
+        if name in self.fail_add:
+            raise ValueError(f"{name} is longer than max_model_len")
+        key = f"k{self._next}"
+        self._next += 1
+        self.running[key] = [name, length, 0]
+        return key
+
+    def step(self):
+        self.steps += 1
+        if self.fail_step_at == self.steps:
+            raise RuntimeError("device lost")
+        self.batch_sizes.append(len(self.running))
+        done = []
+        for key, item in list(self.running.items()):
+            item[2] += 1
+            if item[2] >= item[1]:
+                del self.running[key]
+                if item[0] not in self.lose:
+                    done.append((key, (item[0], item[2], self.steps)))
+        time.sleep(0.002)
+        return done
+
+    def abort(self, keys):
+        for key in keys:
+            self.aborted.append(self.running.pop(key)[0])
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+
+def test_a_request_joins_the_running_batch_and_returns_before_the_long_one():
+    backend = CountingBackend()
+    executor = SteppingExecutor(backend, "test-steps")
+    finish_order: list[str] = []
+
+    async def one(name, length, delay=0.0):
+        await asyncio.sleep(delay)
+        out = await executor.submit((name, length), lambda o: o)
+        finish_order.append(name)
+        return out
+
+    async def main():
+        return await asyncio.gather(one("long", 400), one("a", 5), one("late", 5, delay=0.05))
+
+    long, a, late = asyncio.run(main())
+    executor.shutdown()
+    assert finish_order == ["a", "late", "long"]
+    assert late[2] < long[2], "the late request finished at an earlier engine step than the long one"
+    assert max(backend.batch_sizes) == 2 and backend.steps < 400 + 5 + 5, "it ran beside the long one, not after it"
+
+
+def test_a_request_the_backend_refuses_fails_alone_and_a_failed_step_fails_every_running_one():
+    backend = CountingBackend(fail_add={"huge"})
+    executor = SteppingExecutor(backend, "test-steps")
+
+    async def main():
+        return await asyncio.gather(*(executor.submit(w, lambda o: o) for w in [("ok", 3), ("huge", 3), ("ok2", 2)]),
+                                    return_exceptions=True)
+
+    ok, huge, ok2 = asyncio.run(main())
+    assert isinstance(huge, EngineError) and "max_model_len" in str(huge)
+    assert ok[:2] == ("ok", 3) and ok2[:2] == ("ok2", 2)
+    backend.fail_step_at = backend.steps + 2
+
+    async def crash():
+        return await asyncio.gather(*(executor.submit((f"r{i}", 10), lambda o: o) for i in range(3)), return_exceptions=True)
+
+    errors = asyncio.run(crash())
+    assert all(isinstance(e, EngineError) and "device lost" in str(e) and "3 request(s) running" in str(e) for e in errors)
+    assert sorted(backend.aborted) == ["r0", "r1", "r2"] and not backend.running
+    executor.shutdown()
+
+
+def test_a_cancelled_waiter_aborts_its_request_and_lost_work_never_spins():
+    backend = CountingBackend(lose={"lost"})
+    executor = SteppingExecutor(backend, "test-steps")
+
+    async def main():
+        task = asyncio.ensure_future(executor.submit(("cancel-me", 10_000), lambda o: o))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        lost = await asyncio.gather(executor.submit(("lost", 3), lambda o: o), return_exceptions=True)
+        return lost[0]
+
+    lost = asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while backend.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.aborted == ["cancel-me"] and executor.running() == 0
+    assert isinstance(lost, EngineError) and "without returning them" in str(lost)
+    executor.shutdown()
+
+
+def test_a_result_the_converter_cannot_read_fails_its_request_alone_and_calls_run_between_steps():
+    executor = SteppingExecutor(CountingBackend(), "test-steps")
+
+    def convert(out):
+        if out[0] == "bad":
+            raise KeyError("logprobs")
+        return out[0]
+
+    async def main():
+        return await asyncio.gather(*(executor.submit((n, 2), convert) for n in ("good", "bad")), return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good == "good" and isinstance(bad, EngineError) and "logprobs" in str(bad)
+    assert executor.call(lambda x: x * 2, 21) == 42
+    executor.shutdown()
+    with pytest.raises(EngineError, match="closed"):
+        asyncio.run(executor.submit(("late", 1), lambda o: o))

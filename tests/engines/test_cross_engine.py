@@ -9,6 +9,7 @@ the engines agree on the tiny model: same expanded prompt ids, same greedy token
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 
 import pytest
@@ -106,22 +107,55 @@ def test_qwen3_vl_matches_transformers(tmp_path):
     assert max_abs_diff(result["vllm"][1], result["hf"][1]) < TOL
 
 
-def test_concurrent_generate_calls_reach_vllm_as_one_batch(vllm_engine, prompts, monkeypatch):
-    calls: list[int] = []
-    original = vllm_engine.llm.generate
+def test_concurrent_generate_calls_share_the_engine_steps(vllm_engine, prompts, monkeypatch):
+    """Continuous scheduling: eight concurrent 8-token requests run side by side (about 8 engine
+    steps, not 64), and give the tokens one ``llm.generate`` batch gives for the same seeds."""
+    steps: list[int] = []
+    original = vllm_engine.llm.llm_engine.step
 
-    def counting(prompts_, params, **kw):
-        calls.append(len(prompts_))
-        return original(prompts_, params, **kw)
+    def counting():
+        steps.append(vllm_engine.llm.llm_engine.get_num_unfinished_requests())
+        return original()
 
-    monkeypatch.setattr(vllm_engine.llm, "generate", counting)
-    requests = [GenerationRequest(prompt_ids=prompts.text(), max_tokens=8, seed=i) for i in range(8)]
+    monkeypatch.setattr(vllm_engine.llm.llm_engine, "step", counting)
+    requests = [GenerationRequest(prompt_ids=prompts.text(), max_tokens=8, seed=i, temperature=1.0) for i in range(8)]
 
     async def main():
         return await asyncio.gather(*(vllm_engine.generate(r) for r in requests))
 
     results = run(main())
-    assert calls == [8] and len(results) == 8
+    assert len(steps) <= 12 and max(steps) == 8, steps
+    monkeypatch.undo()
+    batch = vllm_engine._run_batch(requests)  # the one-batch path, on this thread (nothing else runs now)
+    assert [r.token_ids for r in results] == [b.token_ids for b in batch]
+    assert max(max_abs_diff(r.logprobs, b.logprobs) for r, b in zip(results, batch)) < TOL
+
+
+def test_a_request_joins_a_running_generation_and_a_cancelled_one_is_aborted(vllm_engine, prompts):
+    eos = vllm_engine.llm.get_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    long = GenerationRequest(prompt_ids=prompts.text(), max_tokens=300, seed=1, banned_token_ids=(eos,), request_id="long")
+    short = GenerationRequest(prompt_ids=prompts.text("Hi."), max_tokens=4, seed=2, request_id="short")
+    order: list[str] = []
+
+    async def one(request, delay=0.0):
+        await asyncio.sleep(delay)
+        await vllm_engine.generate(request)
+        order.append(request.request_id)
+
+    async def main():
+        await asyncio.gather(one(long), one(short, delay=0.2))
+        doomed = asyncio.ensure_future(vllm_engine.generate(dataclasses.replace(long, request_id="doomed")))
+        await asyncio.sleep(0.2)
+        doomed.cancel()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if vllm_engine.running() == 0:
+                break
+
+    run(main())
+    assert order == ["short", "long"], "the short request waited for the long one's batch"
+    assert vllm_engine.running() == 0
+    assert not vllm_engine._stepper.call(vllm_engine.llm.llm_engine.has_unfinished_requests), "the cancelled request still runs"
 
 
 def test_large_seeded_batch_over_the_token_budget(vllm_engine, prompts):
