@@ -10,8 +10,10 @@ directory or any folder under it (also after the code changed directory).
 limit that stopped the code (``"cpu_time"`` / ``"wall_clock"``) in ``metadata["limit"]``.
 
 Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``timeout_s``,
-``cpu_s``, ``memory_mb``, ...), plus ``pool_size`` (warm workers, default 2), ``isolation``
-(``"auto"`` or a layer name) and ``max_code_chars`` (default 20000).
+``cpu_s``, ``memory_mb``, ...), plus ``start`` (``"fork"``, the default: each call forked from a
+warm template process, a few ms; ``"spawn"``: a fresh interpreter per call, the old pool),
+``pool_size`` (template processes under ``fork``, default 1; ready workers under ``spawn``, default
+2), ``isolation`` (``"auto"`` or a layer name) and ``max_code_chars`` (default 20000).
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from PIL import Image
 
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
-from axpo_rllm.envs.tools.sandbox import SandboxLimits, SandboxPool, SandboxUnavailable
+from axpo_rllm.envs.tools.sandbox import START_METHODS, SandboxLimits, SandboxPool, SandboxUnavailable
 
 __all__ = ["PythonCodeTool"]
 
-_OWN_KEYS = ("pool_size", "isolation", "max_code_chars")
+_OWN_KEYS = ("pool_size", "isolation", "start", "max_code_chars")
 """The tool's own settings; every other config key is a :class:`SandboxLimits` field."""
 
 
@@ -51,8 +53,12 @@ class PythonCodeTool(Tool):
         super().__init__(**config)
         limits = {k: v for k, v in config.items() if k not in _OWN_KEYS}
         self.limits = dataclass_from_mapping(SandboxLimits, limits, f"PythonCodeTool config ({', '.join(_OWN_KEYS)} or a sandbox limit)")
-        self.pool_size = int(config.get("pool_size", 2))
+        size = config.get("pool_size")
+        self.pool_size = None if size is None else int(size)
         self.isolation = str(config.get("isolation", "auto"))
+        self.start = str(config.get("start", "fork"))
+        if self.start not in START_METHODS:
+            raise ValueError(f"PythonCodeTool config: start={self.start!r}, expected one of {START_METHODS}")
         self.max_code_chars = int(config.get("max_code_chars", 20000))
         self._pool: SandboxPool | None = None
         self._pool_lock = threading.Lock()
@@ -62,7 +68,7 @@ class PythonCodeTool(Tool):
         """Started on first use, so that listing tools never spawns processes."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = SandboxPool(self.limits, size=self.pool_size, isolation=self.isolation)
+                self._pool = SandboxPool(self.limits, size=self.pool_size, isolation=self.isolation, start=self.start)
             return self._pool
 
     def check_arguments(self, arguments: Any) -> str | ToolResult:

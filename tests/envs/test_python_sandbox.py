@@ -2,11 +2,16 @@
 it cannot (abuse cases in the spirit of openedx/codejail's tests), each contained with a clear
 observation while this process stays unharmed. Cases marked ``os_layer`` run with the Python guard
 off, to show the OS sandbox holds by itself (bwrap only). The last test checks that nothing is
-left running."""
+left running.
+
+The module runs with the pool's default start method (``fork``: calls forked from a template
+process); ``AXPO_SANDBOX_TEST_START=spawn`` runs all of it with a fresh interpreter per call
+(``AXPO_SANDBOX_ISOLATION`` pins the layer). A few tests always cover both start methods."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -18,7 +23,8 @@ from PIL import Image
 
 from axpo_rllm.envs.tools.base import ToolContext, ToolResult
 from axpo_rllm.envs.tools.python_code import PythonCodeTool
-from axpo_rllm.envs.tools.sandbox import SandboxLimits, SandboxPool, detect_isolation, isolation_level
+from axpo_rllm.envs.tools.sandbox import (ISOLATION_LEVELS, START_METHODS, SandboxLimits, SandboxPool, SandboxUnavailable,
+                                         detect_isolation, isolation_level)
 
 WORKER_MARKER = "The sandboxed worker: runs ONE piece"
 FAKE_SECRET = "sk-axpo-test-secret-do-not-leak"
@@ -26,8 +32,12 @@ REPO_FILE = Path(__file__).resolve().parents[2] / "setup.cfg"
 LIMITS = dict(timeout_s=5.0, cpu_s=3, memory_mb=512, max_images=3, max_image_pixels=256 * 256)
 
 os.environ["AXPO_FAKE_API_KEY"] = FAKE_SECRET  # must never reach a worker
-LEVEL = isolation_level()
+START = os.environ.get("AXPO_SANDBOX_TEST_START", "fork")
+assert START in START_METHODS, START
+LEVEL = isolation_level(START)
+OWN_UID = detect_isolation("auto", START).own_uid
 bwrap_only = pytest.mark.skipif(LEVEL != "bwrap", reason=f"OS-layer checks need bwrap; isolation here is {LEVEL}")
+fork_only = pytest.mark.skipif(START != "fork", reason="about the template processes of start='fork'")
 
 _tools: dict[str, PythonCodeTool] = {}
 CHILDREN_BEFORE: set[int] = set()
@@ -54,7 +64,7 @@ def record_pools():
 def tool(guard: bool = True) -> PythonCodeTool:
     key = "guarded" if guard else "os_layer"
     if key not in _tools:
-        _tools[key] = PythonCodeTool(**LIMITS, python_guard=guard, pool_size=2)
+        _tools[key] = PythonCodeTool(**LIMITS, python_guard=guard, pool_size=2, start=START)
     return _tools[key]
 
 
@@ -89,7 +99,7 @@ def test_isolation_is_detected_and_reported():
     assert LEVEL in ("bwrap", "unshare", "rlimits")
     result = run("print('hi')")
     assert result.text == "hi" and result.metadata["isolation"] == LEVEL
-    assert detect_isolation().level == LEVEL
+    assert detect_isolation("auto", START).level == LEVEL
 
 
 def test_images_come_in_as_pil_images_and_files():
@@ -196,12 +206,6 @@ def test_concurrent_calls_from_threads_with_their_own_event_loops():
     assert {i: r.text for i, r in results.items()} == {i: str(i * 2) for i in range(4)}
 
 
-def test_state_does_not_survive_between_calls():
-    run("import builtins, os\nbuiltins.POISON = 1\nopen('left_behind.txt', 'w').write('x')\nos.environ['POISON'] = '1'")
-    result = run("import builtins, os\nprint(hasattr(builtins, 'POISON'), os.path.exists('left_behind.txt'), 'POISON' in os.environ)")
-    assert result.text == "False False False"
-
-
 # --------------------------------------------------------------------------------- abuse cases
 
 
@@ -303,7 +307,7 @@ def test_abuse_memory_bomb_growing():
 def test_abuse_infinite_loop_hits_the_wall_clock():
     # A CPU limit far above the wall clock, so that the wall clock is what stops it on any machine
     # (with the module's 3 s CPU / 5 s wall, an idle machine hits the CPU limit first).
-    wall_tool = PythonCodeTool(timeout_s=2, cpu_s=60, pool_size=1)
+    wall_tool = PythonCodeTool(timeout_s=2, cpu_s=60, pool_size=1, start=START)
     try:
         result = asyncio.run(wall_tool.call({"code": "while True:\n    pass"}, ToolContext()))
     finally:
@@ -317,7 +321,7 @@ def test_abuse_sleep_past_the_timeout_with_partial_output():
 
 
 def test_abuse_cpu_time_limit():
-    cpu_tool = PythonCodeTool(timeout_s=10, cpu_s=1, pool_size=1)
+    cpu_tool = PythonCodeTool(timeout_s=10, cpu_s=1, pool_size=1, start=START)
     try:
         result = asyncio.run(cpu_tool.call({"code": "while True: pass"}, ToolContext()))
     finally:
@@ -327,7 +331,7 @@ def test_abuse_cpu_time_limit():
 
 def limited_runs(codes, **limits) -> list[ToolResult]:
     """Each code once, in order, through one fresh tool with these limits."""
-    limited = PythonCodeTool(pool_size=1, **limits)
+    limited = PythonCodeTool(pool_size=1, start=START, **limits)
     try:
         return [asyncio.run(limited.call({"code": code}, ToolContext())) for code in codes]
     finally:
@@ -539,14 +543,24 @@ def test_abuse_big_file_write_is_capped():
     assert result.is_error and ("File too large" in result.error or "No space" in result.error or "MemoryError" in result.error)
 
 
-# ------------------------------------------------------------------- weaker layers still contain
+# ----------------------------------------------------- every layer and start method contains
 
 
-@pytest.mark.parametrize("level", ["unshare", "rlimits"])
-def test_fallback_layers_contain_the_basics(level, listener):
+def layer_works(level: str, start: str) -> bool:
+    try:
+        return detect_isolation(level, start).level == level
+    except SandboxUnavailable:
+        return False
+
+
+@pytest.mark.parametrize("start", START_METHODS)
+@pytest.mark.parametrize("level", ISOLATION_LEVELS)
+def test_every_layer_and_start_method_contains_the_basics(level, start, listener):
     if level == "unshare" and os.geteuid() != 0:
         pytest.skip("unshare needs root")
-    pool = SandboxPool(SandboxLimits(timeout_s=1.5, cpu_s=2, memory_mb=512), size=1, isolation=level)
+    if level == "bwrap" and not layer_works("bwrap", start):
+        pytest.skip("bwrap does not work here")
+    pool = SandboxPool(SandboxLimits(timeout_s=1.5, cpu_s=2, memory_mb=512), size=1, isolation=level, start=start)
     try:
         assert pool.run("print(len(images))", [Image.new("RGB", (4, 4))]).stdout.strip() == "1"
         port = listener.getsockname()[1]
@@ -554,10 +568,132 @@ def test_fallback_layers_contain_the_basics(level, listener):
         assert "not allowed" in pool.run("open('/etc/shadow').read()").error
         assert pool.run("while True: pass").timed_out
         assert FAKE_SECRET not in pool.run("import os\nprint(dict(os.environ))").stdout
+        assert "exited with status 3" in pool.run("import os\nos._exit(3)").error
         assert pool.run("print(1)").isolation == level
     finally:
         pool.close()
     assert nothing_connected(listener)
+
+
+# ------------------------------------------------------------- calls share nothing but the template
+
+
+def test_the_code_gets_exactly_its_own_fds():
+    # job on 0, output files on 1 and 2, the result pipe: no control socket, lifeline, status pipe
+    # or another call's fds (fork), no pipe of the pool (spawn).
+    code = (
+        "import json, os, sys\nfds = {}\n"
+        "for name in os.listdir('/proc/self/fd'):\n"
+        "    try:\n        fds[int(name)] = os.readlink('/proc/self/fd/' + name)\n"
+        "    except OSError:\n        pass\n"  # the fd listdir itself used, closed by now
+        "print(json.dumps({'result_fd': json.loads(sys.argv[1])['result_fd'], 'fds': fds}))"
+    )
+    results = asyncio.run(_gather([code] * 3))  # concurrent calls: none may hold another's fds
+    for result in results:
+        assert not result.is_error, result.error
+        seen = json.loads(result.text)
+        fds = {int(fd): target for fd, target in seen["fds"].items()}
+        assert set(fds) == {0, 1, 2, seen["result_fd"]}, fds
+        assert fds[0].startswith("pipe:") and fds[seen["result_fd"]].startswith("pipe:"), fds
+        assert not any(target.startswith(("socket:", "pipe:")) for fd, target in fds.items() if fd in (1, 2)), fds
+
+
+async def _gather(codes, guard: bool = True):
+    return await asyncio.gather(*(tool(guard).call({"code": code}, ToolContext()) for code in codes))
+
+
+def test_concurrent_calls_cannot_see_each_others_files_or_processes():
+    # Guard off where the OS layer is the boundary (bwrap): each call has its own /proc and work dir.
+    guard = LEVEL != "bwrap"
+    code = (
+        "import os, time\nstart = time.time()\nopen('{tag}.txt', 'w').write('{tag}')\ntime.sleep(1.5)\n"
+        "print(sorted(os.listdir('.')))\n"
+        + ("" if guard else "print(len([p for p in os.listdir('/proc') if p.isdigit()]))\n")
+        + "print(start, time.time())"
+    )
+    first, second = asyncio.run(_gather([code.format(tag="first"), code.format(tag="second")], guard=guard))
+    assert not first.is_error and not second.is_error, (first.error, second.error)
+    assert first.text.splitlines()[0] == "['first.txt']" and second.text.splitlines()[0] == "['second.txt']"
+    if not guard:  # the call's namespace init and the code: nothing of the other call
+        assert int(first.text.splitlines()[1]) <= 3 and int(second.text.splitlines()[1]) <= 3, (first.text, second.text)
+    (a0, a1), (b0, b1) = (map(float, r.text.splitlines()[-1].split()) for r in (first, second))
+    assert a0 < b1 and b0 < a1, "the two calls did not overlap"
+
+
+def test_state_does_not_survive_between_calls():
+    run("import builtins, os, json, numpy\nbuiltins.POISON = 1\njson.POISON = numpy.POISON = 1\n"
+        "open('left_behind.txt', 'w').write('x')\nos.environ['POISON'] = '1'")
+    result = run("import builtins, os, json, numpy\nprint(hasattr(builtins, 'POISON'), os.path.exists('left_behind.txt'), "
+                 "'POISON' in os.environ, hasattr(json, 'POISON') or hasattr(numpy, 'POISON'))")
+    assert result.text == "False False False False"
+
+
+def test_random_generators_differ_between_calls():
+    # Forked calls start from one memory image: the global generators are reseeded in every call.
+    code = "import random, numpy\nprint(random.random(), numpy.random.rand())"
+    first, second = run(code).text.split(), run(code).text.split()
+    assert first[0] != second[0] and first[1] != second[1], (first, second)
+
+
+def interpreter_below(root: int, table: dict) -> int:
+    """The python process of a template / worker whose process tree starts at ``root``."""
+    pid = root
+    while not is_interpreter(table[pid][1]):
+        pid = next(child for child, (ppid, _) in table.items() if ppid == pid)
+    return pid
+
+
+@fork_only
+def test_the_template_cannot_be_signalled_or_traced():
+    if not (LEVEL == "bwrap" or OWN_UID):
+        pytest.skip(f"code with the guard off runs as root at {LEVEL} here: nothing to show")
+    code = (
+        "import ctypes, os, signal\nassert os.getuid() != 0\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "pids, pid = {int(p) for p in os.listdir('/proc') if p.isdigit()}, os.getppid()\n"
+        "while pid > 1:  # every ancestor it can see (bwrap: none past its namespace init)\n"
+        "    pids.add(pid)\n"
+        "    pid = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+        "pids.add(os.getppid())\npids.discard(os.getpid())\nout = []\n"
+        "for pid in sorted(pids):\n"
+        "    traced = libc.ptrace(16, pid, 0, 0) == 0\n"  # PTRACE_ATTACH
+        "    try:\n        os.kill(pid, signal.SIGKILL)\n        killed = True\n"
+        "    except OSError:\n        killed = False\n"
+        "    out.append((traced, killed))\n"
+        "print(out)"
+    )
+    pool = tool(guard=False).pool
+    before = sorted(pool._standby_pids())
+    result = run(code, guard=False)
+    assert not result.is_error, result.error
+    assert "True" not in result.text, result.text
+    assert sorted(pool._standby_pids()) == before and all(t.proc.poll() is None for t in pool._backend.templates)
+    assert run("print('next call fine')", guard=False).text == "next call fine"
+
+
+@fork_only
+def test_a_killed_template_fails_its_calls_clearly_and_is_replaced():
+    pool = SandboxPool(SandboxLimits(timeout_s=10, cpu_s=10, memory_mb=512), size=1, start="fork")
+    try:
+        (root,) = pool._standby_pids()
+
+        async def scenario():
+            call = asyncio.ensure_future(pool.arun("import time\ntime.sleep(3)\nprint('finished')"))
+            await asyncio.sleep(0.5)
+            os.kill(interpreter_below(root, process_table()), 9)  # what code that reached it could do
+            return await call
+
+        started = time.monotonic()
+        result = asyncio.run(scenario())
+        elapsed = time.monotonic() - started
+        if LEVEL == "rlimits":  # no namespace dies with it: the call's supervisor carries on
+            assert result.stdout == "finished\n" or "template" in result.error, result
+        else:
+            assert "template serving this call died" in result.error and not result.stdout, result
+            assert elapsed < 3, elapsed
+        assert wait_until(lambda: pool._standby_pids() not in ([], [root]), 30), pool._standby_pids()
+        assert pool.run("print(1)").stdout == "1\n"
+    finally:
+        pool.close()
 
 
 # --------------------------------------------------------------------------- nothing left behind
@@ -588,17 +724,27 @@ def wait_until(predicate, seconds: float = 10.0) -> bool:
     return predicate()
 
 
+def is_interpreter(cmdline: bytes) -> bool:
+    """A template's or spawned worker's own python process (not its bwrap / unshare / sh wrapper)."""
+    return cmdline.split(b"\0")[1:3] == [b"-I", b"-u"]
+
+
 def worker_processes(include_ready: bool = True) -> list[int]:
-    """Pids whose command line is a sandbox worker (ready pool workers' trees excluded unless asked)."""
+    """Pids whose command line is a sandbox process of ours: spawned workers, templates and every
+    process forked from a template (a call's supervisor, namespace init and code). Unless
+    ``include_ready``, the processes waiting for a call are left out -- a ready spawned worker or a
+    template, with its bwrap / unshare wrappers -- but never what was forked from them for a call."""
     table = process_table()
-    excluded = set()
+    excluded: set[int] = set()
     if not include_ready:
-        excluded = {w.proc.pid for t in _tools.values() if t._pool is not None for w in list(t._pool._ready.queue)}
-        grew = True
-        while grew:  # add descendants of ready workers
-            before = len(excluded)
-            excluded |= {pid for pid, (ppid, _) in table.items() if ppid in excluded}
-            grew = len(excluded) > before
+        frontier = [pid for t in _tools.values() if t._pool is not None for pid in t._pool._standby_pids()]
+        while frontier:
+            pid = frontier.pop()
+            if pid in excluded or pid not in table:
+                continue
+            excluded.add(pid)
+            if not is_interpreter(table[pid][1]):  # a wrapper: down to the interpreter, not past it
+                frontier += [child for child, (ppid, _) in table.items() if ppid == pid]
     ours = [d.encode() for d in POOL_DIRS]
     return [pid for pid, (_, cmdline) in table.items()
             if WORKER_MARKER.encode() in cmdline and any(d in cmdline for d in ours)

@@ -1,4 +1,4 @@
-"""An isolated, warm worker pool that runs model-written Python over the task's images.
+"""An isolated, warm pool that runs model-written Python over the task's images.
 
 Layers, strongest first; :func:`detect_isolation` picks at start-up the best that works here and
 every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["isolation"]``):
@@ -11,29 +11,52 @@ every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["iso
              ``/proc``), but the host file system stays visible.
 ``rlimits``  a plain child process: only the layers below.
 
-Always, under every layer: a fresh ``python -I`` process per call (no memory shared with the
-trainer; it is never forked from it), an empty environment (no secrets inherited),
-``PR_SET_NO_NEW_PRIVS``, rlimits (CPU seconds, address space, file size, open files, processes,
-no core), a wall-clock timeout after which the whole process tree is killed (PID namespace
-teardown; a uid-wide sweep at ``rlimits``), stdout/stderr in trainer-owned files read back
-truncated, and returned images capped in count and pixels and sent as raw RGB (the trainer never
-decodes or unpickles what the sandbox writes). When the trainer is root, each worker also drops
-to its own uid (61000 + slot: other users' files, signals to other processes and the per-uid
-process count then apply) -- always under ``bwrap``; under ``unshare``/``rlimits`` only if the
-interpreter is readable by another uid (a Python under ``/root`` is not: ``Isolation.own_uid``
+Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
+
+``fork``     (default) ``size`` *template* processes (default 1), each started exactly as a spawned
+             worker is (same command and layer, empty environment, ``python -I``): it imports
+             PIL/numpy once, makes itself non-dumpable and then never runs model code. Per call the
+             trainer hands it the call's pipes and files (SCM_RIGHTS) and it forks a supervisor,
+             which at ``bwrap`` and ``unshare`` unshares *fresh* mount/PID/network/IPC/UTS
+             namespaces for the call, mounts a fresh ``/proc`` and a fresh size-capped tmpfs work
+             dir (``workdir_mb``, also at ``unshare``), and forks the process that runs the code
+             (``_worker.py`` describes the three processes). Shared between calls: the template's
+             mounts (at ``bwrap``: ``/usr`` and the Python installation, read-only) and its
+             imported memory image, copied on write and never executed upon by model code (the
+             interpreter's string-hash seed included; ``random``'s and numpy's global generators
+             are reseeded per call). Per call: the processes, uid, namespaces, ``/proc``, work dir,
+             fds, rlimits and CPU budget. A call costs a few ms of CPU, so calls never wait on an
+             interpreter start; a template that dies is restarted (calls in flight on it get a
+             clear error, later calls go to the new one).
+``spawn``    a fresh ``python -I`` per call, from ``size`` workers (default 2) started ahead: ~10-30
+             ms when a ready worker waits, but each start costs ~0.2-0.5 s of CPU, so back-to-back
+             calls queue behind starts. The fallback, and the baseline of ``benchmarks/bench_tools.py``.
+
+Always, under every layer and start method: a fresh process per call that runs nothing but this
+call (never the trainer: a template is started like a worker, not forked from the trainer), an
+empty environment (no secrets inherited), ``PR_SET_NO_NEW_PRIVS``, rlimits (CPU seconds, address
+space, file size, open files, processes, no core), exactly the fds 0 (job), 1/2 (output files) and 3
+(results) under ``fork`` (the spawned worker's same four), a wall-clock timeout after which the
+whole process tree is killed (PID namespace teardown; a uid-wide sweep at ``rlimits``),
+stdout/stderr in trainer-owned files read back truncated, and returned images capped in count and
+pixels and sent as raw RGB (the trainer never decodes or unpickles what the sandbox writes). When
+the trainer is root, each call also drops to its own uid (61000 + slot, a slot handed out again
+only after that call's processes are gone: other users' files, signals to other processes and the
+per-uid process count then apply) -- always under ``bwrap``; under ``unshare``/``rlimits`` only if
+the interpreter is readable by another uid (a Python under ``/root`` is not: ``Isolation.own_uid``
 says which). Inside, a Python audit hook ("guard", PEP 578) refuses sockets, process creation,
 signals to other pids, ctypes, gc introspection and file access outside the work dir -- defence
 in depth only: it stops Python code, not native code.
 
 What it does NOT stop: CPU and memory-bandwidth contention with the trainer (no cgroup CPU share;
 a call may use one core up to its CPU-time limit); side channels; kernel exploits (no seccomp
-filter); tmpfs pages (up to ``workdir_mb`` per worker) count against host memory. At ``unshare``
+filter); tmpfs pages (up to ``workdir_mb`` per call) count against host memory. At ``unshare``
 and ``rlimits``: native code that gets past the guard (a C extension already imported, an
 interpreter bug) sees the host file system with the worker's uid -- and that uid is **root** when
 ``own_uid`` is false, so such code could read or write any host file; at ``rlimits`` it could also
-reach the network, signal other processes (the trainer included, if it shares the uid) and fill
-the disk file by file within the timeout. Use ``bwrap`` (``apt-get install bubblewrap``) for
-training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
+reach the network, signal other processes (the trainer and, under ``fork``, the template
+included, if they share the uid) and fill the disk file by file within the timeout. Use ``bwrap``
+(``apt-get install bubblewrap``) for training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
 
 Two time limits, never racing: ``cpu_s`` of CPU time counted exactly from the start of the code
 and ``timeout_s`` of wall-clock time from the job's hand-over. Which one fired is read from what the
@@ -47,17 +70,18 @@ every run. A single-threaded loop cannot reach ``cpu_s`` before ``timeout_s`` wh
 timeout_s`` (the wall clock then stops it); with ``cpu_s`` well below ``timeout_s`` the CPU limit
 does, unless the machine is so loaded that the worker gets less than ``cpu_s / timeout_s`` of a core.
 
-The pool keeps ``size`` workers started, imported (PIL, numpy) and waiting inside the sandbox;
-a call takes one, sends the job, reads the result; a background thread kills what is left of the
-worker's process tree and deletes its files, another starts its replacement, so one call can never
-poison the next. A warm call costs ~10-30 ms; starting a worker ~0.2-0.5 s of CPU, so size the
-pool to the number of calls in flight (``benchmarks/bench_tools.py``).
+:meth:`SandboxPool.arun` never blocks the event loop and is not bounded by asyncio's default
+thread pool: under ``fork`` it is asyncio-native (the call's pipes are watched by the loop), under
+``spawn`` it runs on the pool's own threads. :meth:`SandboxPool.run` is the blocking form (any
+thread). Measured rates: ``benchmarks/bench_tools.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
+import concurrent.futures
 import fcntl
 import functools
 import itertools
@@ -69,6 +93,7 @@ import queue
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -83,6 +108,7 @@ from PIL import Image
 
 __all__ = [
     "ISOLATION_LEVELS",
+    "START_METHODS",
     "Isolation",
     "SandboxLimits",
     "SandboxResult",
@@ -94,6 +120,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 ISOLATION_LEVELS = ("bwrap", "unshare", "rlimits")
+START_METHODS = ("fork", "spawn")
+"""``fork``: calls forked from a warm template process; ``spawn``: a fresh interpreter per call."""
 WORKER_SOURCE = (Path(__file__).with_name("_worker.py")).read_text()
 SANDBOX_WORKDIR = "/sandbox"
 CPU_MARKER = b"cpu"
@@ -104,6 +132,10 @@ ends it within about two CPU seconds)."""
 CPU_LIMIT, WALL_LIMIT = "cpu_time", "wall_clock"
 """Values of :attr:`SandboxResult.limit`."""
 UID_BASE, UID_SLOTS = 61000, 512
+TEMPLATE_RESULT_FD = 3
+"""The result pipe's fd in a forked call (a spawned worker's is whatever ``pass_fds`` gave)."""
+SUPERVISOR_EXIT_S = 30.0
+"""How long a finished call's supervisor may take to exit before the trainer sweeps its uid."""
 BLOCKED_EVENTS = (
     "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
     "socket.sendto", "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
@@ -112,7 +144,6 @@ BLOCKED_EVENTS = (
     "ctypes.wstring_at", "ctypes.addressof", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
     "os.setuid", "os.setgid", "os.chroot", "mmap.__new__",
 )
-
 
 class SandboxUnavailable(RuntimeError):
     """No worker could be started (not even the ``rlimits`` layer)."""
@@ -127,7 +158,7 @@ class SandboxLimits:
     memory_mb: int = 1024
     file_size_mb: int = 32
     workdir_mb: int = 256
-    """Size of the tmpfs work dir (``bwrap`` only; elsewhere ``file_size_mb`` caps each file)."""
+    """Size of the tmpfs work dir (``bwrap``, and ``unshare`` under ``fork``; elsewhere ``file_size_mb`` caps each file)."""
     max_processes: int = 16
     max_open_files: int = 64
     max_output_chars: int = 4000
@@ -146,7 +177,7 @@ class Isolation:
 
     level: str
     own_uid: bool
-    """True when each worker runs under its own uid (trainer is root)."""
+    """True when each call runs under its own uid (trainer is root)."""
     detail: str = ""
 
 
@@ -241,8 +272,104 @@ def _worker_env(workdir: str) -> dict[str, str]:
     }
 
 
+def _worker_config(level: str, limits: SandboxLimits, tmp_root: str, **extra: Any) -> dict:
+    """The JSON config a worker or template gets as ``argv[1]`` (no secrets: it is visible in ``ps``)."""
+    config = {
+        "mode": "spawn", "level": level, "result_fd": None, "uid": None, "max_processes": limits.max_processes,
+        "max_open_files": limits.max_open_files, "file_size_bytes": limits.file_size_mb << 20,
+        "memory_bytes": limits.memory_mb << 20, "workdir_bytes": limits.workdir_mb << 20,
+        "max_images": limits.max_images, "max_image_pixels": limits.max_image_pixels,
+        "max_decode_pixels": limits.max_decode_pixels, "guard": limits.python_guard,
+        "blocked_events": BLOCKED_EVENTS, "read_roots": list(_python_roots()) + ["/usr/share", "/etc/localtime"],
+        "pool": tmp_root,  # names the owning pool in `ps` output
+    }
+    config.update(extra)
+    return config
+
+
+def _layer_prefix(level: str, limits: SandboxLimits) -> list[str]:
+    return {"bwrap": _bwrap_command(limits.workdir_mb), "unshare": _unshare_command(), "rlimits": []}[level]
+
+
 # ----------------------------------------------------------------------------------------------
-# One worker
+# What both start methods share: the end of a call, the result, uids
+
+
+def _describe_end(status: dict | None) -> tuple[str, str]:
+    """Why a call ended without answering (``status``: ``{"exit": n}`` / ``{"signal": n}``), and the
+    name of the signal that ended it ('' if none)."""
+    if not status:
+        return "the sandbox worker closed its result channel without answering", ""
+    if status.get("error"):
+        return f"the sandbox could not start the call: {str(status['error'])[:300]}", ""
+    signum = int(status.get("signal") or 0)
+    try:
+        name = signal.Signals(signum).name if signum else ""
+    except ValueError:
+        name = ""
+    if name:
+        return f"the sandbox worker was killed by {name}", name
+    return f"the sandbox worker exited with status {status.get('exit')} without a result", ""
+
+
+def _finish(limits: SandboxLimits, level: str, start: float, error: str, limit: str, cpu_fired: bool,
+            images: list, notes: list, stdout: str, stderr: str) -> SandboxResult:
+    """The result of a call: the limit that fired wins over any other error, in a fixed sentence."""
+    if cpu_fired:
+        limit = CPU_LIMIT
+    if limit == CPU_LIMIT:
+        error = f"CPU-time limit: the code used more than its {limits.cpu_s:g} s of CPU time and was stopped"
+    elif limit == WALL_LIMIT:
+        error = f"wall-clock limit: the code ran past its {limits.timeout_s:g} s time limit (wall clock); its process tree was killed"
+    return SandboxResult(
+        stdout=stdout, stderr=stderr, images=tuple(images), error=error, timed_out=limit == WALL_LIMIT,
+        limit=limit, notes=tuple(notes), seconds=time.perf_counter() - start, isolation=level,
+    )
+
+
+def _truncated(data: bytes, total: int, max_chars: int) -> str:
+    text = data.decode("utf-8", errors="replace")
+    if len(text) > max_chars or total > len(data):
+        text = text[:max_chars] + f"\n[... output truncated: {total} bytes in all]"
+    return text
+
+
+def _check_image_size(size: Any, limits: SandboxLimits) -> tuple[int, int]:
+    w, h = int(size[0]), int(size[1])
+    if not (0 < w and 0 < h and w * h <= limits.max_image_pixels):
+        raise ValueError(f"worker announced an image of {w}x{h}")
+    return w, h
+
+
+class _UidSlots:
+    """The private uids (61000 + slot) of one trainer process, each held by one call (or spawned
+    worker) from before it starts until its processes are gone; handed out oldest-freed first.
+    The last slot is the probe's. The first slot depends on the pid, so that two trainer processes
+    on one node rarely use the same uid at the same time."""
+
+    def __init__(self) -> None:
+        first = os.getpid() * 61 % (UID_SLOTS - 1)
+        self._free = collections.deque((first + i) % (UID_SLOTS - 1) for i in range(UID_SLOTS - 1))
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise SandboxUnavailable(f"all {UID_SLOTS - 1} private sandbox uids are held by running calls")
+            return UID_BASE + self._free.popleft()
+
+    def release(self, uid: int | None) -> None:
+        if uid is not None and UID_BASE <= uid < UID_BASE + UID_SLOTS - 1:
+            with self._lock:
+                self._free.append(uid - UID_BASE)
+
+
+_SLOTS = _UidSlots()
+PROBE_UID = UID_BASE + UID_SLOTS - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# start="spawn": one worker process per call
 
 
 class _Worker:
@@ -259,19 +386,9 @@ class _Worker:
             os.mkdir(host_workdir, 0o700)
             if uid is not None:
                 os.chown(host_workdir, uid, uid)
-        config = {
-            "result_fd": None, "uid": uid, "max_processes": limits.max_processes,
-            "max_open_files": limits.max_open_files, "file_size_bytes": limits.file_size_mb << 20,
-            "memory_bytes": limits.memory_mb << 20, "max_images": limits.max_images,
-            "max_image_pixels": limits.max_image_pixels, "max_decode_pixels": limits.max_decode_pixels,
-            "guard": limits.python_guard, "blocked_events": BLOCKED_EVENTS,
-            "read_roots": list(_python_roots()) + ["/usr/share", "/etc/localtime"],
-            "pool": tmp_root,  # names the owning pool in `ps` output
-        }
         read_fd, write_fd = os.pipe()
-        config["result_fd"] = write_fd
-        prefix = {"bwrap": _bwrap_command(limits.workdir_mb), "unshare": _unshare_command(), "rlimits": []}[level]
-        cmd = prefix + [sys.executable, "-I", "-u", "-c", WORKER_SOURCE, json.dumps(config)]
+        config = _worker_config(level, limits, tmp_root, uid=uid, result_fd=write_fd)
+        cmd = _layer_prefix(level, limits) + [sys.executable, "-I", "-u", "-c", WORKER_SOURCE, json.dumps(config)]
         self.started = time.perf_counter()
         try:
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
@@ -298,8 +415,7 @@ class _Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            ready, _, _ = select.select([self.result_fd], [], [], left)
-            if not ready:
+            if not _wait_readable(self.result_fd, left):
                 raise TimeoutError
             chunk = os.read(self.result_fd, min(n - have, 1 << 20))
             if not chunk:
@@ -343,29 +459,18 @@ class _Worker:
                     out_images.append(self._read_image(size, deadline))
                 answered = True
         except TimeoutError:
-            limit = WALL_LIMIT  # unless the CPU limit fired first (below)
+            limit = WALL_LIMIT  # unless the CPU limit fired first (in _finish)
         except Exception as exc:  # whatever the sandbox sends is untrusted: never let it raise here
             error = f"the sandbox worker failed: {type(exc).__name__}: {str(exc)[:200]}"
         finally:
             if not answered:  # the tree must be dead before its output is read; else the pool reaps it
                 self.kill()
-        if cpu_fired:
-            limit = CPU_LIMIT
-        if limit == CPU_LIMIT:
-            error = f"CPU-time limit: the code used more than its {limits.cpu_s:g} s of CPU time and was stopped"
-        elif limit == WALL_LIMIT:
-            error = f"wall-clock limit: the code ran past its {limits.timeout_s:g} s time limit (wall clock); its process tree was killed"
-        return SandboxResult(
-            stdout=self.read_stream(self.stdout_path, limits.max_output_chars),
-            stderr=self.read_stream(self.stderr_path, limits.max_output_chars),
-            images=tuple(out_images), error=error, timed_out=limit == WALL_LIMIT, limit=limit,
-            notes=tuple(notes), seconds=time.perf_counter() - start, isolation=self.level,
-        )
+        return _finish(limits, self.level, start, error, limit, cpu_fired, out_images, notes,
+                       self.read_stream(self.stdout_path, limits.max_output_chars),
+                       self.read_stream(self.stderr_path, limits.max_output_chars))
 
     def _read_image(self, size: Any, deadline: float) -> Any:
-        w, h = int(size[0]), int(size[1])
-        if not (0 < w and 0 < h and w * h <= self.limits.max_image_pixels):
-            raise ValueError(f"worker announced an image of {w}x{h}")
+        w, h = _check_image_size(size, self.limits)
         raw = self._read_frame(deadline, w * h * 3)
         if raw is None or len(raw) != w * h * 3:
             raise ValueError("worker sent a truncated image")
@@ -376,17 +481,12 @@ class _Worker:
         try:
             status = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            return "the sandbox worker closed its result channel without answering", ""
-        signum = -status if status < 0 else 0
-        if not signum and self.level in ("bwrap", "unshare") and status > 128:
-            signum = status - 128  # bwrap/unshare report a child killed by signal N as exit status 128 + N
-        try:
-            name = signal.Signals(signum).name if signum else ""
-        except ValueError:
-            name = ""
-        if name:
-            return f"the sandbox worker was killed by {name}", name
-        return f"the sandbox worker exited with status {status} without a result", ""
+            return _describe_end(None)
+        if status < 0:
+            return _describe_end({"signal": -status})
+        if self.level in ("bwrap", "unshare") and status > 128:
+            return _describe_end({"signal": status - 128})  # bwrap/unshare: a child killed by signal N is 128 + N
+        return _describe_end({"exit": status})
 
     @staticmethod
     def read_stream(path: str, max_chars: int) -> str:
@@ -396,16 +496,13 @@ class _Worker:
                 total = os.fstat(f.fileno()).st_size
         except OSError:
             return ""
-        text = data.decode("utf-8", errors="replace")
-        if len(text) > max_chars or total > len(data):
-            text = text[:max_chars] + f"\n[... output truncated: {total} bytes in all]"
-        return text
+        return _truncated(data, total, max_chars)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """Kill the whole process tree and remove the worker's files."""
+        """Kill the whole process tree and close the result pipe."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -428,7 +525,10 @@ class _Worker:
         self.result_fd = -1
 
     def cleanup(self) -> None:
+        """After :meth:`kill`: remove the worker's files and free its uid."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        _SLOTS.release(self.uid)
+        self.uid = None
 
 
 def _widen_pipe(fd: int) -> None:
@@ -463,29 +563,601 @@ def _kill_uid(uid: int) -> None:
             return
 
 
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """poll(2), not select(2): a trainer may hold more than FD_SETSIZE (1024) fds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
+# ----------------------------------------------------------------------------------------------
+# start="fork": calls forked from a warm template process
+
+
+async def _wait_fd(fd: int, deadline: float, write: bool = False) -> None:
+    """Until ``fd`` is readable (writable) on the running loop; TimeoutError at ``deadline``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(exc: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_result(None) if exc is None else future.set_exception(exc)
+
+    (loop.add_writer if write else loop.add_reader)(fd, settle)
+    timer = loop.call_later(left, settle, TimeoutError())
+    try:
+        await future
+    finally:
+        timer.cancel()
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await _wait_fd(fd, deadline, write=True)
+
+
+class _PipeReader:
+    """Buffered reads of one non-blocking pipe on the running event loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer, self.eof = fd, bytearray(), False
+
+    async def _fill(self, deadline: float) -> bool:
+        while not self.eof:
+            if time.monotonic() >= deadline:  # past it, even if data waits: the wall clock fired first
+                raise TimeoutError
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                await _wait_fd(self.fd, deadline)
+                continue
+            if chunk:
+                self.buffer += chunk
+                return True
+            self.eof = True
+        return False
+
+    async def exact(self, n: int, deadline: float) -> bytes | None:
+        """``n`` bytes, or None when the writers closed the pipe first."""
+        while len(self.buffer) < n:
+            if not await self._fill(deadline):
+                return None
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    async def frame(self, deadline: float, max_len: int) -> bytes | None:
+        head = await self.exact(4, deadline)
+        if head is None:
+            return None
+        (length,) = struct.unpack(">I", head)
+        if length > max_len:
+            raise ValueError(f"worker sent a {length}-byte frame, more than {max_len}")
+        return await self.exact(length, deadline)
+
+    async def line(self, deadline: float) -> bytes | None:
+        while b"\n" not in self.buffer:
+            if not await self._fill(deadline):
+                return None
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer[:] = rest
+        return line
+
+    async def drain(self, deadline: float) -> None:
+        """Until EOF: every writer (the call's supervisor) is gone."""
+        while await self._fill(deadline):
+            self.buffer.clear()
+
+
+def _anonymous_file(directory: str) -> int:
+    """A read-write file with no name (nothing to clean up, nobody can open it by path)."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(dir=directory)
+        os.unlink(path)
+        return fd
+
+
+def _read_output(fd: int, max_chars: int) -> str:
+    try:
+        return _truncated(os.pread(fd, max_chars * 4 + 4, 0), os.fstat(fd).st_size, max_chars)
+    except OSError:
+        return ""
+
+
+class _TemplateGone(Exception):
+    """A request could not be handed to a template (it died or hangs)."""
+
+
+class _Template:
+    """One warm template process (``_worker.py``, ``mode="template"``) and our end of its control
+    socket. It is started exactly as a spawned worker is (same layer command, environment, flags)."""
+
+    def __init__(self, level: str, limits: SandboxLimits, tmp_root: str, workdir: str, name: str) -> None:
+        self.level, self.workdir, self.dead = level, workdir, False
+        self.log_path = os.path.join(tmp_root, f"{name}.log")
+        self._lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            config = _worker_config(level, limits, tmp_root, mode="template", control_fd=theirs.fileno(),
+                                    result_fd=TEMPLATE_RESULT_FD)
+            cmd = _layer_prefix(level, limits) + [sys.executable, "-I", "-u", "-c", WORKER_SOURCE, json.dumps(config)]
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
+                    cwd=None if level == "bwrap" else workdir, env=_worker_env(workdir), start_new_session=True,
+                )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.sock.settimeout(10)  # a template that does not take a request in 10 s is replaced
+
+    def wait_ready(self, timeout: float) -> None:
+        message = b""
+        try:
+            if _wait_readable(self.sock.fileno(), timeout):
+                message = self.sock.recv(64)
+        except OSError:
+            pass
+        if message != b"ready":
+            self.kill()
+            raise SandboxUnavailable(f"{self.level} template did not start: {self.log_tail()!r}")
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def send(self, payload: bytes, fds: list[int]) -> None:
+        try:
+            with self._lock:
+                socket.send_fds(self.sock, [payload], fds)
+        except OSError as exc:  # EPIPE / ECONNRESET: it died; a timeout: it hangs; EBADF: killed
+            self.dead = True
+            raise _TemplateGone(f"{type(exc).__name__}: {exc}") from None
+
+    def is_gone(self) -> bool:
+        """Dead, or about to be: it exited, or its end of the control socket closed (it never
+        writes after ``ready``, so a readable socket means EOF)."""
+        if not self.dead:
+            try:
+                self.dead = self.proc.poll() is not None or _wait_readable(self.sock.fileno(), 0)
+            except (OSError, ValueError):
+                self.dead = True
+        return self.dead
+
+    def kill(self) -> None:
+        """Kill it and (at bwrap/unshare, whose namespaces it lives in) every call forked from it."""
+        self.dead = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        with self._lock:
+            self.sock.close()
+
+
+class _Reaper:
+    """Off every call's path: waits until a finished call's supervisor has exited (EOF on the call's
+    status pipe: its processes are gone), then frees the call's uid and work dir. A supervisor
+    still there after ``SUPERVISOR_EXIT_S`` gets the call's uid swept first (the trainer is root
+    whenever calls have uids)."""
+
+    def __init__(self) -> None:
+        self._poller = select.poll()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._incoming: collections.deque = collections.deque()
+        self._pending: dict[int, tuple[int | None, str | None, float]] = {}
+        self._stop_at: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="axpo-sandbox-reaper", daemon=True)
+        self._thread.start()
+
+    def add(self, status_fd: int, uid: int | None, workdir: str | None) -> None:
+        """Takes ``status_fd`` over."""
+        if self._stop_at is not None:  # the pool is closed: wait here (a call that outlived close())
+            _wait_readable(status_fd, 5)
+            self._free(status_fd, uid, workdir, sweep=True)
+            return
+        self._incoming.append((status_fd, uid, workdir, time.monotonic() + SUPERVISOR_EXIT_S))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            while self._incoming:
+                fd, uid, workdir, deadline = self._incoming.popleft()
+                self._pending[fd] = (uid, workdir, deadline)
+                self._poller.register(fd, select.POLLIN)
+            now = time.monotonic()
+            if self._stop_at is not None and (not self._pending or now > self._stop_at):
+                break
+            deadlines = [d for _, _, d in self._pending.values()] + ([self._stop_at] if self._stop_at else [])
+            timeout = max(0.0, min(deadlines) - now) * 1000 if deadlines else None
+            for fd, _ in self._poller.poll(timeout):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    data = os.read(fd, 4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data and fd in self._pending:
+                    self._finish(fd, sweep=False)
+            now = time.monotonic()
+            for fd, (_, _, deadline) in list(self._pending.items()):
+                if now > deadline:
+                    _log.warning("a python sandbox call's supervisor did not exit in %.0f s: sweeping its uid", SUPERVISOR_EXIT_S)
+                    self._finish(fd, sweep=True)
+        for fd in list(self._pending):
+            self._finish(fd, sweep=True)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _finish(self, fd: int, sweep: bool) -> None:
+        uid, workdir, _ = self._pending.pop(fd)
+        self._poller.unregister(fd)
+        self._free(fd, uid, workdir, sweep)
+
+    @staticmethod
+    def _free(fd: int, uid: int | None, workdir: str | None, sweep: bool) -> None:
+        os.close(fd)
+        if sweep and uid is not None:
+            _kill_uid(uid)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        _SLOTS.release(uid)
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the supervisors still running; sweep the rest."""
+        self._stop_at = time.monotonic() + timeout
+        self._wake()
+        self._thread.join(timeout + 30)
+
+
+class _ForkCall:
+    """One call on the trainer's side: our ends of its pipes and its output files; the template
+    gets the other ends (and the files) with the request."""
+
+    def __init__(self, backend: "_ForkBackend", template: _Template, uid: int | None) -> None:
+        self.backend, self.template, self.uid = backend, template, uid
+        self.workdir: str | None = None  # ours to remove (rlimits: a host dir per call)
+        self.ours: dict[str, int] = {}
+        theirs: list[int] = []
+        try:
+            if backend.level == "rlimits":
+                workdir = self.workdir = tempfile.mkdtemp(prefix="c", dir=backend.tmp_root)
+                if uid is not None:
+                    os.chown(workdir, uid, uid)
+            else:
+                workdir = template.workdir  # a mount point: the call mounts its own tmpfs there
+            for ours_name, mine_first in (("job", False), ("result", True), ("lifeline", False), ("status", True)):
+                read_end, write_end = os.pipe()
+                self.ours[ours_name] = read_end if mine_first else write_end
+                theirs.append(write_end if mine_first else read_end)
+            job_r, result_w, lifeline_r, status_w = theirs
+            self.ours["stdout"], self.ours["stderr"] = _anonymous_file(backend.tmp_root), _anonymous_file(backend.tmp_root)
+            _widen_pipe(self.ours["job"])
+            _widen_pipe(self.ours["result"])
+            for name in ("job", "result", "status"):
+                os.set_blocking(self.ours[name], False)
+            request = json.dumps({"uid": uid, "workdir": workdir}).encode()
+            template.send(request, [job_r, result_w, self.ours["stdout"], self.ours["stderr"], lifeline_r, status_w])
+        except BaseException:
+            self._close_ours()
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.results, self.status = _PipeReader(self.ours["result"]), _PipeReader(self.ours["status"])
+
+    def _close(self, name: str) -> None:
+        fd = self.ours.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _close_ours(self) -> None:
+        for name in list(self.ours):
+            self._close(name)
+
+    async def run(self, job: bytes, start: float) -> SandboxResult:
+        limits = self.backend.limits
+        deadline = time.monotonic() + limits.timeout_s
+        error, limit, out_images, notes, answered, cpu_fired = "", "", [], [], False, False
+        try:
+            try:
+                await _write_all(self.ours["job"], job, deadline)
+            except BrokenPipeError:
+                pass  # it died before reading its job: its status says why
+            finally:
+                self._close("job")
+            header = await self.results.frame(deadline, 1 << 20)
+            if header == CPU_MARKER:  # the CPU limit fired: the report follows (or the backstop ends it)
+                cpu_fired = True
+                deadline = max(deadline, time.monotonic() + CPU_REPORT_GRACE_S)
+                header = await self.results.frame(deadline, 1 << 20)
+            if header is None:
+                error, signame = await self._death_message()
+                cpu_fired = cpu_fired or signame == "SIGXCPU"
+            else:
+                meta = json.loads(header)
+                error = str(meta.get("error") or "")
+                cpu_fired = cpu_fired or meta.get("limit") == CPU_LIMIT
+                notes = [str(n)[:300] for n in meta.get("notes", [])][:10]
+                for size in meta.get("images", [])[: limits.max_images]:
+                    w, h = _check_image_size(size, limits)
+                    raw = await self.results.frame(deadline, w * h * 3)
+                    if raw is None or len(raw) != w * h * 3:
+                        raise ValueError("worker sent a truncated image")
+                    out_images.append(Image.frombytes("RGB", (w, h), raw))
+                answered = True
+        except TimeoutError:
+            limit = WALL_LIMIT  # unless the CPU limit fired first (in _finish)
+        except Exception as exc:  # whatever the sandbox sends is untrusted: never let it raise here
+            error = f"the sandbox worker failed: {type(exc).__name__}: {str(exc)[:200]}"
+        if not answered:  # kill the call's tree and wait until it is gone: its output is then final
+            self._close("lifeline")
+            try:
+                await self.status.drain(time.monotonic() + 5)
+            except TimeoutError:
+                pass
+        return _finish(limits, self.backend.level, start, error, limit, cpu_fired, out_images, notes,
+                       _read_output(self.ours["stdout"], limits.max_output_chars),
+                       _read_output(self.ours["stderr"], limits.max_output_chars))
+
+    async def _death_message(self) -> tuple[str, str]:
+        """The call's exit status, written by its namespace init (or, at rlimits, its supervisor)."""
+        status = None
+        try:
+            line = await self.status.line(time.monotonic() + 2)
+            status = json.loads(line) if line else None
+        except (TimeoutError, ValueError):
+            pass
+        if not isinstance(status, dict):
+            status = None
+            for _ in range(20):  # no status at all: was its template killed?
+                if self.template.is_gone():
+                    return "the sandbox template serving this call died (the pool starts a new one); the call was lost", ""
+                await asyncio.sleep(0.05)
+        return _describe_end(status)
+
+    def release(self, reaper: _Reaper) -> None:
+        """Close the lifeline (the supervisor kills what is left) and our fds; the reaper frees
+        the uid and work dir once the supervisor is gone."""
+        self._close("lifeline")
+        status_fd = self.ours.pop("status")
+        self._close_ours()
+        if self.status.eof:
+            os.close(status_fd)
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            _SLOTS.release(self.uid)
+        else:
+            reaper.add(status_fd, self.uid, self.workdir)
+
+
+class _ForkBackend:
+    """``size`` templates, restarted when one dies, and the calls forked from them."""
+
+    def __init__(self, isolation: Isolation, limits: SandboxLimits, size: int, tmp_root: str) -> None:
+        self.level, self.own_uid, self.limits, self.tmp_root = isolation.level, isolation.own_uid, limits, tmp_root
+        if self.level == "bwrap":
+            self.workdir = SANDBOX_WORKDIR
+        elif self.level == "unshare":
+            self.workdir = os.path.join(tmp_root, "work")  # each call mounts its own tmpfs over it
+            os.mkdir(self.workdir, 0o755)
+        else:
+            self.workdir = tmp_root  # the template's; each call gets its own directory
+        self._names, self._turn = itertools.count(), itertools.count()
+        self._closed, self._start_error = False, ""
+        self.templates: list[_Template] = []
+        self._reaper = _Reaper()
+        self._wake_r, self._wake_w = os.pipe()
+        # Templates are started (and restarted) by this long-lived thread only: bwrap's
+        # --die-with-parent follows the *thread* that started it (PR_SET_PDEATHSIG), and a caller's
+        # thread (asyncio.to_thread, an executor) may end any time.
+        self._started = threading.Event()
+        self._monitor = threading.Thread(target=self._monitor_loop, args=(max(1, size),), name="axpo-sandbox-templates",
+                                         daemon=True)
+        self._monitor.start()
+        self._started.wait()
+        if not self.templates:
+            self._reaper.close(0)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            raise SandboxUnavailable(self._start_error)
+
+    def _new_template(self) -> _Template:
+        return _Template(self.level, self.limits, self.tmp_root, self.workdir, f"t{next(self._names)}")
+
+    def _start_all(self, size: int) -> None:
+        started = []
+        try:
+            for _ in range(size):
+                started.append(self._new_template())
+            for template in started:
+                template.wait_ready(60)
+            self.templates = started
+        except Exception as exc:
+            for template in started:
+                template.kill()
+            self._start_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._started.set()
+
+    def _monitor_loop(self, size: int) -> None:
+        """Start the templates, then replace one the moment it dies (its control socket closes)."""
+        self._start_all(size)
+        while self.templates and not self._closed:
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for template in self.templates:
+                if not template.dead:
+                    try:
+                        poller.register(template.sock.fileno(), select.POLLIN)
+                    except (OSError, ValueError):
+                        pass
+            poller.poll(1000)
+            if self._closed:
+                return
+            for i, template in enumerate(list(self.templates)):
+                if template.is_gone():
+                    self._replace(i, template)
+            if _wait_readable(self._wake_r, 0):
+                os.read(self._wake_r, 4096)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _replace(self, i: int, old: _Template) -> None:
+        code = old.proc.poll()
+        _log.warning("python sandbox template (pid %s) died (exit status %s): %s; starting a new one",
+                     old.proc.pid, code, old.log_tail()[-300:].strip())
+        old.kill()
+        while not self._closed:
+            try:
+                new = self._new_template()
+                new.wait_ready(60)
+            except Exception as exc:
+                self._start_error = f"{type(exc).__name__}: {exc}"
+                time.sleep(1)
+                continue
+            if self._closed:
+                new.kill()
+                return
+            self.templates[i] = new
+            self._start_error = ""
+            return
+
+    async def _open(self) -> _ForkCall:
+        deadline = time.monotonic() + 120
+        lost = ""
+        while True:
+            if self._closed:
+                raise SandboxUnavailable("the sandbox pool is closed")
+            live = [t for t in self.templates if not t.is_gone()]
+            if live:
+                template = live[next(self._turn) % len(live)]
+                uid = _SLOTS.acquire() if self.own_uid else None
+                try:
+                    return _ForkCall(self, template, uid)
+                except _TemplateGone as exc:  # it died under us: the next one (or its replacement)
+                    _SLOTS.release(uid)
+                    lost = str(exc)
+                    self._wake()
+                except OSError as exc:  # out of fds, disk ...
+                    _SLOTS.release(uid)
+                    raise SandboxUnavailable(f"could not set up a sandbox call: {type(exc).__name__}: {exc}") from None
+                except BaseException:
+                    _SLOTS.release(uid)
+                    raise
+            if time.monotonic() > deadline:
+                raise SandboxUnavailable(f"no sandbox template is running: {self._start_error or lost}")
+            await asyncio.sleep(0.02)
+
+    async def call(self, code: str, images: Sequence[Any]) -> SandboxResult:
+        start = time.perf_counter()
+        job = pickle.dumps({"code": code, "images": [_raw_image(im) for im in images], "cpu_seconds": self.limits.cpu_s})
+        call = await self._open()
+        try:
+            return await call.run(job, start)
+        finally:
+            call.release(self._reaper)
+
+    def standby_pids(self) -> list[int]:
+        return [t.proc.pid for t in self.templates if not t.dead]
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+        self._monitor.join(timeout=90)
+        for template in self.templates:
+            template.kill()
+        self._reaper.close(timeout=10)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_sync(make_coroutine: Any) -> Any:
+    """Run a coroutine to the end from blocking code (on a helper thread if this one runs a loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coroutine())
+    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+        return helper.submit(lambda: asyncio.run(make_coroutine())).result()
+
+
 # ----------------------------------------------------------------------------------------------
 # Isolation detection
 
+PROBE_CODE = "import sys\nsys.modules.pop('colorsys', None)\nimport colorsys\nprint(6 * 7)"
+"""Prints 42 -- after importing a module afresh: under ``fork`` the interpreter is already loaded,
+so only an import shows whether a call's uid can read the Python installation."""
+
 
 @functools.lru_cache(maxsize=None)
-def detect_isolation(prefer: str = "auto") -> Isolation:
-    """The strongest layer that runs a real worker end to end here (``prefer`` forces one).
+def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
+    """The strongest layer that runs a real call end to end here with ``start`` (``prefer`` forces one).
 
     ``prefer="auto"`` reads the ``AXPO_SANDBOX_ISOLATION`` environment variable (a layer name or
-    ``auto``). Order: bwrap > unshare > rlimits; at each, a private uid per worker when the trainer is root
-    and the interpreter is reachable by another uid (a Python under ``/root`` is not, outside
-    bwrap's mount namespace). Cached per process: a probe costs one worker start (~0.2-0.5 s).
+    ``auto``). Order: bwrap > unshare > rlimits; at each, a private uid per call when the trainer is
+    root and the interpreter is reachable by another uid (a Python under ``/root`` is not, outside
+    bwrap's mount namespace). The probe is a real call through the start method's own machinery
+    (a template and a forked call for ``fork``). Cached per process: a probe costs one worker or
+    template start (~0.2-0.5 s).
     """
     if prefer == "auto":
         prefer = os.environ.get("AXPO_SANDBOX_ISOLATION", "auto")  # operators can pin a layer per node
     if prefer != "auto" and prefer not in ISOLATION_LEVELS:
         raise ValueError(f"isolation={prefer!r}: expected 'auto' or one of {ISOLATION_LEVELS}")
+    if start not in START_METHODS:
+        raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
     candidates = ISOLATION_LEVELS if prefer == "auto" else (prefer,)
     uid_options = (True, False) if os.geteuid() == 0 else (False,)
     reasons = []
     for level in candidates:
         for own_uid in uid_options:
-            reason = _probe(level, own_uid)
+            reason = _probe(level, own_uid, start)
             if reason is None:
                 detail = "; ".join(reasons) or "strongest layer available"
                 return Isolation(level=level, own_uid=own_uid, detail=detail)
@@ -493,22 +1165,29 @@ def detect_isolation(prefer: str = "auto") -> Isolation:
     raise SandboxUnavailable("; ".join(reasons))
 
 
-def _probe(level: str, own_uid: bool) -> str | None:
-    """None when ``level`` works, else why not."""
+def _probe(level: str, own_uid: bool, start: str = "fork") -> str | None:
+    """None when ``level`` works with ``start``, else why not."""
     if level == "bwrap" and shutil.which("bwrap") is None:
         return "bwrap is not installed"
     if level == "unshare" and (shutil.which("unshare") is None or os.geteuid() != 0):
         return "needs root and util-linux unshare"
     tmp_root = tempfile.mkdtemp(prefix="axpo-sandbox-probe-")
     os.chmod(tmp_root, 0o711)
-    uid = UID_BASE + UID_SLOTS - 1 if own_uid else None
+    limits = SandboxLimits(timeout_s=20)
     try:
-        worker = _Worker(level, SandboxLimits(timeout_s=20), uid, tmp_root)
-        try:
-            worker.wait_ready(30)
-            result = worker.run("print(6 * 7)", [])
-        finally:
-            worker.kill()
+        if start == "spawn":
+            worker = _Worker(level, limits, PROBE_UID if own_uid else None, tmp_root)
+            try:
+                worker.wait_ready(30)
+                result = worker.run(PROBE_CODE, [])
+            finally:
+                worker.kill()
+        else:
+            backend = _ForkBackend(Isolation(level, own_uid), limits, 1, tmp_root)
+            try:
+                result = _run_sync(lambda: backend.call(PROBE_CODE, []))
+            finally:
+                backend.close()
         if result.stdout.strip() != "42":
             return f"probe printed {result.stdout!r}, error {result.error!r}, stderr {result.stderr[-300:]!r}"
         return None
@@ -518,50 +1197,81 @@ def _probe(level: str, own_uid: bool) -> str | None:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def isolation_level() -> str:
-    """The layer a default :class:`SandboxPool` uses on this machine (``bwrap``/``unshare``/``rlimits``)."""
-    return detect_isolation().level
+def isolation_level(start: str = "fork") -> str:
+    """The layer a default :class:`SandboxPool` (with ``start``) uses on this machine."""
+    return detect_isolation("auto", start).level
 
 
 # ----------------------------------------------------------------------------------------------
 # The pool
 
-# One uid sequence per process (all pools share it), started at a pid-dependent offset so that two
-# trainer processes on one node rarely hand out the same uid at the same time.
-_UIDS = itertools.count(os.getpid() * 61 % (UID_SLOTS - 1))
-_UID_LOCK = threading.Lock()
-
 
 class SandboxPool:
-    """``size`` warm workers; :meth:`run` is thread-safe and blocking, :meth:`arun` is its async form."""
+    """Isolated calls: ``start="fork"`` (default) forks each from one of ``size`` (default 1) warm
+    template processes, ``start="spawn"`` keeps ``size`` (default 2) fresh interpreters started.
+    :meth:`run` is thread-safe and blocking, :meth:`arun` its async form (never capped by asyncio's
+    default thread pool)."""
 
-    def __init__(self, limits: SandboxLimits | None = None, size: int = 2, isolation: str = "auto") -> None:
+    SPAWN_THREADS = 256
+    """Threads for concurrent ``spawn`` calls from :meth:`arun` (each waits on its worker)."""
+
+    def __init__(self, limits: SandboxLimits | None = None, size: int | None = None, isolation: str = "auto",
+                 start: str = "fork") -> None:
+        if start not in START_METHODS:
+            raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
+        self.start = start
         self.limits = limits or SandboxLimits()
-        self.isolation = detect_isolation(isolation)
+        self.isolation = detect_isolation(isolation, start)
         if self.isolation.level != "bwrap":
             _log.warning("python sandbox runs at the weaker %r layer (own uid: %s): %s",
                          self.isolation.level, self.isolation.own_uid, self.isolation.detail)
-        self.size = max(1, int(size))
-        self._ready: queue.Queue[_Worker] = queue.Queue()
-        self._wanted = threading.Semaphore(0)
+        self.size = max(1, int(size if size is not None else (1 if start == "fork" else 2)))
         self._closed = False
-        self._spawn_error: BaseException | None = None
         self._tmp_root = tempfile.mkdtemp(prefix="axpo-sandbox-")
-        os.chmod(self._tmp_root, 0o711)  # workers' uids may enter their own dir, never list others
-        for _ in range(self.size):
-            self._wanted.release()
-        self._filler = threading.Thread(target=self._fill_loop, name="axpo-sandbox-filler", daemon=True)
-        self._filler.start()
-        self._dead: queue.Queue[_Worker | None] = queue.Queue()
-        self._reaper = threading.Thread(target=self._reap_loop, name="axpo-sandbox-reaper", daemon=True)
-        self._reaper.start()
-        atexit.register(self.close)  # idle workers must not outlive an interpreter that forgot close()
+        os.chmod(self._tmp_root, 0o711)  # calls' uids may enter their own dir, never list others
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        if start == "fork":
+            try:
+                self._backend = _ForkBackend(self.isolation, self.limits, self.size, self._tmp_root)
+            except BaseException:
+                shutil.rmtree(self._tmp_root, ignore_errors=True)
+                raise
+        else:
+            self._ready: queue.Queue[_Worker] = queue.Queue()
+            self._wanted = threading.Semaphore(0)
+            self._spawn_error: BaseException | None = None
+            for _ in range(self.size):
+                self._wanted.release()
+            self._filler = threading.Thread(target=self._fill_loop, name="axpo-sandbox-filler", daemon=True)
+            self._filler.start()
+            self._dead: queue.Queue[_Worker | None] = queue.Queue()
+            self._reaper = threading.Thread(target=self._reap_loop, name="axpo-sandbox-reaper", daemon=True)
+            self._reaper.start()
+        atexit.register(self.close)  # templates / idle workers must not outlive an interpreter that forgot close()
 
-    def _next_uid(self) -> int | None:
-        if not self.isolation.own_uid:
-            return None
-        with _UID_LOCK:
-            return UID_BASE + next(_UIDS) % (UID_SLOTS - 1)
+    def run(self, code: str, images: Sequence[Any] = ()) -> SandboxResult:
+        """Run ``code`` in a fresh sandboxed process; ``images`` are PIL images (``images`` in the code)."""
+        if self.start == "fork":
+            return _run_sync(lambda: self._backend.call(code, images))
+        return self._spawn_run(code, images)
+
+    async def arun(self, code: str, images: Sequence[Any] = ()) -> SandboxResult:
+        if self.start == "fork":
+            return await self._backend.call(code, images)
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(self.SPAWN_THREADS, thread_name_prefix="axpo-sandbox-call")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._spawn_run, code, images)
+
+    def _standby_pids(self) -> list[int]:
+        """Pids of the processes waiting for calls (templates, or ready spawned workers): the
+        root of each one's process tree (its bwrap / unshare command when there is one)."""
+        if self.start == "fork":
+            return self._backend.standby_pids()
+        return [w.proc.pid for w in list(self._ready.queue)]
+
+    # -- start="spawn"
 
     def _fill_loop(self) -> None:
         """Start a replacement for every worker taken, one at a time (spawning is CPU-bound)."""
@@ -569,11 +1279,19 @@ class SandboxPool:
             self._wanted.acquire()
             if self._closed:
                 return
+            worker = None
             try:
-                worker = _Worker(self.isolation.level, self.limits, self._next_uid(), self._tmp_root)
+                uid = _SLOTS.acquire() if self.isolation.own_uid else None
+                try:
+                    worker = _Worker(self.isolation.level, self.limits, uid, self._tmp_root)
+                except BaseException:
+                    _SLOTS.release(uid)
+                    raise
                 worker.wait_ready(60)
                 self._spawn_error = None
             except Exception as exc:  # reported to callers waiting in _take
+                if worker is not None:
+                    worker.cleanup()
                 self._spawn_error = exc
                 time.sleep(0.5)
                 self._wanted.release()
@@ -601,8 +1319,7 @@ class SandboxPool:
             worker.kill()
             worker.cleanup()
 
-    def run(self, code: str, images: Sequence[Any] = ()) -> SandboxResult:
-        """Run ``code`` in a fresh sandboxed worker; ``images`` are PIL images (``images`` in the code)."""
+    def _spawn_run(self, code: str, images: Sequence[Any]) -> SandboxResult:
         worker = self._take()
         try:
             return worker.run(code, images)
@@ -622,13 +1339,21 @@ class SandboxPool:
             worker.kill()
             worker.cleanup()
 
-    async def arun(self, code: str, images: Sequence[Any] = ()) -> SandboxResult:
-        return await asyncio.to_thread(self.run, code, images)
-
     def close(self) -> None:
-        """Stop refilling and kill every idle worker (idempotent)."""
+        """Stop serving and kill every template / idle worker (idempotent)."""
         atexit.unregister(self.close)
+        if self._closed:
+            return
         self._closed = True
+        if self.start == "fork":
+            self._backend.close()
+        else:
+            self._close_spawn()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        shutil.rmtree(self._tmp_root, ignore_errors=True)
+
+    def _close_spawn(self) -> None:
         self._wanted.release()
         while True:
             try:
@@ -647,7 +1372,6 @@ class SandboxPool:
                 break
             worker.kill()
             worker.cleanup()
-        shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def __enter__(self) -> "SandboxPool":
         return self

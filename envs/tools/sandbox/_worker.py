@@ -1,9 +1,11 @@
-"""The sandboxed worker: runs ONE piece of model-written Python, then exits.
+"""The sandboxed worker: runs ONE piece of model-written Python per process, in two start modes.
 
 This file is never imported by the trainer: its source is passed to ``python -I -u -c`` inside the
-sandbox (so no project file needs to be visible there). Standard library + PIL (+ numpy if
-installed) only. Protocol, all on the inherited pipe ``result_fd`` (frames = 4-byte big-endian
-length + payload):
+sandbox (so no project file needs to be visible there), with a JSON config as ``argv[1]`` whose
+``mode`` picks how it serves. Standard library + PIL (+ numpy if installed) only. Results go out on
+the result pipe ``result_fd`` (frames = 4-byte big-endian length + payload).
+
+``mode="spawn"`` (one job per interpreter, the trainer starts one per call):
 
 1. start (as root inside the namespaces when the trainer is root): drop to the worker's own uid,
    set rlimits, import PIL/numpy (the warm part), send frame ``b"ready"``;
@@ -12,6 +14,30 @@ length + payload):
    files are written when the code may read files: :class:`InputFiles`);
 4. send a JSON header frame ``{"error", "limit", "images": [[w, h], ...], "notes"}`` then one
    frame of RGB bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
+
+``mode="template"`` (a zygote: one long-lived process per pool, :func:`template_main`): imports
+PIL/numpy once, makes itself non-dumpable and then never runs model code. Per call the trainer sends
+on the inherited control socket (``control_fd``) a small JSON request (``uid``, ``workdir``) and, as
+SCM_RIGHTS, six fds: job pipe (read end), result pipe (write end), stdout file, stderr file, lifeline
+pipe (read end), status pipe (write end). The template forks a supervisor ``A`` per call and keeps no
+per-call state (its children are reaped by ``SIGCHLD = SIG_IGN``):
+
+* ``A`` (:func:`supervise`, trusted) keeps only the call's fds, starts a session and, at the
+  ``bwrap`` and ``unshare`` layers, unshares fresh mount/PID/network/IPC/UTS namespaces (plus a user
+  namespace when not root) and forks ``B``; at ``rlimits`` it forks ``C`` directly (its own process
+  group). It then waits on a pidfd of its child and on the lifeline: the lifeline closing (the
+  trainer finished, hit the wall clock or died) makes it SIGKILL the child -- at the namespace layers
+  that tears the call's whole PID namespace down; at ``rlimits`` killpg plus a sweep of the call's
+  uid -- reap it and exit. The trainer sees ``A``'s end as EOF on the status pipe.
+* ``B`` (:func:`namespace_init`, trusted, PID 1 of the call's namespace) dies with ``A``
+  (PR_SET_PDEATHSIG), makes mounts private, mounts a fresh ``/proc`` and a fresh size-capped tmpfs
+  on the work dir, forks ``C``, reaps everything and writes ``C``'s exit status on the status pipe
+  (a namespace init drops default-action signals such as SIGXCPU: that is why ``C``, not ``B``, runs
+  the code). Its exit ends every process left in the namespace.
+* ``C`` (:func:`run_call`, untrusted from its first model-code line): puts the job pipe on fd 0, the
+  output files on 1 and 2, the result pipe on ``result_fd`` (3) and closes every other fd, then
+  does exactly what a spawned worker does: own uid, ``PR_SET_NO_NEW_PRIVS``, rlimits, read the job,
+  arm the CPU budget (a forked child's CPU time starts at 0), guard, run, send the frames.
 
 The CPU budget (:func:`arm_cpu_budget`) is exact and counted from the start of the code: a profiling
 timer (``ITIMER_PROF``, the process's CPU time) whose handler first sends the frame ``b"cpu"`` -- so the
@@ -24,10 +50,12 @@ the work dir's absolute path, and the worker goes back there before collecting r
 """
 
 import faulthandler
+import fcntl
 import json
 import os
 import pickle
 import resource
+import select
 import signal
 import struct
 import sys
@@ -46,9 +74,8 @@ def send_frame(payload):
         view = view[os.write(RESULT_FD, view):]
 
 
-def drop_privileges():
+def drop_privileges(uid):
     """Become the worker's own uid (root trainer only): files, signals and RLIMIT_NPROC then apply."""
-    uid = CONFIG.get("uid")
     if uid is not None and os.geteuid() == 0:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -87,6 +114,9 @@ def warm_imports():
         numpy.asarray(Image.new("RGB", (2, 2))).mean()
     except ImportError:
         pass
+
+
+def set_memory_limit():
     resource.setrlimit(resource.RLIMIT_AS, (CONFIG["memory_bytes"], CONFIG["memory_bytes"]))
 
 
@@ -379,15 +409,271 @@ def run(job):
         send_frame(im.tobytes())
 
 
-def main():
+# ----------------------------------------------------------------------------------------------
+# Template mode: one warm process that forks a supervisor, a namespace init and the call per job
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+CALL_NAMESPACES = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 1 << 14, 1 << 18
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+"""What bwrap makes read-only in the ``/proc`` it mounts; the call's own ``/proc`` does the same."""
+CALL_FDS = 6
+"""Per request: job pipe (read), result pipe (write), stdout, stderr, lifeline (read), status (write)."""
+LIBC = None
+
+
+def libc_call(name, *args):
+    """A libc call through ctypes (imported by the template, before any model code); OSError on failure."""
+    import ctypes
+
+    if getattr(LIBC, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def prctl(option, value):
+    import ctypes
+
+    libc_call("prctl", ctypes.c_ulong(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+def keep_fds(fds, base):
+    """Move ``fds`` to ``base``, ``base + 1``, ... and close every other fd above 2 (and below
+    ``base + len(fds)`` when ``base`` is 0: the new 0, 1, 2)."""
+    n = len(fds)
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, base + n) for fd in fds]  # above the target block
+    for i, fd in enumerate(high):
+        os.dup2(fd, base + i)
+    if base > 3:
+        os.closerange(3, base)
+    os.closerange(max(base + n, 3), os.sysconf("SC_OPEN_MAX"))
+    return list(range(base, base + n))
+
+
+def report(status_fd, message):
+    """One JSON line on the status pipe (atomic: far below PIPE_BUF)."""
+    try:
+        os.write(status_fd, (json.dumps(message) + "\n").encode())
+    except OSError:
+        pass
+
+
+def exit_status(wait_status):
+    if os.WIFSIGNALED(wait_status):
+        return {"signal": os.WTERMSIG(wait_status)}
+    return {"exit": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else -1}
+
+
+def kill_uid(uid):
+    """SIGKILL every process of ``uid`` (the call's private uid), repeating while new ones appear."""
+    for _ in range(20):
+        found = False
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    os.kill(int(pid), signal.SIGKILL)
+                    found = True
+            except OSError:
+                continue
+        if not found:
+            return
+
+
+def template_main():
+    """Import the warm part, then serve: one forked supervisor per request; never run model code."""
+    global LIBC
+    import ctypes
+    import gc
+    import socket
+
+    faulthandler.enable()
+    LIBC = ctypes.CDLL(None, use_errno=True)
+    prctl(PR_SET_DUMPABLE, 0)  # no ptrace, no /proc/<pid>/mem for a process of the same uid
+    warm_imports()
+    control = socket.socket(fileno=CONFIG["control_fd"])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    gc.freeze()  # children do not touch (copy) the imported objects' pages on their first collection
+    control.send(b"ready")
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, CALL_FDS)
+        except InterruptedError:
+            continue
+        if not message:
+            os._exit(0)  # the trainer closed the pool (or died)
+        pid = -1
+        if len(fds) == CALL_FDS:
+            try:
+                pid = os.fork()
+            except OSError:  # the call sees its pipes close without a status: a clear error there
+                pass
+        if pid == 0:
+            code = 70
+            try:
+                supervise(message, fds)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+
+
+def supervise(message, fds):
+    """``A``: start the call (namespaces at bwrap/unshare), then kill it all when the lifeline closes."""
+    import gc
+
+    gc.disable()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # waitpid must see the child (and so must the code)
+    job, result, out, err, lifeline, status = keep_fds(fds, 10)  # the control socket is closed here
+    namespaces = CONFIG["level"] != "rlimits"
+    try:
+        request = json.loads(message)
+        uid, workdir = request["uid"], request["workdir"]
+        os.setsid()
+        if namespaces:
+            euid, egid = os.geteuid(), os.getegid()
+            libc_call("unshare", CALL_NAMESPACES | (CLONE_NEWUSER if euid else 0))
+            if euid:  # not root: a user namespace of our own makes the mounts possible
+                for name, text in (("setgroups", "deny"), ("uid_map", f"{euid} {euid} 1"), ("gid_map", f"{egid} {egid} 1")):
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(text)
+        child = os.fork()
+        if child == 0:
+            try:
+                if namespaces:
+                    namespace_init(uid, workdir, job, out, err, result, lifeline, status)
+                else:
+                    run_call(uid, workdir, job, out, err, result)
+            finally:
+                os._exit(70)
+        if not namespaces:
+            try:
+                os.setpgid(child, child)  # also done by the child: killpg works whoever runs first
+            except OSError:
+                pass
+    except BaseException as exc:
+        report(status, {"error": f"{type(exc).__name__}: {exc}"})
+        return
+    for fd in (job, out, err, result):
+        os.close(fd)
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(lifeline, select.POLLIN)  # the trainer never writes: readable = closed
+    while True:
+        try:
+            poller.poll()
+            break
+        except InterruptedError:
+            continue
+    pid, wait_status = os.waitpid(child, os.WNOHANG)
+    if pid == child and not namespaces:
+        report(status, exit_status(wait_status))  # at the namespace layers the init reports
+    if not namespaces:
+        try:
+            os.killpg(child, signal.SIGKILL)
+        except OSError:
+            pass
+        if uid is not None:
+            kill_uid(uid)
+    elif pid != child:
+        os.kill(child, signal.SIGKILL)  # the namespace's init: the kernel kills everything in it
+    if pid != child:
+        os.waitpid(child, 0)
+
+
+def namespace_init(uid, workdir, job, out, err, result, lifeline, status):
+    """``B``: PID 1 of the call's namespaces: fresh /proc and work dir, fork the call, report its end."""
+    os.close(lifeline)
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+        libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        for name in PROC_READ_ONLY:
+            path = f"/proc/{name}".encode()
+            if os.path.exists(path):
+                libc_call("mount", path, path, None, MS_BIND | MS_REC, None)
+                libc_call("mount", None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        options = f"size={CONFIG['workdir_bytes']},mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
+        libc_call("mount", b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
+        os.chdir(workdir)
+        child = os.fork()
+    except BaseException as exc:
+        report(status, {"error": f"{type(exc).__name__}: {exc}"})
+        os._exit(1)
+    if child == 0:
+        try:
+            run_call(uid, workdir, job, out, err, result)
+        finally:
+            os._exit(70)
+    for fd in (job, out, err, result):
+        os.close(fd)
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == child:
+            report(status, exit_status(wait_status))
+            os._exit(0)  # the kernel ends whatever the code left running in the namespace
+
+
+def drop_capabilities():
+    """Empty the bounding, effective, permitted and inheritable sets (a call in its own user namespace)."""
+    import ctypes
+
+    for cap in range(64):
+        if LIBC.prctl(ctypes.c_ulong(PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            break  # EINVAL: past the last capability
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    libc_call("capset", header, (ctypes.c_uint32 * 6)())
+
+
+def run_call(uid, workdir, job, out, err, result):
+    """``C``: exactly what a spawned worker does, on the fds a spawned worker has."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    keep_fds([job, out, err, result], 0)  # 0 job, 1 stdout, 2 stderr, 3 = RESULT_FD; nothing else
+    if uid is None and CONFIG["level"] != "rlimits" and os.geteuid() != 0:
+        drop_capabilities()
+    drop_privileges(uid)
+    set_limits()
+    set_memory_limit()
+    os.chdir(workdir)
+    for key in ("HOME", "TMPDIR", "MPLCONFIGDIR"):
+        os.environ[key] = workdir
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()  # the template's global RNG state must not repeat in every call
+    run(read_job())
+    os._exit(0)
+
+
+def spawn_main():
     faulthandler.enable()  # a crash in C code leaves its Python stack in stderr
-    drop_privileges()
+    drop_privileges(CONFIG.get("uid"))
     set_limits()
     warm_imports()
+    set_memory_limit()
     send_frame(b"ready")
     job = read_job()
     run(job)
     os._exit(0)  # skip interpreter teardown: the trainer kills the process tree anyway
+
+
+def main():
+    if CONFIG.get("mode") == "template":
+        template_main()
+    else:
+        spawn_main()
 
 
 main()
