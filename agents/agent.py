@@ -101,6 +101,7 @@ class EpisodeStats:
     requests: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    """Prompt tokens sent, each image counted as the tokens its pad expands to (as the engine counts)."""
     cached_tokens: int = 0
     """Prefix-cache tokens the engine reported (expanded count; 0 when it cannot tell)."""
     malformed_calls: int = 0
@@ -360,7 +361,7 @@ class Agent:
                 continue
             stats.requests += 1
             stats.generated_tokens += len(result.token_ids)
-            stats.prompt_tokens += len(request.prompt_ids)
+            stats.prompt_tokens += len(request.prompt_ids) + sum(self.chat.image_tokens(im) - 1 for im in request.images)
             stats.cached_tokens += max(result.num_cached_tokens, 0)
             if result.finish_reason in ("abort", "error"):
                 raise EngineError(f"generation ended with finish_reason={result.finish_reason!r}", request.request_id)

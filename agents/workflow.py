@@ -133,9 +133,11 @@ class AXPOWorkflow:
         async def resample(plan: ResamplePlan) -> list[Rollout]:  # phase 3: K token-exact continuations per prefix
             return await resample_jobs(plan.jobs)
 
+        drawn_episodes: dict[str, Episode] = {}
+
         async def resample_jobs(jobs: Sequence[ResampleJob]) -> list[Rollout]:
             drawn = await self.continuations(jobs, {t.task_id: t for t in tasks}, step, limit, counters)
-            episodes.setdefault("continuations", []).extend(drawn)
+            drawn_episodes.update((e.rollout.rollout_id, e) for e in drawn)
             return [e.rollout for e in drawn]
 
         def on_phase(name: str) -> None:
@@ -145,7 +147,9 @@ class AXPOWorkflow:
             outcome = await run_axpo_step_streaming(ids, streamed, resample_jobs, cfg.axpo, cfg.n, step, on_phase)
         else:
             outcome = await run_axpo_step(rollouts, resample, cfg.axpo, step, on_phase)
-        originals, continuations = episodes["originals"], episodes.get("continuations", [])
+        # The step's continuations only: a speculative start the plan did not take may have finished
+        # before it was cancelled; its episodes are not part of the step.
+        originals, continuations = episodes["originals"], [drawn_episodes[c.rollout_id] for c in outcome.continuations]
         metrics = dict(outcome.diagnostics)
         metrics.update(self.episode_metrics(originals, continuations, outcome.plan, counters))
         metrics.update({f"workflow/{name}": value for name, value in outcome.seconds.items()})
@@ -283,9 +287,10 @@ class AXPOWorkflow:
             out[f"workflow/termination/{term.value}"] = float(sum(e.rollout.termination is term for e in everyone))
         prompt3, cached3 = total(conts, "prompt_tokens"), total(conts, "cached_tokens")
         if prompt3:
-            # Per-request view (cached tokens are counted expanded, prompts unexpanded: an upper bound
-            # near 1 with images); the engine's own counters below are the reference figure.
-            out["workflow/continuation_cached_tokens_per_prompt_token"] = cached3 / prompt3
+            # The continuations' own requests, from the engine's per-request cached-token counts (vLLM's
+            # ``num_cached_tokens``) over their expanded prompts: the hit rate phase 3 sees even when it
+            # overlaps phase 1 (streaming), where the engine-wide counters below mix both phases.
+            out["workflow/continuation_prefix_cache_hit_rate"] = cached3 / prompt3
         return out
 
 

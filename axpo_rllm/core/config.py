@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal, Mapping, TypeVar
 
-__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "Streaming", "dataclass_from_mapping"]
+__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "Streaming", "Speculation", "dataclass_from_mapping"]
 
 Ranking = Literal["uncertainty", "random", "confidence"]
 Target = Literal["tool", "no_tool"]
 SourceTail = Literal["mask", "keep"]
 Streaming = Literal["off", "exact", "greedy"]
+Speculation = Literal["off", "group", "rollout"]
 
 D = TypeVar("D")
 
@@ -70,6 +71,13 @@ class AXPOConfig:
     ``plan_resampling``'s. ``off``: after the whole batch (the plain barrier; same plan).
     ``greedy``: first come, breadth-first: within a round questions take slots in the order their
     groups arrive instead of by rank key (a different plan; ``plan_first_come``)."""
+    speculation: Speculation = "off"
+    """With ``streaming: exact``, also start prefixes that are *likely* selected before they are
+    certain (:mod:`axpo_rllm.core.streaming`, "Speculation"); the plan and the tokens stay the batch
+    planner's, a speculative start the plan does not take is cancelled (extra compute, never an
+    extra sample). ``group``: the plan of the questions complete so far; ``rollout``: also the graded
+    sources of questions still running that can still trigger. In force only with ``streaming: exact``
+    and a known rank order (``random`` keys depend on every earlier question): inert otherwise."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +88,7 @@ class AXPOConfig:
             (self.resample_target in ("tool", "no_tool"), f"resample_target must be tool|no_tool, got {self.resample_target!r}"),
             (self.source_tail in ("mask", "keep"), f"source_tail must be mask|keep, got {self.source_tail!r}"),
             (self.streaming in ("off", "exact", "greedy"), f"streaming must be off|exact|greedy, got {self.streaming!r}"),
+            (self.speculation in ("off", "group", "rollout"), f"speculation must be off|group|rollout, got {self.speculation!r}"),
             (self.epsilon >= 0.0, f"epsilon must be >= 0, got {self.epsilon!r}"),
             (0.0 <= self.max_failed_share <= 1.0, f"max_failed_share must be in [0, 1], got {self.max_failed_share!r}"),
         ]

@@ -48,7 +48,8 @@ class StepOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per phase (``phase1_s``, ``plan_s``, ``phase3_s``, ``step_s``) when measured;
     streaming adds ``first_release_s`` (step start to the first continuation's start) and counts
-    ``jobs_early`` (prefixes whose continuations started before phase 1 ended)."""
+    ``jobs_early`` (prefixes whose continuations started before phase 1 ended and were kept),
+    ``speculated_jobs`` (starts before certainty) and ``speculation_wasted_jobs`` (cancelled starts)."""
 
 
 @dataclass(frozen=True)
@@ -129,19 +130,24 @@ async def run_axpo_step_streaming(
     runs phase 1, telling ``report`` (:class:`PhaseOneReport`) each first tool call and each graded
     rollout (both optional: they sharpen the rule) and each question's complete group, and
     returns the groups in ``questions`` order. ``resample(jobs)`` draws the K continuations of some
-    jobs; it is called as jobs are released and once more after phase 1 for the rest. The
-    continuations come back in plan order, as :func:`run_axpo_step` returns them.
+    jobs; it is called for each job as it starts (certain, or speculative with
+    ``config.speculation``: such a call is cancelled if the plan does not take its job, and must
+    then leave nothing behind) and after phase 1 for the rest. The continuations come back in plan
+    order, as :func:`run_axpo_step` returns them.
     """
     mark = on_phase or (lambda name: None)
     planner = StreamingPlanner(config, len(questions), group_size, step, order=questions)
-    launched: list[asyncio.Future] = []
+    running: dict[str, asyncio.Future] = {}
     t0 = time.perf_counter()
     first_release: list[float] = []
 
     def start(jobs: Sequence[ResampleJob]) -> None:
+        for job_id in planner.take_cancelled():  # speculation: the plan can no longer take these
+            running.pop(job_id).cancel()
         if jobs:
             first_release.append(time.perf_counter())
-            launched.append(asyncio.ensure_future(resample(list(jobs))))
+        for job in jobs:  # one task per prefix: a speculative start can be cancelled alone
+            running[job.job_id] = asyncio.ensure_future(resample([job]))
 
     try:
         report = PhaseOneReport(
@@ -153,13 +159,13 @@ async def run_axpo_step_streaming(
         t1 = time.perf_counter()
         mark("rollouts")
         plan = planner.finish()
-        early = len(planner.released)
+        early = len(planner.started)
         t2 = time.perf_counter()
         mark("plan")
         start(planner.remaining(plan))
-        drawn = [c for batch in await asyncio.gather(*launched) for c in batch]
+        drawn = [c for batch in await asyncio.gather(*running.values()) for c in batch]
     finally:
-        for task in launched:
+        for task in running.values():
             task.cancel()
     t3 = time.perf_counter()
     mark("resample")
@@ -169,7 +175,8 @@ async def run_axpo_step_streaming(
     outcome.seconds = {
         "phase1_s": t1 - t0, "plan_s": t2 - t1, "phase3_s": t3 - t2, "step_s": t3 - t0,
         "first_release_s": (first_release[0] - t0) if first_release else float("nan"),
-        "jobs_early": float(early),
+        "jobs_early": float(early), "speculated_jobs": float(planner.speculated),
+        "speculation_wasted_jobs": float(planner.wasted),
     }
     return outcome
 

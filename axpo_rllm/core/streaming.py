@@ -56,6 +56,21 @@ and round j once the rounds < j of every question (running ones at their cap) an
 prefixes of earlier arrivals fit. It ignores the uncertainty rank across questions in the last
 partly filled round only; the simulator measures the cost in recovered groups per extra sample.
 
+Speculation (``speculation: group | rollout``, with ``exact``)
+--------------------------------------------------------------
+Certainty comes late: a round-0 prefix is certain only once fewer than S questions can still put a
+prefix ahead of it, i.e. near the end of phase 1. Speculation starts *likely* prefixes earlier
+without changing what is trained: after every event the planner computes the optimistic plan, the
+batch plan of what is known so far as if nothing more would trigger (``group``: the complete
+triggered questions; ``rollout``: also, for each question still running that can still trigger,
+its graded eligible sources so far), and keeps exactly (certain prefixes) ∪ (optimistic plan)
+started: a prefix that enters it starts, one that leaves it is cancelled (it may come back and
+start again). The final plan is still ``plan_resampling``'s; a speculatively started prefix it
+takes keeps its continuations, which are the ones the barrier would draw (a continuation's seed is
+its source and index, not its start time); one it does not take was cancelled. The cost is compute
+only, never an extra sample: ``speculated`` (starts before certainty) and ``wasted`` (cancelled
+starts) are counted. Inert under ``random`` ranking (its keys depend on every earlier question).
+
 Framework-neutral: records in, ``ResampleJob`` s out. The final plan of ``exact`` (and ``off``) is
 ``plan_resampling``'s own, and every released job is checked against it field by field.
 """
@@ -68,7 +83,7 @@ from typing import Sequence
 
 import numpy as np
 
-from axpo_rllm.core.config import AXPOConfig, Streaming
+from axpo_rllm.core.config import AXPOConfig, Speculation, Streaming
 from axpo_rllm.core.planner import (
     allocate_breadth_first,
     check_groups,
@@ -177,11 +192,23 @@ class StreamingPlanner:
     """
 
     def __init__(self, config: AXPOConfig, num_questions: int, group_size: int, step: int = 0,
-                 order: Sequence[str] | None = None, mode: Streaming | None = None) -> None:
+                 order: Sequence[str] | None = None, mode: Streaming | None = None,
+                 speculation: Speculation | None = None) -> None:
         self.config = config
         self.mode: Streaming = config.streaming if mode is None else mode
         if self.mode not in ("off", "exact", "greedy"):
             raise ValueError(f"streaming mode must be off|exact|greedy, got {self.mode!r}")
+        spec = config.speculation if speculation is None else speculation
+        if spec not in ("off", "group", "rollout"):
+            raise ValueError(f"speculation must be off|group|rollout, got {spec!r}")
+        self.speculation: Speculation = spec if (self.mode == "exact" and config.enable and config.ranking != "random") else "off"
+        self._started: dict[str, ResampleJob] = {}
+        """Jobs whose continuations run now or ran (certain ones and speculative ones not cancelled)."""
+        self._to_cancel: list[str] = []
+        self.speculated = 0
+        """Starts made before the prefix was certain."""
+        self.wasted = 0
+        """Speculative starts cancelled (their continuations are thrown away)."""
         if num_questions < 1 or group_size < 1:
             raise ValueError(f"a step needs >= 1 question and >= 1 rollout each, got B={num_questions}, N={group_size}")
         if order is not None and (len(order) != num_questions or len(set(order)) != len(order)):
@@ -206,8 +233,18 @@ class StreamingPlanner:
     # -- events ----------------------------------------------------------------------------------
     @property
     def released(self) -> list[ResampleJob]:
-        """Every job released so far, in release order."""
+        """Every job released as certain so far, in release order."""
         return list(self._released.values())
+
+    @property
+    def started(self) -> list[ResampleJob]:
+        """The jobs running now (certain, and speculative ones not cancelled), in start order."""
+        return list(self._started.values())
+
+    def take_cancelled(self) -> list[str]:
+        """Job ids whose continuations must be stopped and dropped (speculation only); each once."""
+        out, self._to_cancel = self._to_cancel, []
+        return out
 
     @property
     def done(self) -> bool:
@@ -241,7 +278,7 @@ class StreamingPlanner:
                     keys_changed = True
         after = q.bound(self.group_size)
         self._open += q.open(self.group_size) - was_open
-        return self._evaluate() if after != before or keys_changed else []
+        return self._follow(self._evaluate()) if after != before or keys_changed else []
 
     def observe_call(self, question_id: str, rollout_id: str, confidence: float | None) -> list[ResampleJob]:
         """An ungraded original rollout has made its first tool call, with c_s = ``confidence``
@@ -264,7 +301,7 @@ class StreamingPlanner:
             raise ValueError(f"question {question_id!r} has more than N = {self.group_size} rollouts")
         q.calls[rollout_id] = _key(confidence, self.config.ranking)
         self._open += q.open(self.group_size) - was_open
-        return self._evaluate()
+        return self._follow(self._evaluate())
 
     def add(self, group: QuestionGroup) -> list[ResampleJob]:
         """A question's complete group (its N rollouts, failed ones included)."""
@@ -281,7 +318,7 @@ class StreamingPlanner:
         q.sources = eligible_sources(group, self.config.resample_target) if is_triggered(group, self.config.resample_target) else []
         if self.config.ranking != "random":
             q.ranked = self._rank(q, [_key(c, self.config.ranking) for _, c in q.sources])
-        return self._evaluate()
+        return self._follow(self._evaluate())
 
     def finish(self) -> ResamplePlan:
         """The step's plan, once every group is in; the released jobs must all be in it."""
@@ -300,11 +337,18 @@ class StreamingPlanner:
                     f"streaming planner ({self.mode}) released {job_id} (round {job.round}), which the step's plan "
                     f"{'selects differently' if job_id in planned else 'does not select'}: a bug in the release rule"
                 )
+        for job_id, job in list(self._started.items()):
+            if job_id not in planned:  # a speculative start the plan did not take
+                self._cancel(job_id)
+            elif _signature(planned[job_id])[:3] + _signature(planned[job_id])[4:] != _signature(job)[:3] + _signature(job)[4:]:
+                raise RuntimeError(f"speculative start {job_id} asks for other continuations than the plan's job")
+        # Certain jobs keep their released objects; a speculative start the plan takes gets the plan's
+        # job (its round may differ from the optimistic plan's; the continuations it asked for do not).
         return dataclasses.replace(plan, jobs=tuple(self._released.get(job.job_id, job) for job in plan.jobs))
 
     def remaining(self, plan: ResamplePlan) -> list[ResampleJob]:
-        """The plan's jobs not released before the barrier, in plan order."""
-        return [job for job in plan.jobs if job.job_id not in self._released]
+        """The plan's jobs not started before the barrier, in plan order."""
+        return [job for job in plan.jobs if job.job_id not in self._started]
 
     # -- the rule --------------------------------------------------------------------------------
     def _question(self, question_id: str) -> _Question:
@@ -406,6 +450,56 @@ class StreamingPlanner:
                     self._released[job.job_id] = job
                     out.append(job)
         return out
+
+    # -- speculation ---------------------------------------------------------------------------------
+    def _follow(self, certain: list[ResampleJob]) -> list[ResampleJob]:
+        """Keep (certain) ∪ (optimistic plan) started: returns the jobs to start now and queues the
+        ones to cancel (:meth:`take_cancelled`). Without speculation: the certain jobs."""
+        if self.speculation == "off":
+            for job in certain:
+                self._started[job.job_id] = job
+            return certain
+        optimistic = self._optimistic_jobs()
+        start = []
+        for job in certain:
+            if job.job_id not in self._started:
+                self._started[job.job_id] = job
+                start.append(job)
+        for job_id, job in optimistic.items():
+            if job_id not in self._started:
+                self._started[job_id] = job
+                self.speculated += 1
+                start.append(job)
+        for job_id in list(self._started):
+            if job_id not in self._released and job_id not in optimistic:
+                self._cancel(job_id)
+        return start
+
+    def _cancel(self, job_id: str) -> None:
+        del self._started[job_id]
+        self.wasted += 1
+        self._to_cancel.append(job_id)
+
+    def _optimistic_jobs(self) -> dict[str, ResampleJob]:
+        """The batch plan of what is known now, as if nothing more would trigger (module docstring)."""
+        target, pos = self.config.resample_target, self._positions()
+        candidates: dict[str, list[Candidate]] = {}
+        sources: dict[str, Rollout] = {}
+        for qid in sorted(self._questions, key=pos.get):
+            q = self._questions[qid]
+            if q.done:
+                if q.ranked:
+                    candidates[qid] = q.ranked
+                    sources.update((s.rollout_id, s) for s, _ in q.sources)
+            elif self.speculation == "rollout" and not q.untriggered and q.graded_eligible:
+                found = [(s, confidence(s, target)) for s in q.graded.values() if _in_target(s, target) and is_eligible_source(s, target)]
+                ranked = sorted((Candidate(qid, s.rollout_id, prefix_len(s, target), c, _key(c, self.config.ranking))
+                                 for s, c in found), key=lambda cand: cand.rank_key)
+                candidates[qid] = ranked
+                sources.update((s.rollout_id, s) for s, _ in found)
+        jobs = (make_job(sources[c.source_id], c, round_, self.config)
+                for c, round_ in allocate_breadth_first(candidates, self.budget, self.config.k))
+        return {job.job_id: job for job in jobs}
 
     # -- random ranking: keys are draws at an offset fixed by the earlier questions ---------------
     def _offset_ranges(self, qs, pos, bound, unseen) -> dict[str, tuple[int, int]]:

@@ -66,3 +66,30 @@ def test_a_rollout_whose_call_was_reported_is_not_retried(chat, chat_words, env_
         assert m["workflow/rollout_retries"] == 0 and m["workflow/retries_skipped_after_call"] >= 1
         assert m["workflow/failed_rollouts"] == m["workflow/retries_skipped_after_call"]
         assert all("scripted failure" in r.error for r in res.rollouts if r.error)
+
+
+def staggered(chat, words, env_factory, axpo: AXPOConfig, seed: int = 5):
+    """Questions finish one after another (q0 first ... q5 last), every request of q<i> waits 0.03*i s."""
+    engine = DelayedEngine(biased(FakeEngine(chat, words), chat, open_rate=0.5, call_rate=0.3, body_rate=0.5),
+                           lambda rid: 0.03 * int(rid[1]))
+    config = WorkflowConfig(n=4, axpo=axpo, agent=AGENT, seed=seed)
+    return AXPOWorkflow(engine, chat, env_factory, config).run_step(make_tasks(6, with_images=False), 0)
+
+
+@pytest.mark.parametrize("speculation", ["group", "rollout"])
+def test_speculation_starts_earlier_and_trains_exactly_the_barriers_step(chat, chat_words, env_factory, speculation):
+    # E = 6: three slots for six questions, so certainty comes late
+    speculated = 0
+    for seed in (5, 6, 7):
+        batch = staggered(chat, chat_words, env_factory, AXPOConfig(r=0.25, k=2, streaming="off"), seed)
+        spec = staggered(chat, chat_words, env_factory, AXPOConfig(r=0.25, k=2, speculation=speculation), seed)
+        assert [j.job_id for j in spec.plan.jobs] == [j.job_id for j in batch.plan.jobs]
+        assert [(c.rollout_id, c.response_ids.tolist(), c.reward) for c in spec.continuations] == \
+            [(c.rollout_id, c.response_ids.tolist(), c.reward) for c in batch.continuations]
+        assert [(r.rollout.rollout_id, r.adv_group, r.segments) for r in spec.rows] == \
+            [(r.rollout.rollout_id, r.adv_group, r.segments) for r in batch.rows]
+        assert spec.metrics["workflow/extra_samples_exact"] == 1.0 and len(spec.continuations) == spec.plan.used
+        speculated += spec.metrics["workflow/speculated_jobs"]
+        if spec.metrics["workflow/speculated_jobs"]:
+            assert spec.metrics["workflow/first_release_s"] < spec.metrics["workflow/phase1_s"]
+    assert speculated >= 1, "no step started a prefix before it was certain"

@@ -263,3 +263,85 @@ def test_in_flight_calls_let_round_zero_start_before_rivals_are_graded():
     assert planner.observe_call("q1", "q1#0", 0.6) == []  # q1#1 may still call with a tiny c
     (job,) = planner.observe_call("q1", "q1#1", 0.8)
     assert job.source_id == "q0#0"
+
+
+# -- speculation: likely prefixes start early, the plan and its continuations stay the batch plan's --
+def without_round(sig):
+    return sig[:1] + sig[2:]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(step_case(), st.sampled_from(["group", "rollout"]))
+def test_speculation_keeps_the_batch_plan_and_cancels_exactly_what_it_does_not_take(case, speculation):
+    specs, config, events, observe, known_order, step = case
+    config = dataclasses.replace(config, ranking="uncertainty" if config.ranking == "random" else config.ranking,
+                                 speculation=speculation)
+    names = [f"q{i}" for i in range(len(specs))] if known_order else [f"z{(7 * i) % 11}" for i in range(len(specs))]
+    groups = build_groups(specs, names)
+    planner = StreamingPlanner(config, len(groups), len(groups[0].rollouts), step, order=names if known_order else None)
+    running: dict[str, object] = {}
+    starts = cancels = 0
+
+    def follow(started):
+        nonlocal starts, cancels
+        for job in started:
+            assert job.job_id not in running, f"{job.job_id} started twice without a cancel between"
+            running[job.job_id] = job
+            starts += 1
+        for job_id in planner.take_cancelled():
+            assert job_id in running and job_id not in {j.job_id for j in planner.released}, "a certain job was cancelled"
+            del running[job_id]
+            cancels += 1
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    seen = {r.rollout_id: 0 for r in rollouts}
+    from axpo_rllm.core.planner import mean_probability
+
+    for index in events:
+        r = rollouts[index]
+        g = next(g for g in groups if g.question_id == r.question_id)
+        seen[r.rollout_id] += 1
+        if seen[r.rollout_id] == 1 and observe and r.used_tool:
+            call = r.first_tool_call
+            follow(planner.observe_call(r.question_id, r.rollout_id, mean_probability(r.response_logprobs[call.body_start:call.end])))
+        elif seen[r.rollout_id] == 2:
+            if observe:
+                follow(planner.observe(r))
+            if all(seen[x.rollout_id] == 2 for x in g.rollouts):
+                follow(planner.add(g))
+    plan = planner.finish()
+    follow([])
+    ordered = groups if known_order else sorted(groups, key=lambda g: g.question_id)
+    reference = plan_resampling(ordered, config, step)
+    assert [signature(j) for j in plan.jobs] == [signature(j) for j in reference.jobs]
+    final = {j.job_id: signature(j) for j in plan.jobs}
+    assert set(running) <= set(final), "a started job the plan does not take was left running"
+    for job_id, job in running.items():
+        assert without_round(signature(job)) == without_round(final[job_id]), "a start asked for other continuations"
+    assert [j.job_id for j in planner.remaining(plan)] == [j.job_id for j in plan.jobs if j.job_id not in running]
+    assert (planner.speculated >= starts - len(planner.released)) and planner.wasted == cancels
+
+
+def test_group_speculation_starts_a_triggered_questions_best_prefix_on_arrival():
+    # B = 4, N = 2, K = 1, E = 2 (two slots), as in the round-zero test above: exact alone starts
+    # nothing on q0's and q1's arrival (running questions could outrank them); speculation starts the
+    # optimistic plan's prefixes at once and cancels q0's when q1 and q2 turn out more uncertain.
+    groups = [tool_group(f"q{i}", c) for i, c in enumerate((0.9, 0.2, 0.5, 0.7))]
+    planner = StreamingPlanner(AXPOConfig(r=0.25, k=1, speculation="group"), 4, 2, order=[g.question_id for g in groups])
+    assert [j.source_id for j in planner.add(groups[0])] == ["q0#0"] and planner.released == []
+    assert [j.source_id for j in planner.add(groups[1])] == ["q1#0"] and planner.take_cancelled() == []
+    assert [j.source_id for j in planner.add(groups[2])] == ["q2#0"]
+    assert planner.take_cancelled() == ["q0/q0#0"]  # displaced: q1 (0.2) and q2 (0.5) take both slots
+    assert planner.add(groups[3]) == [] and planner.take_cancelled() == []
+    plan = planner.finish()
+    assert [j.source_id for j in plan.jobs] == ["q1#0", "q2#0"] and planner.remaining(plan) == []
+    assert (planner.speculated, planner.wasted) == (3, 1)
+
+
+def test_rollout_speculation_starts_a_graded_source_before_its_question_completes_and_drops_it_on_untrigger():
+    q0 = [make_rollout("q0#0", "q0", correct=False, call_body=(0.3,)), make_rollout("q0#1", "q0", correct=True, call_body=(0.6,))]
+    planner = StreamingPlanner(AXPOConfig(r=0.25, k=1, speculation="rollout"), 2, 2, order=["q0", "q1"])
+    assert [j.source_id for j in planner.observe(q0[0])] == ["q0#0"]  # q0 may still trigger
+    assert planner.observe(q0[1]) == [] and planner.take_cancelled() == ["q0/q0#0"]  # a right tool rollout: no trigger
+    off = StreamingPlanner(AXPOConfig(r=0.25, k=1, speculation="rollout", ranking="random"), 2, 2, order=["q0", "q1"])
+    assert off.speculation == "off" and off.observe(q0[0]) == []

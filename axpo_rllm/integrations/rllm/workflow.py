@@ -154,6 +154,8 @@ class AXPOStepCoordinator:
         self._steps: dict[int, dict[str, Any]] = {}
         self._planner: StreamingPlanner | None = None
         self._on_jobs: dict[str, Callable[[list[ResampleJob]], None]] = {}
+        self._on_cancel: dict[str, Callable[[str], None]] = {}
+        self._undelivered: dict[str, dict[str, ResampleJob]] = {}
 
     @property
     def streaming(self) -> bool:
@@ -172,13 +174,35 @@ class AXPOStepCoordinator:
         return self._planner
 
     def _dispatch(self, jobs: Sequence[ResampleJob]) -> None:
-        by_question: dict[str, list[ResampleJob]] = {}
+        """Start ``jobs`` in their questions' runs, after stopping what the planner cancelled
+        (speculation; job ids are ``<question>/<source>``)."""
+        for job_id in self._stream().take_cancelled() if self._planner is not None else ():
+            question = job_id.split("/", 1)[0]
+            waiting = self._undelivered.get(question, {})
+            if job_id in waiting:
+                del waiting[job_id]
+            elif question in self._on_cancel:
+                self._on_cancel[question](job_id)
         for job in jobs:
-            by_question.setdefault(job.question_id, []).append(job)
-        for question, mine in by_question.items():
-            callback = self._on_jobs.get(question)
-            if callback is not None:
-                callback(mine)
+            self._undelivered.setdefault(job.question_id, {})[job.job_id] = job
+        for question in list(self._undelivered):
+            self._deliver(question)
+
+    def _deliver(self, question: str) -> None:
+        """Hand a question's started jobs to its run once it listens (a run that has not registered
+        yet gets them when it does)."""
+        callback = self._on_jobs.get(question)
+        waiting = self._undelivered.get(question)
+        if callback is not None and waiting:
+            self._undelivered[question] = {}
+            callback(list(waiting.values()))
+
+    def listen(self, question_id: str, on_jobs: Callable[[list[ResampleJob]], None],
+               on_cancel: Callable[[str], None]) -> None:
+        """A run's callbacks for its question's jobs, registered before its phase 1 so that prefixes
+        started while it still runs (speculation on graded rollouts) reach it at once."""
+        self._on_jobs[question_id], self._on_cancel[question_id] = on_jobs, on_cancel
+        self._deliver(question_id)
 
     def observe(self, rollout: Rollout) -> None:
         """One graded rollout of a question still running (streaming only; a no-op otherwise)."""
@@ -191,11 +215,14 @@ class AXPOStepCoordinator:
             self._dispatch(self._stream().observe_call(question_id, rollout_id, confidence))
 
     async def submit(self, group: QuestionGroup,
-                     on_jobs: Callable[[list[ResampleJob]], None] | None = None) -> tuple[ResamplePlan, int]:
+                     on_jobs: Callable[[list[ResampleJob]], None] | None = None,
+                     on_cancel: Callable[[str], None] | None = None) -> tuple[ResamplePlan, int]:
         """Register one question's group; return the step's plan (and step number) once all are in.
 
-        ``on_jobs`` (streaming) is called with this question's jobs as soon as they are certain,
-        possibly right away and always before this returns; the jobs it got are in the plan too.
+        ``on_jobs`` (streaming) is called with this question's jobs as soon as they start: certain
+        ones, possibly right away and always before this returns, are in the plan; with
+        ``config.speculation`` also likely ones, and ``on_cancel(job_id)`` stops one the plan will not
+        take (before this returns). Every job ``on_jobs`` got and ``on_cancel`` did not is in the plan.
         """
         if self._ready is None:
             self._ready = asyncio.Event()
@@ -206,11 +233,13 @@ class AXPOStepCoordinator:
         if self.streaming:
             self.bind(len(group.rollouts))
             if on_jobs is not None:
-                self._on_jobs[group.question_id] = on_jobs
+                self.listen(group.question_id, on_jobs, on_cancel or (lambda job_id: None))
             self._dispatch(self._stream().add(group))
         if len(self._groups) == self.questions_per_step:
             ordered = [self._groups[q] for q in sorted(self._groups)]
             self._plan = self._stream().finish() if self.streaming else plan_resampling(ordered, self.config, self.step)
+            if self.streaming:
+                self._dispatch([])  # speculative starts the plan did not take
             self._steps[step] = {"groups": ordered, "plan": self._plan, "episodes": [], "continuations": []}
             ready.set()
         try:
@@ -227,7 +256,7 @@ class AXPOStepCoordinator:
         self._handed_out += 1
         if self._handed_out == self.questions_per_step:  # everyone has it: open the next step
             self._groups, self._plan, self._ready, self._handed_out = {}, None, None, 0
-            self._planner, self._on_jobs = None, {}
+            self._planner, self._on_jobs, self._on_cancel, self._undelivered = None, {}, {}, {}
             self.step += 1
         return plan, step
 
@@ -499,12 +528,17 @@ class AXPORllmWorkflow(Workflow):
         t0 = time.perf_counter()
         step = self.coordinator.step
         tasks = {axpo_task.task_id: axpo_task}
-        early: list[asyncio.Future] = []
-        started: set[str] = set()
+        early: dict[str, asyncio.Future] = {}
 
-        def on_jobs(jobs: list[ResampleJob]) -> None:  # certain before the barrier: start them now
-            started.update(job.job_id for job in jobs)
-            early.append(asyncio.ensure_future(self.axpo.continuations(jobs, tasks, step, limit, counters)))
+        def on_jobs(jobs: list[ResampleJob]) -> None:  # started before the barrier (certain or speculative)
+            for job in jobs:
+                early[job.job_id] = asyncio.ensure_future(self.axpo.continuations([job], tasks, step, limit, counters))
+
+        def on_cancel(job_id: str) -> None:  # a speculative start the plan will not take
+            early.pop(job_id).cancel()
+
+        if self.coordinator.streaming:
+            self.coordinator.listen(axpo_task.task_id, on_jobs, on_cancel)
 
         try:
             try:
@@ -514,18 +548,18 @@ class AXPORllmWorkflow(Workflow):
                 self.coordinator.abort(axpo_task.task_id, f"{type(exc).__name__}: {exc}")
                 raise
             group = QuestionGroup(axpo_task.task_id, tuple(e.rollout for e in originals))
-            plan, plan_step = await self.coordinator.submit(group, on_jobs)
+            plan, plan_step = await self.coordinator.submit(group, on_jobs, on_cancel)
             if plan_step != step:
                 raise RuntimeError(f"question {axpo_task.task_id} started in step {step} but was planned in step {plan_step}")
             mine = [job for job in plan.jobs if job.question_id == axpo_task.task_id]
-            rest = self.axpo.continuations([j for j in mine if j.job_id not in started], tasks, step, limit, counters)
-            drawn = [e for batch in await asyncio.gather(*early, rest) for e in batch]
+            rest = self.axpo.continuations([j for j in mine if j.job_id not in early], tasks, step, limit, counters)
+            drawn = [e for batch in await asyncio.gather(*early.values(), rest) for e in batch]
         finally:
-            for future in early:
+            for future in early.values():
                 future.cancel()
         order = {c.rollout_id: i for i, c in enumerate(in_plan_order(plan, [e.rollout for e in drawn]))}
         conts = sorted(drawn, key=lambda e: order[e.rollout.rollout_id])
-        metrics_early = float(len(started))
+        metrics_early = float(len(early))
         trajectories = [rollout_to_trajectory(e.rollout, inputs=self._expand(e.rollout)) for e in list(originals) + list(conts)]
         metrics = self.axpo.episode_metrics(originals, conts, ResamplePlan(plan.budget, tuple(mine), plan.triggered, ()), counters)
         metrics["workflow/question_s"] = time.perf_counter() - t0
