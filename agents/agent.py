@@ -104,6 +104,11 @@ class EpisodeStats:
     """Prompt tokens sent, each image counted as the tokens its pad expands to (as the engine counts)."""
     cached_tokens: int = 0
     """Prefix-cache tokens the engine reported (expanded count; 0 when it cannot tell)."""
+    first_prompt_tokens: int = 0
+    """The episode's first request: its prompt tokens (for a continuation: prompt + prefix), counted
+    only when the engine reported a cached count for it (else 0, like ``first_cached_tokens``)."""
+    first_cached_tokens: int = 0
+    """The episode's first request: prompt tokens the engine served from its prefix cache."""
     malformed_calls: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -361,8 +366,11 @@ class Agent:
                 continue
             stats.requests += 1
             stats.generated_tokens += len(result.token_ids)
-            stats.prompt_tokens += len(request.prompt_ids) + sum(self.chat.image_tokens(im) - 1 for im in request.images)
+            prompt = len(request.prompt_ids) + sum(self.chat.image_tokens(im) - 1 for im in request.images)
+            stats.prompt_tokens += prompt
             stats.cached_tokens += max(result.num_cached_tokens, 0)
+            if stats.requests == 1 and result.num_cached_tokens >= 0:
+                stats.first_prompt_tokens, stats.first_cached_tokens = prompt, result.num_cached_tokens
             if result.finish_reason in ("abort", "error"):
                 raise EngineError(f"generation ended with finish_reason={result.finish_reason!r}", request.request_id)
             return result

