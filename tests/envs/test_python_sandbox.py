@@ -635,6 +635,29 @@ def test_random_generators_differ_between_calls():
     assert first[0] != second[0] and first[1] != second[1], (first, second)
 
 
+@fork_only
+def test_a_separate_namespace_init_contains_too(monkeypatch):
+    # A trainer that is not root (a user namespace per call) cannot make a call's supervisor PID 1
+    # of the call's namespaces: a separate init does the mounts and reports. Forced here, as root.
+    if LEVEL == "rlimits":
+        pytest.skip("no per-call namespaces at rlimits")
+    from axpo_rllm.envs.tools import sandbox
+
+    monkeypatch.setattr(sandbox, "_SEPARATE_INIT", True)
+    guard = LEVEL != "bwrap"
+    pool = SandboxPool(SandboxLimits(timeout_s=1.5, memory_mb=512, python_guard=guard), size=1, start="fork")
+    try:
+        code = "import os\nopen('x.txt', 'w').write('x')\nprint(sorted(os.listdir('.')), os.getcwd() == os.path.realpath('.'))"
+        assert [pool.run(code).stdout for _ in range(2)] == ["['x.txt'] True\n"] * 2  # a fresh work dir each time
+        if not guard:
+            assert pool.run("import os\nprint(len([p for p in os.listdir('/proc') if p.isdigit()]))").stdout == "2\n"
+        assert "exited with status 3" in pool.run("import os\nos._exit(3)").error
+        assert "SIGSEGV" in pool.run("import faulthandler\nfaulthandler._read_null()").error
+        assert pool.run("import time\ntime.sleep(5)").timed_out
+    finally:
+        pool.close()
+
+
 def interpreter_below(root: int, table: dict) -> int:
     """The python process of a template / worker whose process tree starts at ``root``."""
     pid = root

@@ -14,20 +14,22 @@ every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["iso
 Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
 
 ``fork``     (default) ``size`` *template* processes (default 1), each started exactly as a spawned
-             worker is (same command and layer, empty environment, ``python -I``): it imports
+             worker is (same layer command, empty environment, ``python -I``): it imports
              PIL/numpy once, makes itself non-dumpable and then never runs model code. Per call the
-             trainer hands it the call's pipes and files (SCM_RIGHTS) and it forks a supervisor,
-             which at ``bwrap`` and ``unshare`` unshares *fresh* mount/PID/network/IPC/UTS
-             namespaces for the call, mounts a fresh ``/proc`` and a fresh size-capped tmpfs work
-             dir (``workdir_mb``, also at ``unshare``), and forks the process that runs the code
-             (``_worker.py`` describes the three processes). Shared between calls: the template's
-             mounts (at ``bwrap``: ``/usr`` and the Python installation, read-only) and its
-             imported memory image, copied on write and never executed upon by model code (the
+             trainer hands it the call's pipes and files (SCM_RIGHTS) and it forks the call's
+             supervisor, which at ``bwrap`` and ``unshare`` is PID 1 of *fresh* mount/PID/network/
+             IPC/UTS namespaces for this call alone, mounts a fresh ``/proc`` and a fresh
+             size-capped tmpfs work dir (``workdir_mb``, also at ``unshare``) and forks the process
+             that runs the code (``_worker.py`` describes the processes). Shared between calls: the
+             template's mounts (at ``bwrap``: ``/usr`` and the Python installation, read-only) and
+             its imported memory image, copied on write and never executed upon by model code (the
              interpreter's string-hash seed included; ``random``'s and numpy's global generators
              are reseeded per call). Per call: the processes, uid, namespaces, ``/proc``, work dir,
-             fds, rlimits and CPU budget. A call costs a few ms of CPU, so calls never wait on an
-             interpreter start; a template that dies is restarted (calls in flight on it get a
-             clear error, later calls go to the new one).
+             fds, rlimits and CPU budget; closing the call's lifeline pipe makes its supervisor kill
+             the whole tree, and EOF on its status pipe says it is gone. A call costs ~10 ms of
+             CPU (forks, namespaces, the code), so calls never wait on an interpreter start; a
+             template that dies is restarted (calls in flight on it get a clear error, later calls
+             go to the new one).
 ``spawn``    a fresh ``python -I`` per call, from ``size`` workers (default 2) started ahead: ~10-30
              ms when a ready worker waits, but each start costs ~0.2-0.5 s of CPU, so back-to-back
              calls queue behind starts. The fallback, and the baseline of ``benchmarks/bench_tools.py``.
@@ -35,9 +37,9 @@ Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
 Always, under every layer and start method: a fresh process per call that runs nothing but this
 call (never the trainer: a template is started like a worker, not forked from the trainer), an
 empty environment (no secrets inherited), ``PR_SET_NO_NEW_PRIVS``, rlimits (CPU seconds, address
-space, file size, open files, processes, no core), exactly the fds 0 (job), 1/2 (output files) and 3
-(results) under ``fork`` (the spawned worker's same four), a wall-clock timeout after which the
-whole process tree is killed (PID namespace teardown; a uid-wide sweep at ``rlimits``),
+space, file size, open files, processes, no core), exactly four fds (0: the job, 1 and 2: the
+output files, the result pipe: 3 under ``fork``), a wall-clock timeout after which the whole
+process tree is killed (PID namespace teardown; a uid-wide sweep at ``rlimits``),
 stdout/stderr in trainer-owned files read back truncated, and returned images capped in count and
 pixels and sent as raw RGB (the trainer never decodes or unpickles what the sandbox writes). When
 the trainer is root, each call also drops to its own uid (61000 + slot, a slot handed out again
@@ -132,6 +134,9 @@ ends it within about two CPU seconds)."""
 CPU_LIMIT, WALL_LIMIT = "cpu_time", "wall_clock"
 """Values of :attr:`SandboxResult.limit`."""
 UID_BASE, UID_SLOTS = 61000, 512
+_SEPARATE_INIT = False
+"""Tests only: under ``fork`` as root, give each call a separate namespace init (the path a
+non-root trainer takes) instead of making its supervisor PID 1 of the call's namespace."""
 TEMPLATE_RESULT_FD = 3
 """The result pipe's fd in a forked call (a spawned worker's is whatever ``pass_fds`` gave)."""
 SUPERVISOR_EXIT_S = 30.0
@@ -689,7 +694,7 @@ class _Template:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             config = _worker_config(level, limits, tmp_root, mode="template", control_fd=theirs.fileno(),
-                                    result_fd=TEMPLATE_RESULT_FD)
+                                    result_fd=TEMPLATE_RESULT_FD, supervisor_is_init=not _SEPARATE_INIT)
             cmd = _layer_prefix(level, limits) + [sys.executable, "-I", "-u", "-c", WORKER_SOURCE, json.dumps(config)]
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(

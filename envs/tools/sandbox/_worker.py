@@ -15,29 +15,34 @@ the result pipe ``result_fd`` (frames = 4-byte big-endian length + payload).
 4. send a JSON header frame ``{"error", "limit", "images": [[w, h], ...], "notes"}`` then one
    frame of RGB bytes per image. stdout/stderr go to the files the trainer opened as fds 1 and 2.
 
-``mode="template"`` (a zygote: one long-lived process per pool, :func:`template_main`): imports
-PIL/numpy once, makes itself non-dumpable and then never runs model code. Per call the trainer sends
-on the inherited control socket (``control_fd``) a small JSON request (``uid``, ``workdir``) and, as
-SCM_RIGHTS, six fds: job pipe (read end), result pipe (write end), stdout file, stderr file, lifeline
-pipe (read end), status pipe (write end). The template forks a supervisor ``A`` per call and keeps no
-per-call state (its children are reaped by ``SIGCHLD = SIG_IGN``):
+``mode="template"`` (a zygote: one long-lived process per pool slot, :func:`template_main`):
+imports PIL/numpy once, makes itself non-dumpable and then never runs model code. Per call the
+trainer sends on the inherited control socket (``control_fd``) a small JSON request (``uid``,
+``workdir``) and, as SCM_RIGHTS, six fds: job pipe (read end), result pipe (write end), stdout file,
+stderr file, lifeline pipe (read end), status pipe (write end). The template forks a supervisor
+``A`` per call and keeps no per-call state (its children are reaped by ``SIGCHLD = SIG_IGN``):
 
-* ``A`` (:func:`supervise`, trusted) keeps only the call's fds, starts a session and, at the
-  ``bwrap`` and ``unshare`` layers, unshares fresh mount/PID/network/IPC/UTS namespaces (plus a user
-  namespace when not root) and forks ``B``; at ``rlimits`` it forks ``C`` directly (its own process
-  group). It then waits on a pidfd of its child and on the lifeline: the lifeline closing (the
-  trainer finished, hit the wall clock or died) makes it SIGKILL the child -- at the namespace layers
-  that tears the call's whole PID namespace down; at ``rlimits`` killpg plus a sweep of the call's
-  uid -- reap it and exit. The trainer sees ``A``'s end as EOF on the status pipe.
-* ``B`` (:func:`namespace_init`, trusted, PID 1 of the call's namespace) dies with ``A``
-  (PR_SET_PDEATHSIG), makes mounts private, mounts a fresh ``/proc`` and a fresh size-capped tmpfs
-  on the work dir, forks ``C``, reaps everything and writes ``C``'s exit status on the status pipe
-  (a namespace init drops default-action signals such as SIGXCPU: that is why ``C``, not ``B``, runs
-  the code). Its exit ends every process left in the namespace.
+* ``A`` (:func:`supervise`, trusted) keeps only the call's fds and starts a session. At the
+  ``bwrap`` and ``unshare`` layers the call gets fresh mount/PID/network/IPC/UTS namespaces: when
+  the template is root in its namespaces, ``A`` is forked as PID 1 of a new PID namespace
+  (``unshare(CLONE_NEWPID)`` before the fork, ``setns`` back after it), unshares the others itself
+  and mounts the call's file systems (:func:`mount_call_filesystems`: a fresh ``/proc`` with bwrap's
+  read-only parts, a fresh size-capped tmpfs on the work dir); otherwise (a trainer that is not
+  root: a user namespace per call) it unshares all of them and forks a separate init ``B``
+  (:func:`namespace_init`) that mounts, forks the code and reports. At ``rlimits`` ``A`` forks the
+  code directly (its own process group). A namespace init never runs the code itself: the kernel
+  drops default-action signals such as SIGXCPU sent to it.
+* ``A`` then waits on a pidfd of its child and on the lifeline. It writes the code's exit status on
+  the status pipe (a separate ``B`` does that itself) and, when the code ended or the lifeline
+  closed (the trainer finished, hit the wall clock or died), kills what is left -- as PID 1 every
+  process of the namespace (then reaps them), as ``B``'s parent ``B`` (the kernel empties its
+  namespace), at ``rlimits`` the process group plus a sweep of the call's uid -- and exits. EOF on
+  the status pipe therefore means: the call's processes are gone.
 * ``C`` (:func:`run_call`, untrusted from its first model-code line): puts the job pipe on fd 0, the
   output files on 1 and 2, the result pipe on ``result_fd`` (3) and closes every other fd, then
   does exactly what a spawned worker does: own uid, ``PR_SET_NO_NEW_PRIVS``, rlimits, read the job,
-  arm the CPU budget (a forked child's CPU time starts at 0), guard, run, send the frames.
+  arm the CPU budget (a forked child's CPU time starts at 0), guard, run, send the frames. The
+  global random generators are reseeded first (``random`` by CPython's fork hook, numpy here).
 
 The CPU budget (:func:`arm_cpu_budget`) is exact and counted from the start of the code: a profiling
 timer (``ITIMER_PROF``, the process's CPU time) whose handler first sends the frame ``b"cpu"`` -- so the
@@ -410,7 +415,7 @@ def run(job):
 
 
 # ----------------------------------------------------------------------------------------------
-# Template mode: one warm process that forks a supervisor, a namespace init and the call per job
+# Template mode: one warm process; per job it forks a supervisor, which forks the call
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
@@ -422,6 +427,8 @@ PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 CALL_FDS = 6
 """Per request: job pipe (read), result pipe (write), stdout, stderr, lifeline (read), status (write)."""
 LIBC = None
+SUPERVISOR_IS_INIT = False
+"""Set by the template: each call's supervisor ``A`` is PID 1 of the call's PID namespace."""
 
 
 def libc_call(name, *args):
@@ -485,7 +492,7 @@ def kill_uid(uid):
 
 def template_main():
     """Import the warm part, then serve: one forked supervisor per request; never run model code."""
-    global LIBC
+    global LIBC, SUPERVISOR_IS_INIT
     import ctypes
     import gc
     import socket
@@ -496,6 +503,10 @@ def template_main():
     warm_imports()
     control = socket.socket(fileno=CONFIG["control_fd"])
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    # Root in our namespaces: each supervisor is born PID 1 of its call's PID namespace (one
+    # process less per call); else (a user namespace per call is needed) a separate init.
+    SUPERVISOR_IS_INIT = CONFIG["level"] != "rlimits" and os.geteuid() == 0 and CONFIG.get("supervisor_is_init", True)
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY) if SUPERVISOR_IS_INIT else -1
     gc.freeze()  # children do not touch (copy) the imported objects' pages on their first collection
     control.send(b"ready")
     while True:
@@ -505,12 +516,7 @@ def template_main():
             continue
         if not message:
             os._exit(0)  # the trainer closed the pool (or died)
-        pid = -1
-        if len(fds) == CALL_FDS:
-            try:
-                pid = os.fork()
-            except OSError:  # the call sees its pipes close without a status: a clear error there
-                pass
+        pid = fork_supervisor(own_pid_namespace) if len(fds) == CALL_FDS else -1
         if pid == 0:
             code = 70
             try:
@@ -520,23 +526,52 @@ def template_main():
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        for fd in fds:
+        for fd in fds:  # a failed fork: the call sees its pipes close without a status (a clear error)
             os.close(fd)
 
 
+def fork_supervisor(own_pid_namespace):
+    """Fork ``A`` (-1 on failure); with ``own_pid_namespace``, as PID 1 of a new PID namespace."""
+    if own_pid_namespace < 0:
+        try:
+            return os.fork()
+        except OSError:
+            return -1
+    try:
+        libc_call("unshare", CLONE_NEWPID)  # our next child only
+    except OSError:
+        traceback.print_exc()
+        os._exit(1)  # calls could not get their own PID namespace: the pool starts a new template
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = -1
+    if pid != 0:
+        try:
+            libc_call("setns", own_pid_namespace, CLONE_NEWPID)  # the child after it: a new one again
+        except OSError:
+            traceback.print_exc()
+            os._exit(1)
+    return pid
+
+
 def supervise(message, fds):
-    """``A``: start the call (namespaces at bwrap/unshare), then kill it all when the lifeline closes."""
+    """``A``: start the call (its own namespaces at bwrap/unshare), report how it ended, kill all of
+    it when it ends or the lifeline closes, exit (the trainer then sees EOF on the status pipe)."""
     import gc
 
     gc.disable()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # waitpid must see the child (and so must the code)
     job, result, out, err, lifeline, status = keep_fds(fds, 10)  # the control socket is closed here
-    namespaces = CONFIG["level"] != "rlimits"
+    mode = "rlimits" if CONFIG["level"] == "rlimits" else "init" if SUPERVISOR_IS_INIT else "outside"
     try:
         request = json.loads(message)
         uid, workdir = request["uid"], request["workdir"]
         os.setsid()
-        if namespaces:
+        if mode == "init":  # we are PID 1 of the call's new PID namespace
+            libc_call("unshare", CALL_NAMESPACES & ~CLONE_NEWPID)
+            mount_call_filesystems(uid, workdir)
+        elif mode == "outside":
             euid, egid = os.geteuid(), os.getegid()
             libc_call("unshare", CALL_NAMESPACES | (CLONE_NEWUSER if euid else 0))
             if euid:  # not root: a user namespace of our own makes the mounts possible
@@ -546,13 +581,15 @@ def supervise(message, fds):
         child = os.fork()
         if child == 0:
             try:
-                if namespaces:
+                if mode == "outside":
                     namespace_init(uid, workdir, job, out, err, result, lifeline, status)
                 else:
                     run_call(uid, workdir, job, out, err, result)
+            except BaseException:
+                traceback.print_exc()  # the call's stderr once run_call has placed its fds
             finally:
                 os._exit(70)
-        if not namespaces:
+        if mode == "rlimits":
             try:
                 os.setpgid(child, child)  # also done by the child: killpg works whoever runs first
             except OSError:
@@ -562,47 +599,80 @@ def supervise(message, fds):
         return
     for fd in (job, out, err, result):
         os.close(fd)
+    watch(child, mode, uid, lifeline, status)
+
+
+def watch(child, mode, uid, lifeline, status):
+    """Until the child ends or the lifeline closes (the trainer never writes to it: readable =
+    closed), then kill what is left: at ``rlimits`` the call's process group and uid, as a separate
+    init's parent that init (the kernel empties its namespace), as init everything (then reap it)."""
     pidfd = os.pidfd_open(child)
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    poller.register(lifeline, select.POLLIN)  # the trainer never writes: readable = closed
-    while True:
+    poller.register(lifeline, select.POLLIN)
+    ended, closed = None, False
+    while ended is None and not closed:
         try:
-            poller.poll()
-            break
+            events = poller.poll(1000)
         except InterruptedError:
             continue
-    pid, wait_status = os.waitpid(child, os.WNOHANG)
-    if pid == child and not namespaces:
-        report(status, exit_status(wait_status))  # at the namespace layers the init reports
-    if not namespaces:
+        closed = any(fd == lifeline for fd, _ in events)
+        while True:  # as init, orphans of the code are ours to reap too
+            try:
+                pid, wait_status = os.waitpid(-1 if mode == "init" else child, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == child:
+                ended = wait_status
+    if ended is not None and mode != "outside":
+        report(status, exit_status(ended))  # a separate init reports itself
+    if mode == "rlimits":
         try:
             os.killpg(child, signal.SIGKILL)
         except OSError:
             pass
         if uid is not None:
             kill_uid(uid)
-    elif pid != child:
-        os.kill(child, signal.SIGKILL)  # the namespace's init: the kernel kills everything in it
-    if pid != child:
+    elif mode == "outside" and ended is None:
+        os.kill(child, signal.SIGKILL)
+    if mode == "init":
+        while True:
+            try:
+                os.kill(-1, signal.SIGKILL)  # everything in the namespace but us
+            except OSError:
+                pass
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+    elif ended is None:
         os.waitpid(child, 0)
 
 
+def mount_call_filesystems(uid, workdir):
+    """In the call's new mount namespace: a fresh /proc (bwrap's read-only parts too) and a fresh
+    size-capped tmpfs on the work dir, which becomes the current directory."""
+    libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+    libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    for name in PROC_READ_ONLY:
+        path = f"/proc/{name}".encode()
+        if os.path.exists(path):
+            libc_call("mount", path, path, None, MS_BIND | MS_REC, None)
+            libc_call("mount", None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    options = f"size={CONFIG['workdir_bytes']},mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
+    libc_call("mount", b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
+    os.chdir(workdir)
+
+
 def namespace_init(uid, workdir, job, out, err, result, lifeline, status):
-    """``B``: PID 1 of the call's namespaces: fresh /proc and work dir, fork the call, report its end."""
+    """``B`` (when ``A`` cannot be it): PID 1 of the call's namespaces: fresh /proc and work dir, fork
+    the call, report its end."""
     os.close(lifeline)
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
-        libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-        for name in PROC_READ_ONLY:
-            path = f"/proc/{name}".encode()
-            if os.path.exists(path):
-                libc_call("mount", path, path, None, MS_BIND | MS_REC, None)
-                libc_call("mount", None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-        options = f"size={CONFIG['workdir_bytes']},mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
-        libc_call("mount", b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
-        os.chdir(workdir)
+        mount_call_filesystems(uid, workdir)
         child = os.fork()
     except BaseException as exc:
         report(status, {"error": f"{type(exc).__name__}: {exc}"})
@@ -610,6 +680,8 @@ def namespace_init(uid, workdir, job, out, err, result, lifeline, status):
     if child == 0:
         try:
             run_call(uid, workdir, job, out, err, result)
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(70)
     for fd in (job, out, err, result):
@@ -658,6 +730,7 @@ def run_call(uid, workdir, job, out, err, result):
 
 
 def spawn_main():
+    """One job, then exit (``mode="spawn"``)."""
     faulthandler.enable()  # a crash in C code leaves its Python stack in stderr
     drop_privileges(CONFIG.get("uid"))
     set_limits()
