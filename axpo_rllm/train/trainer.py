@@ -20,6 +20,16 @@ the batch's total loss-token count (verl's ``global_batch_info["batch_num_tokens
 summed gradients equal one token-mean over the batch. Rows whose loss mask is all zero (masked
 sources' tails are not; over-turn rollouts and fully masked rows are) add nothing to the loss, and
 are skipped from the forward when ``skip_masked_rows`` is on.
+
+Two exact savings (issue 14: AXPO's extra rows should cost their tokens, not whole passes):
+- A row is forwarded only up to its last loss token (``trim_to_loss``): in a causal model no
+  logit at or before that token depends on what follows, so the loss and its gradient are
+  unchanged. An AXPO source credited on its prefix is forwarded as prompt + prefix; a row ending in
+  an observation or a masked tail loses those tokens (and the images in them).
+- Micro-batches are cut by padded tokens, not rows (``micro_batch_tokens``; verl's dynamic batch
+  size does the same by token count): rows sorted by length, each micro-batch at most
+  ``micro_batch_tokens`` = rows x longest row, so a step with a few more rows costs a few more
+  tokens rather than another half-empty pass.
 """
 
 from __future__ import annotations
@@ -57,7 +67,12 @@ class RLConfig:
     ppo_epochs: int = 1
     """Passes over the step's batch; >1 recomputes ``old_log_prob`` before the first (verl's way)."""
     micro_batch_size: int = 16
-    """Rows per forward pass (memory); the loss stays one token-mean over the batch."""
+    """At most this many rows per forward pass (memory); the loss stays one token-mean over the batch."""
+    micro_batch_tokens: int = 8192
+    """At most this many padded tokens (rows x the longest row) per forward pass; rows are sorted
+    by length first. 0: fixed ``micro_batch_size`` rows in batch order."""
+    trim_to_loss: bool = True
+    """Forward each row only up to its last loss token (exact: module docstring)."""
     skip_masked_rows: bool = True
     log_path: str | None = None
     """JSONL file that gets one line of metrics per step (None: no file)."""
@@ -196,17 +211,38 @@ class AXPOTrainer:
     def micro_batches(self, batch) -> list[list[int]]:
         mask = batch.batch["response_mask"]
         keep = [i for i in range(mask.shape[0]) if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
-        return [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
+        if not self.rl.micro_batch_tokens:
+            return [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
+        lengths = self._inputs(batch)[0].sum(-1)
+        return padded_token_batches(keep, [int(lengths[i]) for i in keep], self.rl.micro_batch_tokens, self.rl.micro_batch_size)
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, list | None]:
+        """The attention mask and vision inputs the forward reads: trimmed to each row's last loss
+        token (``trim_to_loss``), computed once per batch."""
+        cached = batch.meta_info.get("_forward_inputs")
+        if cached is None:
+            t = batch.batch
+            mm = batch.non_tensor_batch.get("multi_modal_inputs")
+            mm = None if mm is None else list(mm)
+            if self.rl.trim_to_loss:
+                merge = int(getattr(getattr(self.policy.model.config, "vision_config", None), "spatial_merge_size", 2))
+                cached = trim_to_loss(t["input_ids"], t["attention_mask"], t["response_mask"], t["prompts"].shape[1],
+                                      mm, self.policy.image_pad_id, merge)
+            else:
+                cached = (t["attention_mask"], mm)
+            batch.meta_info["_forward_inputs"] = cached
+        return cached
 
     def forward(self, policy: Policy, batch, idx: Sequence[int], entropy: bool = False):
         """Response log-probs of rows ``idx``, read from the verl batch as verl's actor reads it
-        (expanded ids, (bs, 4, L) M-RoPE positions, ``multi_modal_inputs``)."""
+        (expanded ids, (bs, 4, L) M-RoPE positions, ``multi_modal_inputs``); positions past a row's
+        last loss token are 0 with ``trim_to_loss``."""
         t = batch.batch
-        mm = batch.non_tensor_batch.get("multi_modal_inputs")
+        attention, mm = self._inputs(batch)
         return batch_logprobs(
             policy.model,
             t["input_ids"][idx],
-            t["attention_mask"][idx],
+            attention[idx],
             t["position_ids"][idx],
             None if mm is None else [mm[i] for i in idx],
             prompt_width=t["prompts"].shape[1],
@@ -308,6 +344,56 @@ class AXPOTrainer:
         self.history = list(state["history"])
         sync_weights(self.workflow.engine, self.policy.model)
         return int(state["next_step"])
+
+
+def padded_token_batches(rows: Sequence[int], lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """``rows`` sorted by length (longest first) and cut so that each micro-batch holds at most
+    ``max_rows`` rows and (rows x its longest row) <= ``max_tokens`` padded tokens (a row longer than
+    ``max_tokens`` goes alone). The padded forward costs about its padded tokens."""
+    out: list[list[int]] = []
+    longest = 0  # of the micro-batch being filled: the first row placed in it (rows come longest first)
+    for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+        if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * longest <= max_tokens:
+            out[-1].append(rows[i])
+        else:
+            out.append([rows[i]])
+            longest = lengths[i]
+    return out
+
+
+def trim_to_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, prompt_width: int,
+                 multi_modal_inputs: list | None, image_pad_id: int, merge_size: int) -> tuple[torch.Tensor, list | None]:
+    """The attention mask cut after each row's last loss token, and each row's vision inputs cut to
+    the images whose tokens remain (images come in token order: ``pixel_values`` rows per image =
+    the product of its ``image_grid_thw``, tokens per image = that / merge_size**2). A row with no
+    loss token keeps everything (the trainer skips it or it adds nothing)."""
+    attention = attention_mask.clone()
+    has_loss = response_mask.sum(-1) > 0
+    last = response_mask.shape[1] - 1 - torch.flip(response_mask, dims=[1]).argmax(-1)  # last loss column per row
+    cols = torch.arange(response_mask.shape[1]).unsqueeze(0)
+    cut = has_loss.unsqueeze(1) & (cols > last.unsqueeze(1))
+    attention[:, prompt_width:] = attention[:, prompt_width:].masked_fill(cut, 0)
+    if multi_modal_inputs is None:
+        return attention, None
+    trimmed = []
+    for i, inputs in enumerate(multi_modal_inputs):
+        if not inputs or "image_grid_thw" not in inputs or not bool(cut[i].any()):
+            trimmed.append(inputs)
+            continue
+        kept_tokens = int(((input_ids[i] == image_pad_id) & attention[i].bool()).sum())
+        grids = inputs["image_grid_thw"]
+        per_image = (grids.prod(-1) // merge_size**2).tolist()
+        n, seen = 0, 0
+        while n < len(per_image) and seen + per_image[n] <= kept_tokens:
+            seen += per_image[n]
+            n += 1
+        if seen != kept_tokens:
+            raise ValueError(f"row {i}: {kept_tokens} image tokens kept do not end on an image boundary {per_image}")
+        rows = int(grids[:n].prod(-1).sum())
+        row = dict(inputs)
+        row["image_grid_thw"], row["pixel_values"] = grids[:n], inputs["pixel_values"][:rows]
+        trimmed.append(row)
+    return attention, trimmed
 
 
 def rl_config_from(cfg: DictConfig, **overrides: Any) -> RLConfig:

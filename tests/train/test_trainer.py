@@ -190,3 +190,61 @@ def test_a_checkpoint_restores_weights_optimizer_history_and_the_next_step(stepp
     for n, p in trainer.policy.model.named_parameters():
         assert torch.equal(p, saved[n]), n
     assert [m["step"] for m in trainer.history] == [m["step"] for m in history] and trainer.optimizer.state_dict()["state"]
+
+
+def test_trimming_rows_after_their_last_loss_token_and_token_budget_micro_batches_change_no_gradient(stepped):
+    """Three-turn rollouts with two crop images each, as training rows whose loss window ends at
+    the first call (a credited AXPO source's prefix) or covers everything: forwarding each row only
+    to its last loss token (the crop images after it dropped), in micro-batches cut by padded
+    tokens, gives the gradients of whole rows in one fixed micro-batch."""
+    from multimodal_rollouts import rollouts
+
+    from axpo_rllm.core.records import LossSegment, RowRole
+
+    trainer = stepped[0]
+    made = rollouts(trainer.workflow.engine.inner, trainer.workflow.chat)
+    assert sum(1 for r in made for o in r.image_offsets if o >= 0) >= 4, "expected crop images in the responses"
+    rows = []
+    for i, r in enumerate(made):
+        n = len(r.response_ids)
+        rows.append(TrainingRow(r, RowRole.ORDINARY, f"all-{i}", 0.0, (LossSegment(0, n, 0.7 - 0.4 * i),)))
+        if r.tool_calls:
+            cut = r.tool_calls[0].end
+            rows.append(TrainingRow(r, RowRole.ORDINARY, f"prefix-{i}", 1.0, (LossSegment(0, cut, 1.2),)))
+    old_rl = trainer.rl
+    try:
+        trainer.rl = RLConfig(micro_batch_size=64, micro_batch_tokens=0, trim_to_loss=False)
+        base_batch = trainer.make_batch(rows)
+        base = _grads(trainer, base_batch)
+        trainer.rl = RLConfig(micro_batch_size=64, micro_batch_tokens=1200, trim_to_loss=True)
+        trimmed_batch = trainer.make_batch(rows)
+        assert len(trainer.micro_batches(trimmed_batch)) > 1
+        attention, mm = trainer._inputs(trimmed_batch)
+        assert attention.sum() < trimmed_batch.batch["attention_mask"].sum(), "nothing was trimmed"
+        images = lambda inputs: sum(len(m["image_grid_thw"]) for m in inputs if m)  # noqa: E731
+        assert images(mm) < images(base_batch.non_tensor_batch["multi_modal_inputs"]), "no tail image was dropped"
+        trimmed = _grads(trainer, trimmed_batch)
+        for name in base:
+            torch.testing.assert_close(trimmed[name], base[name], rtol=1e-4, atol=1e-6)
+        assert any(g.abs().sum() > 0 for g in base.values())
+    finally:
+        trainer.rl = old_rl
+
+
+def test_padded_token_batches_hold_every_row_once_within_both_limits():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from axpo_rllm.train.trainer import padded_token_batches
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(1, 1000), st.integers(1, 8))
+    def check(lengths, budget, max_rows):
+        rows = list(range(100, 100 + len(lengths)))
+        batches = padded_token_batches(rows, lengths, budget, max_rows)
+        assert sorted(r for b in batches for r in b) == rows
+        for b in batches:
+            width = max(lengths[r - 100] for r in b)
+            assert len(b) <= max_rows and (len(b) == 1 or len(b) * width <= budget)
+
+    check()
