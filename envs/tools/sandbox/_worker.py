@@ -575,9 +575,11 @@ def supervise(message, fds):
             euid, egid = os.geteuid(), os.getegid()
             libc_call("unshare", CALL_NAMESPACES | (CLONE_NEWUSER if euid else 0))
             if euid:  # not root: a user namespace of our own makes the mounts possible
+                prctl(PR_SET_DUMPABLE, 1)  # /proc/self is root's while we are not dumpable
                 for name, text in (("setgroups", "deny"), ("uid_map", f"{euid} {euid} 1"), ("gid_map", f"{egid} {egid} 1")):
                     with open(f"/proc/self/{name}", "w") as f:
                         f.write(text)
+                prctl(PR_SET_DUMPABLE, 0)  # before any untrusted process exists
         child = os.fork()
         if child == 0:
             try:
