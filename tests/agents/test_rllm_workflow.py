@@ -309,3 +309,60 @@ def test_a_run_that_fails_releases_the_barrier_with_its_reason():
 
     with pytest.raises(RuntimeError, match=r"AXPO step 7 cannot be planned: question 'q1' failed .*no log-probs"):
         asyncio.run(main())
+
+
+def test_the_coordinator_cancels_a_speculative_start_the_plan_drops():
+    """Speculation through the coordinator: a run hears of its likely prefixes before the barrier
+    (``listen``, even while its own rollouts still run) and of the ones the plan can no longer take
+    (``on_cancel``); what it keeps is the batch plan's."""
+    from axpo_rllm.core.planner import plan_resampling
+    from axpo_rllm.core.records import QuestionGroup
+    from synthetic_rollouts import make_rollout
+
+    def group(qid, c):
+        return QuestionGroup(qid, (make_rollout(f"{qid}#0", qid, correct=False, call_body=(c,)),
+                                   make_rollout(f"{qid}#1", qid, correct=False)))
+
+    groups = [group("q0", 0.9), group("q1", 0.2), group("q2", 0.5), group("q3", 0.7)]
+    config = AXPOConfig(r=0.25, k=1, speculation="rollout")  # B = 4, N = 2: two slots
+
+    async def main():
+        coordinator = AXPOStepCoordinator(4, config, barrier_timeout_s=5, group_size=2)
+        running: dict[str, set] = {g.question_id: set() for g in groups}
+        history = []
+        for g in groups:
+            qid = g.question_id
+            coordinator.listen(qid, lambda jobs, q=qid: running[q].update(j.job_id for j in jobs),
+                               lambda job_id, q=qid: (running[q].remove(job_id), history.append(job_id)))
+        coordinator.observe(groups[0].rollouts[0])  # q0's source is graded while q0 still runs
+        started_early = set(running["q0"])
+        waiters = []
+        for g in groups:
+            for r in g.rollouts[1:] if g is groups[0] else g.rollouts:
+                coordinator.observe(r)
+            waiters.append(asyncio.ensure_future(coordinator.submit(g)))
+            await asyncio.sleep(0)
+        return (await asyncio.gather(*waiters))[0][0], running, history, started_early
+
+    plan, running, history, started_early = asyncio.run(main())
+    assert started_early == {"q0/q0#0"}, "a graded source of a running question starts at once"
+    assert history == ["q0/q0#0"], "q1 (0.2) and q2 (0.5) displaced it"
+    assert [j.job_id for j in plan.jobs] == [j.job_id for j in plan_resampling(groups, config).jobs] == ["q1/q1#0", "q2/q2#0"]
+    assert set().union(*running.values()) == {"q1/q1#0", "q2/q2#0"}
+
+
+def test_speculation_through_rllm_draws_the_barriers_step(chat, chat_words, env_factory):
+    import dataclasses
+
+    def step(**axpo):
+        engine = DelayedEngine(biased(FakeEngine(chat, chat_words), chat, open_rate=0.5, call_rate=0.3, body_rate=0.5),
+                               lambda rid: 0.02 * int(rid[1]))
+        config = dataclasses.replace(CONFIG, axpo=dataclasses.replace(CONFIG.axpo, r=0.25, **axpo))
+        return run_rllm_step(chat, engine, env_factory, config)[0]
+
+    tokens = lambda eps: {t.uid: t.metadata["axpo_rollout"].response_ids.tobytes() for ep in eps for t in ep.trajectories}  # noqa: E731
+    batch = step(streaming="off")
+    for speculation in ("group", "rollout"):
+        spec = step(speculation=speculation)
+        assert [j.job_id for j in spec[0].metadata["axpo_plan"].jobs] == [j.job_id for j in batch[0].metadata["axpo_plan"].jobs]
+        assert tokens(spec) == tokens(batch)
