@@ -59,7 +59,8 @@ from axpo_rllm.core.records import (
     Termination,
     ToolCallSpan,
 )
-from axpo_rllm.core.step import StepOutcome, axpo_step
+from axpo_rllm.core.step import StepOutcome, axpo_step, finish_step
+from axpo_rllm.core.streaming import plan_first_come
 
 __all__ = [
     "PolicyModel",
@@ -451,6 +452,28 @@ def planned(axpo: AXPOConfig, kind: int) -> Callable[[SimConfig, Step], Spend]:
     return strategy
 
 
+def arrival_order(step: Step) -> list[str]:
+    """When each question's group would be complete in a real step: its longest rollout decides
+    (decode time grows with tokens), ties in question order. The greedy streaming plan serves a
+    round's questions in this order."""
+    ends = {g.question_id: max(len(r.response_ids) for r in g.rollouts) for g in step.groups}
+    return sorted(ends, key=lambda q: ends[q])  # stable: ties keep question order
+
+
+def first_come(axpo: AXPOConfig, kind: int) -> Callable[[SimConfig, Step], Spend]:
+    """``streaming: greedy``: the first-come breadth-first plan (``plan_first_come``) on the step's
+    arrival order, then the same draws and rows as :func:`planned` (common random numbers: a prefix
+    both plans pick gets the same continuations)."""
+
+    def strategy(cfg: SimConfig, step: Step) -> Spend:
+        config = dataclasses.replace(axpo, r=cfg.r, k=cfg.k, seed=cfg.seed)
+        plan = plan_first_come(step.groups, arrival_order(step), config, step.index)
+        outcome = finish_step(step.groups, plan, draw_jobs(cfg, step, plan, kind), config)
+        return Spend(plan.budget, step.groups, plan, outcome.continuations, config, outcome.rows)
+
+    return strategy
+
+
 def demo_step(axpo: AXPOConfig, questions: int, n: int, seed: int = 0) -> StepOutcome:
     """One simulated step through the core's phases under ``axpo`` (``axpo-rllm plan-demo``): the
     continuations are drawn the way the matching strategy draws them."""
@@ -525,6 +548,7 @@ STRATEGIES: dict[str, Callable[[SimConfig, Step], Spend]] = {
     "GRPO (N, no extra)": grpo,
     "AXPO (uncertainty rank)": planned(AXPOConfig(), TOOL_CALL),
     "AXPO, random rank": planned(AXPOConfig(ranking="random"), TOOL_CALL),
+    "AXPO, greedy streaming (first come)": first_come(AXPOConfig(streaming="greedy"), TOOL_CALL),
     "w/o prefix fix (fresh, targeted)": planned(AXPOConfig(prefix_fix=False), FRESH),
     "ARPO: branch after observation": arpo,
     "no-tool resampling": planned(AXPOConfig(resample_target="no_tool"), ANSWER),
@@ -534,8 +558,9 @@ STRATEGIES: dict[str, Callable[[SimConfig, Step], Spend]] = {
 """Every strategy gets the same simulated step; all but the rollout-2x baseline spend at most
 E = floor(r·B·N). Keys are the table's row names."""
 
-GRPO_ROW, AXPO_ROW, RANDOM_ROW, DOUBLE_ROW, ONE_PLUS_R_ROW = (
-    "GRPO (N, no extra)", "AXPO (uncertainty rank)", "AXPO, random rank", "rollout 2x", "rollout (1+r)x")
+GRPO_ROW, AXPO_ROW, RANDOM_ROW, DOUBLE_ROW, ONE_PLUS_R_ROW, GREEDY_ROW = (
+    "GRPO (N, no extra)", "AXPO (uncertainty rank)", "AXPO, random rank", "rollout 2x", "rollout (1+r)x",
+    "AXPO, greedy streaming (first come)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,3 +188,26 @@ def test_strategies_share_random_streams_by_draw_site():
 def test_cli_rejects_a_budget_below_k(capsys):
     assert main(["simulate", "--questions", "2", "--n", "2", "--k", "4", "--png", ""]) == 2
     assert "below K = 4" in capsys.readouterr().err
+
+
+def test_greedy_streaming_spends_the_same_budget_first_come_within_a_round():
+    """The greedy row plans with ``plan_first_come`` on the step's arrival order (longest rollout
+    last): the same number of prefixes as the batch plan, whole rounds the same, and the same draws
+    for a prefix both pick."""
+    from axpo_rllm.core.streaming import plan_first_come
+
+    for index in range(3):
+        step = sim.draw_step(SMALL, index)
+        exact = sim.STRATEGIES[sim.AXPO_ROW](SMALL, step)
+        greedy = sim.STRATEGIES[sim.GREEDY_ROW](SMALL, step)
+        arrival = sim.arrival_order(step)
+        ends = {g.question_id: max(len(r.response_ids) for r in g.rollouts) for g in step.groups}
+        assert [ends[q] for q in arrival] == sorted(ends.values())
+        reference = plan_first_come(step.groups, arrival, SMALL.axpo(streaming="greedy"), step.index)
+        assert [j.job_id for j in greedy.plan.jobs] == [j.job_id for j in reference.jobs]
+        assert len(greedy.plan.jobs) == len(exact.plan.jobs) and len(greedy.extra) == len(exact.extra)
+        last = max((j.round for j in exact.plan.jobs), default=-1)
+        assert {j.job_id for j in exact.plan.jobs if j.round < last} == {j.job_id for j in greedy.plan.jobs if j.round < last}
+        shared = {j.source_id for j in exact.plan.jobs} & {j.source_id for j in greedy.plan.jobs}
+        pick = lambda spend: sorted((c.rollout_id, c.response_ids.tobytes()) for c in spend.extra if c.source_id in shared)  # noqa: E731
+        assert pick(exact) == pick(greedy)
