@@ -606,18 +606,30 @@ def test_concurrent_calls_cannot_see_each_others_files_or_processes():
     # Guard off where the OS layer is the boundary (bwrap): each call has its own /proc and work dir.
     guard = LEVEL != "bwrap"
     code = (
-        "import os, time\nstart = time.time()\nopen('{tag}.txt', 'w').write('{tag}')\ntime.sleep(1.5)\n"
-        "print(sorted(os.listdir('.')))\n"
-        + ("" if guard else "print(len([p for p in os.listdir('/proc') if p.isdigit()]))\n")
+        "import os, time\nstart = time.time()\nopen('{tag}.txt', 'w').write('{tag}')\n"
+        + ("" if guard else "import socket\nlistener = socket.create_server(('127.0.0.1', 47613))\nos.openpty()\n")
+        + "time.sleep(1.5)\nprint(sorted(os.listdir('.')))\n"
+        + ("" if guard else "print(len([p for p in os.listdir('/proc') if p.isdigit()]), sorted(os.listdir('/dev/pts')))\n")
         + "print(start, time.time())"
     )
     first, second = asyncio.run(_gather([code.format(tag="first"), code.format(tag="second")], guard=guard))
     assert not first.is_error and not second.is_error, (first.error, second.error)
     assert first.text.splitlines()[0] == "['first.txt']" and second.text.splitlines()[0] == "['second.txt']"
-    if not guard:  # the call's namespace init and the code: nothing of the other call
-        assert int(first.text.splitlines()[1]) <= 3 and int(second.text.splitlines()[1]) <= 3, (first.text, second.text)
+    if not guard:  # its own loopback (both bound one port), namespace init and code, ptys: nothing of the other
+        for result in (first, second):
+            pids, ptys = result.text.splitlines()[1].split(" ", 1)
+            assert int(pids) <= 3 and ptys == "['0', 'ptmx']", result.text
     (a0, a1), (b0, b1) = (map(float, r.text.splitlines()[-1].split()) for r in (first, second))
     assert a0 < b1 and b0 < a1, "the two calls did not overlap"
+
+
+@fork_only
+def test_64_sleeping_calls_do_not_wait_for_each_other():
+    # arun is not bounded by asyncio's default thread pool (6 threads on 2 cores would make this 11 s+).
+    started = time.monotonic()
+    results = asyncio.run(_gather(["import time\ntime.sleep(1.5)\nprint('ok')"] * 64))
+    assert [r.text for r in results] == ["ok"] * 64, {r.error for r in results}
+    assert time.monotonic() - started < 8, time.monotonic() - started
 
 
 def test_state_does_not_survive_between_calls():

@@ -1140,7 +1140,6 @@ PROBE_CODE = "import sys\nsys.modules.pop('colorsys', None)\nimport colorsys\npr
 so only an import shows whether a call's uid can read the Python installation."""
 
 
-@functools.lru_cache(maxsize=None)
 def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
     """The strongest layer that runs a real call end to end here with ``start`` (``prefer`` forces one).
 
@@ -1157,6 +1156,11 @@ def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
         raise ValueError(f"isolation={prefer!r}: expected 'auto' or one of {ISOLATION_LEVELS}")
     if start not in START_METHODS:
         raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
+    return _detect(prefer, start)
+
+
+@functools.lru_cache(maxsize=None)
+def _detect(prefer: str, start: str) -> Isolation:
     candidates = ISOLATION_LEVELS if prefer == "auto" else (prefer,)
     uid_options = (True, False) if os.geteuid() == 0 else (False,)
     reasons = []

@@ -654,9 +654,16 @@ def watch(child, mode, uid, lifeline, status):
 
 
 def mount_call_filesystems(uid, workdir):
-    """In the call's new mount namespace: a fresh /proc (bwrap's read-only parts too) and a fresh
-    size-capped tmpfs on the work dir, which becomes the current directory."""
+    """In the call's new namespaces: a fresh /proc (bwrap's read-only parts too), a fresh pty
+    instance where bwrap made one, a fresh size-capped tmpfs on the work dir (which becomes the
+    current directory) and, as bwrap does, the new network namespace's loopback up."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # SIOCSIFFLAGS lo: UP | LOOPBACK | RUNNING
+        fcntl.ioctl(probe.fileno(), 0x8914, struct.pack("16sh22x", b"lo", 0x1 | 0x8 | 0x40))
     libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+    if os.path.islink("/dev/ptmx") and os.path.isdir("/dev/pts"):  # bwrap's private /dev
+        libc_call("mount", b"devpts", b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC, b"newinstance,ptmxmode=0666,mode=620")
     libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     for name in PROC_READ_ONLY:
         path = f"/proc/{name}".encode()
