@@ -608,14 +608,17 @@ def watch(child, mode, uid, lifeline, status):
     """Until the child ends or the lifeline closes (the trainer never writes to it: readable =
     closed), then kill what is left: at ``rlimits`` the call's process group and uid, as a separate
     init's parent that init (the kernel empties its namespace), as init everything (then reap it)."""
-    pidfd = os.pidfd_open(child)
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
     poller.register(lifeline, select.POLLIN)
+    try:
+        poller.register(os.pidfd_open(child), select.POLLIN)
+        wait_ms = 1000
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): look every 20 ms
+        wait_ms = 20
     ended, closed = None, False
     while ended is None and not closed:
         try:
-            events = poller.poll(1000)
+            events = poller.poll(wait_ms)
         except InterruptedError:
             continue
         closed = any(fd == lifeline for fd, _ in events)
