@@ -11,7 +11,7 @@ limit that stopped the code (``"cpu_time"`` / ``"wall_clock"``) in ``metadata["l
 
 Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``timeout_s``,
 ``cpu_s``, ``memory_mb``, ...), plus ``start`` (``"fork"``, the default: each call forked from a
-warm template process, a few ms; ``"spawn"``: a fresh interpreter per call, the old pool),
+warm template process, ~10 ms of CPU; ``"spawn"``: a fresh interpreter per call, the old pool),
 ``pool_size`` (template processes under ``fork``, default 1; ready workers under ``spawn``, default
 2), ``isolation`` (``"auto"`` or a layer name) and ``max_code_chars`` (default 20000).
 """

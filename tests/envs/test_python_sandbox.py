@@ -190,6 +190,8 @@ def test_bad_context_images_are_refused_before_any_worker_starts():
 def test_config_keys_are_checked():
     with pytest.raises(ValueError, match=r"PythonCodeTool config .*unknown keys"):
         PythonCodeTool(timeout=3)
+    with pytest.raises(ValueError, match=r"start='vfork'"):
+        PythonCodeTool(start="vfork")
 
 
 def test_concurrent_calls_from_threads_with_their_own_event_loops():
