@@ -28,11 +28,11 @@ runs; bwrap layer, root, a private uid per call; load average 0.94 at the start,
     python spawn, one at a time (20 calls)                      4.4       6.0
     fork / spawn: 17.2x the calls/s
 
-At saturation a forked call costs ~2 cores / 154 calls/s = ~13 ms of CPU all told (template fork,
-namespaces, mounts, the code, teardown, the trainer's side); a spawned worker ~0.2 s, started one at a
-time, and its ready workers go to waiting calls in no particular order (hence the 44 s p99). One at
-a time, spawn is faster (4 ms: the process and its namespaces already exist) than fork (11 ms: both
-are made per call).
+At saturation a forked call costs at most 2 cores / 154 calls/s = 13 ms of CPU all told (template
+fork, namespaces, mounts, the code, teardown, the trainer's side; the machine was not idle). Spawn
+starts its workers one at a time, ~110 ms each here, and hands ready ones to waiting calls in no
+particular order (hence the 44 s p99). One at a time, spawn is faster (4 ms: the process and its
+namespaces already exist) than fork (11 ms: both are made per call).
 """
 
 from __future__ import annotations
