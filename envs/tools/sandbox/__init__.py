@@ -31,7 +31,7 @@ Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
              template that dies is restarted (calls in flight on it get a clear error, later calls
              go to the new one).
 ``spawn``    a fresh ``python -I`` per call, from ``size`` workers (default 2) started ahead: ~10-30
-             ms when a ready worker waits, but each start costs ~0.2-0.5 s of CPU, so back-to-back
+             ms when a ready worker waits, but each start costs ~0.1-0.5 s of CPU, so back-to-back
              calls queue behind starts. The fallback, and the baseline of ``benchmarks/bench_tools.py``.
 
 Always, under every layer and start method: a fresh process per call that runs nothing but this
