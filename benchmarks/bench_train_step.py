@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.8)
     parser.add_argument("--max-tokens-per-turn", type=int, default=96)
     parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="0: fixed --micro-batch rows per pass")
+    parser.add_argument("--no-trim", action="store_true", help="forward whole rows (not only to the last loss token)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -69,7 +71,7 @@ def main() -> None:
     call = chat.encode('<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>')
     shaped = LengthShapedEngine(engine, median_tokens=args.median_turn, sigma=args.sigma)
     biased = ToolBiasedEngine(shaped, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=call,
-                              open_rate=0.0, call_rate=0.3, body_rate=0.5)
+                              open_rate=0.0, call_rate=0.3, body_rate=0.5, score_inserted=False)
     tools = build_tools(["crop"])
     grader = SymptomGrader(0.3)
     agent = AgentConfig(max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=512, max_context_tokens=2048)
@@ -83,7 +85,8 @@ def main() -> None:
         cfg = load_config(None, overrides)
         workflow = AXPOWorkflow(biased, chat, lambda: MultimodalToolEnv(tools=tools, grader=grader),
                                 WorkflowConfig(n=args.n, axpo=axpo_config(cfg), agent=agent, seed=0))
-        trainer = AXPOTrainer(policy, workflow, cfg, RLConfig(micro_batch_size=args.micro_batch), reference=reference)
+        trainer = AXPOTrainer(policy, workflow, cfg, RLConfig(micro_batch_size=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
+                                                              trim_to_loss=not args.no_trim), reference=reference)
         m = trainer.step(tasks, step_no)
         return {"step_s": m["timing/step_s"], "rollout_s": m["timing/rollout_s"], "update_s": m["timing/update_s"],
                 "rows": m["train/rows"], "loss_tokens": m["actor/loss_tokens"], "used": m.get("axpo/extra_samples_used", 0.0),
@@ -97,6 +100,7 @@ def main() -> None:
         print(json.dumps(row, default=lambda v: round(v, 4)))
     med = lambda arm, key: statistics.median(r[arm][key] for r in rows)  # noqa: E731
     print(f"\nB={args.questions} N={args.n} K={args.k} r={args.r}; {args.repeats} repeats; torch threads {args.threads}; "
+          f"micro-batches: {args.micro_batch_tokens or 'fixed'} tokens / {args.micro_batch} rows, trim to loss {not args.no_trim}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; medians:")
     print(f"  {'arm':13s} {'step s':>7s} {'rollout':>8s} {'update':>7s} {'rows':>5s} {'loss tok':>8s} {'used/E':>7s}   "
           f"{'step':>5s} {'rollout':>7s} {'update':>6s} (/GRPO)")

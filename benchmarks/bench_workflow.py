@@ -5,8 +5,9 @@ has the paper's symptoms (AXPO_SPEC: ~30% tool use, ~40% all-wrong tool subgroup
 wrong) and a long-tailed length distribution, on the random tiny Qwen-VL through the seeded wrappers
 of ``tests/support`` (``symptom_world``: turn lengths log-normal, answers graded correct with a
 fixed probability by a hash; ``tool_biased_engine``: a share of fresh turns gets a whole crop call
-inserted, with true logprobs; a continuation's call body is inserted half of the time, so some
-continuations run the crop tool). The engine schedules continuously (``VLLMEngine`` default), as
+inserted; a continuation's call body is inserted half of the time, so some continuations run the
+crop tool; inserted tokens carry seeded synthetic logprobs rather than a scoring request, so the
+harness adds no engine work a real policy would not do). The engine schedules continuously (``VLLMEngine`` default), as
 vLLM's server and verl's rollout do: a released continuation joins the running batch at the next step.
 
 Arms (``--arms``):
@@ -108,7 +109,7 @@ def main() -> None:
     call = chat.encode('<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>')
     shaped = LengthShapedEngine(engine, median_tokens=args.median_turn, sigma=args.sigma)
     biased = ToolBiasedEngine(shaped, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=call,
-                              open_rate=0.0, call_rate=args.tool_rate, body_rate=0.5)
+                              open_rate=0.0, call_rate=args.tool_rate, body_rate=0.5, score_inserted=False)
     tools = build_tools(["crop"])
     grader = SymptomGrader(args.accuracy)
     env_factory = lambda: MultimodalToolEnv(tools=tools, grader=grader)  # noqa: E731

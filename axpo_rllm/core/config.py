@@ -80,6 +80,11 @@ class AXPOConfig:
     and a known rank order (``random`` keys depend on every earlier question): inert otherwise."""
 
     def __post_init__(self) -> None:
+        # YAML 1.1 (omegaconf, hydra's command line) reads a bare `off` as false: `streaming=off` and
+        # `speculation=off` from a config file or an override mean the string.
+        for name in ("streaming", "speculation"):
+            if getattr(self, name) is False:
+                object.__setattr__(self, name, "off")
         checks = [
             (0.0 <= self.r <= 16.0, f"r must be in [0, 16], got {self.r!r}"),
             (isinstance(self.k, int) and self.k >= 1, f"k must be an int >= 1, got {self.k!r}"),

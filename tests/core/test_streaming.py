@@ -345,3 +345,14 @@ def test_rollout_speculation_starts_a_graded_source_before_its_question_complete
     assert planner.observe(q0[1]) == [] and planner.take_cancelled() == ["q0/q0#0"]  # a right tool rollout: no trigger
     off = StreamingPlanner(AXPOConfig(r=0.25, k=1, speculation="rollout", ranking="random"), 2, 2, order=["q0", "q1"])
     assert off.speculation == "off" and off.observe(q0[0]) == []
+
+
+def test_off_from_a_yaml_override_is_the_string_off():
+    """YAML 1.1 reads a bare ``off`` as false; ``algorithm.axpo.streaming=off`` must mean the barrier."""
+    from axpo_rllm.configs.loader import axpo_config, load_config
+
+    config = axpo_config(load_config(None, ["algorithm.axpo.streaming=off", "algorithm.axpo.speculation=off"]))
+    assert (config.streaming, config.speculation) == ("off", "off")
+    assert axpo_config(load_config(None, ["algorithm.axpo.speculation=rollout"])).speculation == "rollout"
+    with pytest.raises(ValueError, match="speculation must be off|group|rollout"):
+        AXPOConfig(speculation="always")

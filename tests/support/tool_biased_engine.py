@@ -13,6 +13,7 @@ tokens is not the policy's: never use this for training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ class ToolBiasedEngine(RolloutEngine):
         body_rate: float = 0.0,
         after_tokens: int = 4,
         open_id: int | None = None,
+        score_inserted: bool = True,
     ) -> None:
         self.inner = inner
         self.turn_start_ids = tuple(turn_start_ids)
@@ -51,6 +53,10 @@ class ToolBiasedEngine(RolloutEngine):
         for a chat format whose turns start inside the reasoning)."""
         self.open_rate, self.call_rate, self.body_rate = open_rate, call_rate, body_rate
         self.after_tokens = after_tokens
+        self.score_inserted = score_inserted
+        """False (benchmarks): inserted tokens get seeded synthetic logprobs instead of a scoring
+        request, so the harness adds no engine work of its own (a scoring request is a full
+        prefill with prompt logprobs, which a real policy's call never costs)."""
         self.inserted = 0
 
     def __getattr__(self, name: str) -> Any:  # prefix_cache_stats, tokenizer ... of the wrapped engine
@@ -91,7 +97,11 @@ class ToolBiasedEngine(RolloutEngine):
             tokens += head.token_ids
             logprobs += head.logprobs
         context = list(request.prompt_ids) + tokens
-        logprobs += await self.inner.score(context, request.images, list(inserted))
+        if self.score_inserted:
+            logprobs += await self.inner.score(context, request.images, list(inserted))
+        else:
+            rng = random.Random(f"inserted/{request.seed}/{len(context)}")
+            logprobs += [math.log(rng.uniform(0.05, 1.0)) for _ in inserted]
         tokens += inserted
         self.inserted += 1
         finish, stop_reason = "stop", None
