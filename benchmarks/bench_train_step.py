@@ -3,6 +3,10 @@
 
     .venv/bin/python benchmarks/bench_train_step.py [--questions 8 --n 8 --k 4 --r 0.25 --repeats 3]
 
+Measured 2026-12-05 (2-core VM, B=8, N=8, 4 repeats, medians): AXPO/GRPO whole step 1.20
+(rollout 1.26, update 1.09); with ``--micro-batch-tokens 0 --no-trim`` (fixed 16-row micro-batches,
+whole rows) the update was 1.52 / 1.85 s (GRPO / AXPO, 1.16) against 1.23 / 1.39 s.
+
 The trainer of ``axpo-rllm main`` (``AXPOTrainer``): the tiny Qwen2.5-VL as actor, a
 ``TransformersEngine`` sampling with the actor's own weights, verl's ``compute_advantage`` /
 ``compute_policy_loss_vanilla`` / low-var KL, AdamW. The step has the paper's symptoms through the
