@@ -58,28 +58,34 @@ def build_groups(specs, names):
     return groups
 
 
-def replay(planner, groups, events, observe, on_event=None):
+def replay(planner, groups, events, observe, on_event=None, on_jobs=None):
     """Feed the planner in completion order. Each rollout appears twice in ``events``: first its
     first tool call (reported if it has one), then its grade; a question's group is added right
     after its last grade. ``observe`` False: only the groups. Returns the releases and the arrival
     order; ``on_event(seen)`` is called after every event with how far each rollout has got
-    (0 nothing, 1 called, 2 graded)."""
+    (0 nothing, 1 called, 2 graded), ``on_jobs(jobs)`` with what each call to the planner returned."""
     from axpo_rllm.core.planner import mean_probability
 
     rollouts = [r for g in groups for r in g.rollouts]
     seen = {r.rollout_id: 0 for r in rollouts}
     released, arrival = [], []
+
+    def take(jobs):
+        released.extend(jobs)
+        if on_jobs is not None:
+            on_jobs(jobs)
+
     for index in events:
         r = rollouts[index]
         g = next(g for g in groups if g.question_id == r.question_id)
         seen[r.rollout_id] += 1
         if seen[r.rollout_id] == 1 and observe and r.used_tool:
             call = r.first_tool_call
-            released += planner.observe_call(r.question_id, r.rollout_id, mean_probability(r.response_logprobs[call.body_start:call.end]))
+            take(planner.observe_call(r.question_id, r.rollout_id, mean_probability(r.response_logprobs[call.body_start:call.end])))
         elif seen[r.rollout_id] == 2:
-            released += planner.observe(r) if observe else []
+            take(planner.observe(r) if observe else [])
             if all(seen[x.rollout_id] == 2 for x in g.rollouts):
-                released += planner.add(g)
+                take(planner.add(g))
                 arrival.append(g.question_id)
         if on_event is not None:
             on_event(seen)
@@ -293,22 +299,7 @@ def test_speculation_keeps_the_batch_plan_and_cancels_exactly_what_it_does_not_t
             del running[job_id]
             cancels += 1
 
-    rollouts = [r for g in groups for r in g.rollouts]
-    seen = {r.rollout_id: 0 for r in rollouts}
-    from axpo_rllm.core.planner import mean_probability
-
-    for index in events:
-        r = rollouts[index]
-        g = next(g for g in groups if g.question_id == r.question_id)
-        seen[r.rollout_id] += 1
-        if seen[r.rollout_id] == 1 and observe and r.used_tool:
-            call = r.first_tool_call
-            follow(planner.observe_call(r.question_id, r.rollout_id, mean_probability(r.response_logprobs[call.body_start:call.end])))
-        elif seen[r.rollout_id] == 2:
-            if observe:
-                follow(planner.observe(r))
-            if all(seen[x.rollout_id] == 2 for x in g.rollouts):
-                follow(planner.add(g))
+    replay(planner, groups, events, observe, on_jobs=follow)
     plan = planner.finish()
     follow([])
     ordered = groups if known_order else sorted(groups, key=lambda g: g.question_id)

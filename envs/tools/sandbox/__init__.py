@@ -339,6 +339,15 @@ def _truncated(data: bytes, total: int, max_chars: int) -> str:
     return text
 
 
+def _read_header(header: bytes, limits: SandboxLimits) -> tuple[str, bool, list[str], list[tuple[int, int]]]:
+    """A worker's JSON header (untrusted): its error, whether it reports the CPU limit, its notes
+    (capped) and the checked sizes of the images that follow (at most ``max_images``)."""
+    meta = json.loads(header)
+    return (str(meta.get("error") or ""), meta.get("limit") == CPU_LIMIT,
+            [str(n)[:300] for n in meta.get("notes", [])][:10],
+            [_check_image_size(size, limits) for size in meta.get("images", [])[: limits.max_images]])
+
+
 def _check_image_size(size: Any, limits: SandboxLimits) -> tuple[int, int]:
     w, h = int(size[0]), int(size[1])
     if not (0 < w and 0 < h and w * h <= limits.max_image_pixels):
@@ -456,12 +465,10 @@ class _Worker:
                 error, signame = self._death_message()
                 cpu_fired = cpu_fired or signame == "SIGXCPU"
             else:
-                meta = json.loads(header)
-                error = str(meta.get("error") or "")
-                cpu_fired = cpu_fired or meta.get("limit") == CPU_LIMIT
-                notes = [str(n)[:300] for n in meta.get("notes", [])][:10]
-                for size in meta.get("images", [])[: limits.max_images]:
-                    out_images.append(self._read_image(size, deadline))
+                error, cpu_reported, notes, sizes = _read_header(header, limits)
+                cpu_fired = cpu_fired or cpu_reported
+                for w, h in sizes:
+                    out_images.append(self._read_image(w, h, deadline))
                 answered = True
         except TimeoutError:
             limit = WALL_LIMIT  # unless the CPU limit fired first (in _finish)
@@ -474,8 +481,7 @@ class _Worker:
                        self.read_stream(self.stdout_path, limits.max_output_chars),
                        self.read_stream(self.stderr_path, limits.max_output_chars))
 
-    def _read_image(self, size: Any, deadline: float) -> Any:
-        w, h = _check_image_size(size, self.limits)
+    def _read_image(self, w: int, h: int, deadline: float) -> Any:
         raw = self._read_frame(deadline, w * h * 3)
         if raw is None or len(raw) != w * h * 3:
             raise ValueError("worker sent a truncated image")
@@ -918,12 +924,9 @@ class _ForkCall:
                 error, signame = await self._death_message()
                 cpu_fired = cpu_fired or signame == "SIGXCPU"
             else:
-                meta = json.loads(header)
-                error = str(meta.get("error") or "")
-                cpu_fired = cpu_fired or meta.get("limit") == CPU_LIMIT
-                notes = [str(n)[:300] for n in meta.get("notes", [])][:10]
-                for size in meta.get("images", [])[: limits.max_images]:
-                    w, h = _check_image_size(size, limits)
+                error, cpu_reported, notes, sizes = _read_header(header, limits)
+                cpu_fired = cpu_fired or cpu_reported
+                for w, h in sizes:
                     raw = await self.results.frame(deadline, w * h * 3)
                     if raw is None or len(raw) != w * h * 3:
                         raise ValueError("worker sent a truncated image")
