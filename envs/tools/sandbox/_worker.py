@@ -474,7 +474,9 @@ def exit_status(wait_status):
 
 
 def kill_uid(uid):
-    """SIGKILL every process of ``uid`` (the call's private uid), repeating while new ones appear."""
+    """SIGKILL every process of ``uid`` (the call's private uid), repeating while new ones appear.
+    (The trainer's ``_kill_uid`` does the same from outside; this source runs with no project file
+    visible, so it cannot share that one.)"""
     for _ in range(20):
         found = False
         for pid in os.listdir("/proc"):
