@@ -31,6 +31,7 @@ Measured 2026-12-05 (2-core VM, quiet; medians of per-repeat AXPO/GRPO step rati
 
     B=16, 8 repeats: barrier 1.62, exact 1.62, greedy 1.63, spec-group 1.92, spec-rollout 1.78
     B=32, 4 repeats: barrier 1.62, exact 1.47, greedy 1.38, spec-group 1.59, spec-rollout 1.83
+    B=64, 3 repeats: barrier 1.32, exact 1.35, greedy 1.25 (all-wrong tool subgroups 0.41)
     extra generated tokens / GRPO's 0.37; continuation prefix-cache hit 0.952; used = E; phase 1
     identical in every arm; barrier == exact == speculative, plan and continuation tokens.
 
