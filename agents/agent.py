@@ -254,8 +254,8 @@ class Agent:
         state.turns = turn + 1 if turn_start > 0 or (job is not None and job.prefix_len > 0) else turn  # a resumed turn is open
         while True:
             forced = cfg.cap_policy == "force_answer" and turn == cfg.max_turns - 1
-            budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids),
-                         cfg.max_context_tokens - self._context_tokens(state))
+            context = self._context_tokens(state)  # the request's prompt, images expanded
+            budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(state.ids), cfg.max_context_tokens - context)
             if budget < 1:
                 return Termination.MAX_TOKENS, 0.0, False
             banned = None
@@ -271,7 +271,7 @@ class Agent:
                 banned_token_ids=banned,
                 request_id=f"{rollout_id}/t{turn}",
             )  # the turn runs to end-of-turn (EOS) or its token budget, never to a `</tool_call>` text
-            result = await self._generate(request, state.stats)
+            result = await self._generate(request, state.stats, context)
             state.turns = turn + 1
             state.ids.extend(result.token_ids)
             state.logprobs.extend(result.logprobs)
@@ -352,7 +352,8 @@ class Agent:
             out.append((obs.model_text, tuple(obs.images)))
         return out
 
-    async def _generate(self, request: GenerationRequest, stats: EpisodeStats) -> GenerationResult:
+    async def _generate(self, request: GenerationRequest, stats: EpisodeStats, prompt_tokens: int) -> GenerationResult:
+        """``prompt_tokens``: the request's prompt as the engine counts it (images expanded)."""
         attempt = 0
         while True:
             try:
@@ -366,11 +367,10 @@ class Agent:
                 continue
             stats.requests += 1
             stats.generated_tokens += len(result.token_ids)
-            prompt = len(request.prompt_ids) + sum(self.chat.image_tokens(im) - 1 for im in request.images)
-            stats.prompt_tokens += prompt
+            stats.prompt_tokens += prompt_tokens
             stats.cached_tokens += max(result.num_cached_tokens, 0)
             if stats.requests == 1 and result.num_cached_tokens >= 0:
-                stats.first_prompt_tokens, stats.first_cached_tokens = prompt, result.num_cached_tokens
+                stats.first_prompt_tokens, stats.first_cached_tokens = prompt_tokens, result.num_cached_tokens
             if result.finish_reason in ("abort", "error"):
                 raise EngineError(f"generation ended with finish_reason={result.finish_reason!r}", request.request_id)
             return result

@@ -317,7 +317,7 @@ class StreamingPlanner:
         self._arrived.append(q.question_id)
         q.sources = eligible_sources(group, self.config.resample_target) if is_triggered(group, self.config.resample_target) else []
         if self.config.ranking != "random":
-            q.ranked = self._rank(q, [_key(c, self.config.ranking) for _, c in q.sources])
+            q.ranked = self._rank(q.question_id, q.sources, [_key(c, self.config.ranking) for _, c in q.sources])
         return self._follow(self._evaluate())
 
     def finish(self) -> ResamplePlan:
@@ -340,7 +340,7 @@ class StreamingPlanner:
         for job_id, job in list(self._started.items()):
             if job_id not in planned:  # a speculative start the plan did not take
                 self._cancel(job_id)
-            elif _signature(planned[job_id])[:3] + _signature(planned[job_id])[4:] != _signature(job)[:3] + _signature(job)[4:]:
+            elif _signature(planned[job_id], with_round=False) != _signature(job, with_round=False):
                 raise RuntimeError(f"speculative start {job_id} asks for other continuations than the plan's job")
         # Certain jobs keep their released objects; a speculative start the plan takes gets the plan's
         # job (its round may differ from the optimistic plan's; the continuations it asked for do not).
@@ -362,11 +362,12 @@ class StreamingPlanner:
             q = self._questions[question_id] = _Question(question_id)
         return q
 
-    def _rank(self, q: _Question, keys: Sequence[float]) -> list[Candidate]:
+    def _rank(self, question_id: str, sources: Sequence[tuple[Rollout, float]], keys: Sequence[float]) -> list[Candidate]:
+        """``sources`` (with c_s) as candidates with these rank keys, in rank order."""
         target = self.config.resample_target
         found = [
-            Candidate(q.question_id, s.rollout_id, prefix_len(s, target), c, float(key))
-            for (s, c), key in zip(q.sources, keys)
+            Candidate(question_id, s.rollout_id, prefix_len(s, target), c, float(key))
+            for (s, c), key in zip(sources, keys)
         ]
         return sorted(found, key=lambda cand: cand.rank_key)
 
@@ -493,9 +494,7 @@ class StreamingPlanner:
                     sources.update((s.rollout_id, s) for s, _ in q.sources)
             elif self.speculation == "rollout" and not q.untriggered and q.graded_eligible:
                 found = [(s, confidence(s, target)) for s in q.graded.values() if _in_target(s, target) and is_eligible_source(s, target)]
-                ranked = sorted((Candidate(qid, s.rollout_id, prefix_len(s, target), c, _key(c, self.config.ranking))
-                                 for s, c in found), key=lambda cand: cand.rank_key)
-                candidates[qid] = ranked
+                candidates[qid] = self._rank(qid, found, [_key(c, self.config.ranking) for _, c in found])
                 sources.update((s.rollout_id, s) for s, _ in found)
         jobs = (make_job(sources[c.source_id], c, round_, self.config)
                 for c, round_ in allocate_breadth_first(candidates, self.budget, self.config.k))
@@ -519,7 +518,7 @@ class StreamingPlanner:
             if q.done and q.ranked is None:
                 lo, hi = self._ranges[q.question_id]
                 if lo == hi:
-                    q.ranked = self._rank(q, self._draws[lo: lo + len(q.sources)].tolist())
+                    q.ranked = self._rank(q.question_id, q.sources, self._draws[lo: lo + len(q.sources)].tolist())
 
     def _fixed_rounds(self, q: _Question, pos, bound, unseen) -> list[tuple[Candidate, int]]:
         """Random ranking, offset still open: the candidates whose round is the same at every offset."""
@@ -546,7 +545,9 @@ def _in_target(rollout: Rollout, target) -> bool:
     return rollout.used_tool if target == "tool" else not rollout.used_tool
 
 
-def _signature(job: ResampleJob) -> tuple:
-    return (job.job_id, job.question_id, job.source_id, job.round, job.k, job.confidence, job.turns_used,
+def _signature(job: ResampleJob, with_round: bool = True) -> tuple:
+    """What a job asks for; ``with_round`` False: the continuations only (a speculative start's round
+    may differ from the final plan's)."""
+    return (job.job_id, job.question_id, job.source_id, job.round if with_round else None, job.k, job.confidence, job.turns_used,
             job.request_ids.tobytes(), job.prefix_mask.tobytes(), job.prefix_logprobs.tobytes(),
             tuple(id(im) for im in job.images))

@@ -347,11 +347,15 @@ class BatchingExecutor:
 
 
 def _fail(pending: _Pending, exc: Exception) -> None:
-    if pending.future.done():
-        return
-    if not isinstance(exc, (EngineError, BackendContractError)):
-        exc = EngineError(f"{type(exc).__name__}: {exc}", pending.request.request_id)
-    pending.future.set_exception(exc)
+    if not pending.future.done():
+        pending.future.set_exception(_engine_error(exc, pending.request.request_id))
+
+
+def _engine_error(exc: BaseException, request_id: str) -> BaseException:
+    """What a waiter gets: our own errors as they are, anything else as an :class:`EngineError`."""
+    if isinstance(exc, (EngineError, BackendContractError)):
+        return exc
+    return EngineError(f"{type(exc).__name__}: {exc}", request_id)
 
 
 class SteppingBackend(Protocol):
@@ -378,6 +382,7 @@ class _Work:
     convert: Callable[[Any], Any]
     future: asyncio.Future = field(repr=False)
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    request_id: str = ""
     key: Hashable | None = None
 
 
@@ -393,15 +398,14 @@ class SteppingExecutor:
     thread-safe) that loops: admit new work, abort cancelled work, ``step()``, hand finished
     outputs back to their event loops; it sleeps while nothing runs.
 
-    Failures stay with their work: ``validate`` and ``backend.add`` reject a request alone; a result
+    Failures stay with their work: ``backend.add`` rejects a request alone; a result
     ``convert`` cannot read fails that request alone; a failing ``step()`` fails (and aborts) every
     request then running, each with an :class:`EngineError` naming the step's error. A waiter that is
     cancelled (its episode was cancelled) has its request aborted in the backend.
     """
 
-    def __init__(self, backend: SteppingBackend, name: str, validate: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, backend: SteppingBackend, name: str) -> None:
         self._backend = backend
-        self._validate = validate
         self._cond = threading.Condition()
         self._incoming: list[_Work] = []
         self._cancelled: list[_Work] = []
@@ -411,12 +415,11 @@ class SteppingExecutor:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    async def submit(self, payload: Any, convert: Callable[[Any], Any]) -> Any:
-        """Run one piece of work; ``convert(output)`` (on the worker thread) makes its result."""
-        if self._validate is not None:
-            self._validate(payload)  # a bad request fails here, alone, before it reaches the backend
+    async def submit(self, payload: Any, convert: Callable[[Any], Any], request_id: str = "") -> Any:
+        """Run one piece of work; ``convert(output)`` (on the worker thread) makes its result;
+        ``request_id`` names it in errors."""
         loop = asyncio.get_running_loop()
-        work = _Work(payload, convert, loop.create_future(), loop)
+        work = _Work(payload, convert, loop.create_future(), loop, request_id)
         work.future.add_done_callback(lambda f: self._on_done(work))
         with self._cond:
             if self._closed:
@@ -531,10 +534,7 @@ class SteppingExecutor:
             if work.future.done():
                 return
             if isinstance(outcome, BaseException):
-                error = outcome
-                if not isinstance(error, (EngineError, BackendContractError)):
-                    error = EngineError(f"{type(error).__name__}: {error}", getattr(work.payload, "request_id", ""))
-                work.future.set_exception(error)
+                work.future.set_exception(_engine_error(outcome, work.request_id))
             else:
                 work.future.set_result(outcome)
 

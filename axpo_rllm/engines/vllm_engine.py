@@ -107,7 +107,7 @@ class VLLMEngine(InProcessEngine):
 
     async def _submit(self, request: GenerationRequest) -> GenerationResult:
         work = (self._prompt(request), self._sampling_params(request))  # a bad request fails here, alone
-        return await self._stepper.submit(work, lambda out: _to_result(out, request))
+        return await self._stepper.submit(work, lambda out: _to_result(out, request), request.request_id)
 
     async def score(self, prompt_ids: Sequence[int], images: Sequence[Any], continuation_ids: Sequence[int]) -> list[float]:
         if self._stepper is None:
@@ -194,7 +194,6 @@ class VLLMEngine(InProcessEngine):
             return []
         prompt, params = self._score_request(prompt_ids, images, continuation_ids)
         return _score_tail(self.llm.generate([prompt], params, use_tqdm=False)[0], continuation_ids)
-
 
 
 class _LLMSteps:

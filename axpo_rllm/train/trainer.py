@@ -225,9 +225,8 @@ class AXPOTrainer:
             mm = batch.non_tensor_batch.get("multi_modal_inputs")
             mm = None if mm is None else list(mm)
             if self.rl.trim_to_loss:
-                merge = int(getattr(getattr(self.policy.model.config, "vision_config", None), "spatial_merge_size", 2))
                 cached = trim_to_loss(t["input_ids"], t["attention_mask"], t["response_mask"], t["prompts"].shape[1],
-                                      mm, self.policy.image_pad_id, merge)
+                                      mm, self.policy.image_pad_id, int(self.policy.image_processor.merge_size))
             else:
                 cached = (t["attention_mask"], mm)
             batch.meta_info["_forward_inputs"] = cached
