@@ -146,8 +146,12 @@ def write_verl_parquet(
 
 
 def rllm_row(row: DataRow, verify_images: bool = True) -> dict[str, Any]:
-    """One rllm dataset row: what ``task_from_dict`` (our rllm workflow) and our rllm evaluator read."""
-    return {
+    """One rllm dataset row: what ``task_from_dict`` (our rllm workflow) and our rllm evaluator read.
+
+    Empty ``metadata`` is left out: rllm stores a split as parquet, which cannot hold a struct column
+    with no fields (every row's metadata empty), and ``task_from_dict`` reads a missing one as empty.
+    """
+    row_out = {
         "task_id": row.task_id,
         "question": row.question,
         "ground_truth": row.answer,
@@ -157,8 +161,10 @@ def rllm_row(row: DataRow, verify_images: bool = True) -> dict[str, Any]:
         "choices": list(row.choices),
         "images": [s["bytes"] for s in _image_structs(row, verify_images)],
         "reward": "f1" if row.kind == "f1" else "em",
-        "metadata": dict(row.metadata),
     }
+    if row.metadata:
+        row_out["metadata"] = dict(row.metadata)
+    return row_out
 
 
 def register_rllm(

@@ -87,3 +87,19 @@ def test_rows_registered_in_rllm_come_back_as_tasks_our_workflow_runs(suite, reg
 
     verdicts = [AXPOEvaluator().evaluate(t, Episode(artifacts={"answer": "\\boxed{A}"})) for t in rllm_tasks]
     assert [v.is_correct for v in verdicts] == [False, False, False, True, False, False, False, False, False]
+
+
+def test_rows_without_metadata_register_and_come_back_as_tasks(registry, tmp_path):
+    """rllm stores a split as parquet, which has no struct with zero fields: a data set whose rows
+    carry no extra columns must still register (the end-to-end run's jsonl rows are such rows)."""
+    from axpo_rllm.data.writers import register_rllm
+    from axpo_rllm.envs.adapters.rllm import task_from_dict
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text('{"id": "q1", "question": "Who founded Draportmo?", "answer": "Vatadra", "answer_kind": "em"}\n'
+                    '{"id": "q2", "question": "What is 6 times 7?", "answer": "42", "answer_kind": "numeric"}\n')
+    rows, _ = load_rows(str(path), source="plain")
+    assert all(not r.metadata for r in rows)
+    assert register_rllm(rows, "plain", split="train") == 2
+    back = [task_from_dict(dict(r)) for r in registry.load_dataset("plain", "train")]
+    assert [(t.task_id, t.answer) for t in back] == [("q1", "Vatadra"), ("q2", "42")]
