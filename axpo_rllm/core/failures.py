@@ -11,7 +11,14 @@ an env or tool crash, a timeout) was cut short by the infrastructure, not by the
 - every step reports the failures by reason (``axpo/failed/<reason>``, the part of ``error`` before
   the first ':') and their share, and a step whose failed share passes ``max_failed_share``
   (default 5%) raises :class:`StepFailedError` listing the reasons — never train silently on an
-  outage.
+  outage;
+- a step whose sampling policy is not the policy being trained stops too: when the rollout
+  engine's log-probs of the sampled tokens differ from the actor's by more than
+  ``max_logprob_gap`` on average (mean |Δ log p| over response tokens — a mean, not a max, which
+  bf16 kernels alone push to tenths on GPUs), the rollout weights are wrong (a ``dummy``
+  ``load_format`` whose buffers no sync sends, a weight sync that did not land) and every
+  importance ratio and every advantage of the step is computed on the wrong policy:
+  :class:`RolloutPolicyMismatch`.
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ from typing import Iterable
 
 from axpo_rllm.core.records import Rollout, Termination
 
-__all__ = ["StepFailedError", "failed", "failure_reason", "failure_counts", "check_failure_share"]
+__all__ = ["StepFailedError", "RolloutPolicyMismatch", "failed", "failure_reason", "failure_counts", "check_failure_share",
+           "check_logprob_gap"]
 
 
 class StepFailedError(RuntimeError):
     """Too many rollouts of a step failed; the message lists each reason with a count and an example."""
+
+
+class RolloutPolicyMismatch(RuntimeError):
+    """The rollout engine sampled from other weights than the actor trains; the message says where to look."""
 
 
 def failed(rollout: Rollout) -> bool:
@@ -56,3 +68,17 @@ def check_failure_share(rollouts: Iterable[Rollout], max_share: float) -> None:
         f"{len(bad)} of {len(rollouts)} rollouts failed ({len(bad) / len(rollouts):.1%} > max_failed_share "
         f"{max_share:.1%}): {reasons}"
     )
+
+
+def check_logprob_gap(mean_gap: float, max_gap: float, tokens: int) -> None:
+    """Raise :class:`RolloutPolicyMismatch` when the mean |Δ log p| between the rollout engine and
+    the actor over ``tokens`` response tokens passes ``max_gap`` (a NaN gap is a mismatch too)."""
+    if tokens > 0 and not mean_gap <= max_gap:
+        raise RolloutPolicyMismatch(
+            f"the rollout engine's log-probs differ from the actor's by {mean_gap:.3g} on average over {tokens} "
+            f"response tokens (limit {max_gap:g}): the rollout server is not running the weights being trained. "
+            "Check actor_rollout_ref.rollout.load_format (use 'auto': vLLM versions that fold image normalisation "
+            "into the vision tower keep those buffers random under 'dummy', and the weight sync never sends them) "
+            "and that the weight sync to the rollout replicas succeeded; raise axpo_launch.max_logprob_gap only if "
+            "the precision of your kernels explains the gap"
+        )
