@@ -154,7 +154,8 @@ def test_the_dry_run_names_the_bad_key(override, message):
 def test_axpo_rllm_train_dry_run_prints_the_merged_config(capsys):
     from axpo_rllm.cli import main as cli
 
-    assert cli(["train", "--model", "qwen3_vl_2b_thinking", "--dry-run", "data.train_batch_size=16"]) == 0
+    # B=64: verl refuses a batch below the shipped ppo_mini_batch_size (32), as the run would
+    assert cli(["train", "--model", "qwen3_vl_2b_thinking", "--dry-run", "data.train_batch_size=64"]) == 0
     out, err = capsys.readouterr()
     assert "group_size: 8" in out and "kl_beta: 0.001" in out and "# checked:" in err
     assert cli(["train", "--dry-run", "bogus.key=1", "--model", "qwen3_vl_2b_thinking"]) == 2
@@ -189,3 +190,35 @@ def test_a_search_key_a_worker_would_not_see_fails_at_start(monkeypatch):
     assert tool_env_factory(launch_config(None, base + ["+axpo_launch.tool_configs.search.api_key_env=RLLM_TAVILY_API_KEY"]))
     with pytest.raises(ValueError, match="api_key_env"):
         tool_env_factory(launch_config(None, ["+axpo_launch.tool_configs.search.api_key=sk-test"]))
+
+
+@pytest.mark.rllm
+def test_the_dry_run_builds_what_the_workers_build():
+    """verl's own validation and worker dataclasses, rllm's trainer configs: a section verl rejects
+    fails the dry run naming it (the shipped model configs once lacked verl's micro-batch size)."""
+    pytest.importorskip("rllm")
+    from axpo_rllm.integrations.rllm.launcher import dry_run
+
+    _, notes = dry_run(None, [], model="qwen3_vl_4b_thinking")
+    assert any("validate_config and worker config dataclasses" in n for n in notes)
+    with pytest.raises(ValueError, match="(?s)verl.*ppo_micro_batch_size"):
+        dry_run(None, ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=null"], model="qwen3_vl_4b_thinking")
+
+
+@pytest.mark.rllm
+def test_without_the_bridges_the_dry_run_shows_rllms_breaks_on_verl_0_9(monkeypatch):
+    """What `axpo-rllm train --dry-run` says on CPU when rllm meets a verl it was not written for:
+    the two breaks (found by the end-to-end run) with the bridges taken away."""
+    pytest.importorskip("rllm")
+    import verl.checkpoint_engine.base as ckpt
+    import verl.utils.config as verl_config
+
+    from axpo_rllm.integrations.rllm.launcher import dry_run
+
+    monkeypatch.setattr(verl_config, "validate_config", verl_config.validate_config.__wrapped__)
+    with pytest.raises(ValueError, match="(?s)verl.*router_replay"):
+        dry_run(None, [], model="qwen3_vl_2b_thinking")
+    monkeypatch.undo()
+    monkeypatch.setattr(ckpt.CheckpointEngineManager, "__init__", ckpt.CheckpointEngineManager.__init__.__wrapped__)
+    with pytest.raises(ValueError, match="CheckpointEngineManager"):
+        dry_run(None, [], model="qwen3_vl_2b_thinking")

