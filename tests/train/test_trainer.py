@@ -120,7 +120,7 @@ def test_fully_masked_rows_add_no_gradient(stepped):
         base = _grads(trainer, trainer.make_batch(rows))
         mixed = _grads(trainer, trainer.make_batch(rows + masked))
         for name in base:
-            torch.testing.assert_close(mixed[name], base[name], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(mixed[name], base[name], rtol=1e-4, atol=1e-7)  # float32 sums over other micro-batch layouts: ~2e-5 relative; a leak is O(1)
         assert any(g.abs().sum() > 0 for g in base.values())
         only = trainer.make_batch(masked)
         assert int(only.batch["response_mask"].sum()) == 0
