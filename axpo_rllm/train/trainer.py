@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
 from verl.trainer.ppo.ray_trainer import compute_advantage
 
-from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.core.config import dataclass_from_mapping, std_normalization
 from axpo_rllm.core.records import Task
 from axpo_rllm.integrations.verl import estimator as _registers_axpo  # noqa: F401  # "axpo" in verl's registry, entry point or not
 from axpo_rllm.integrations.verl.batch import VisionProcessing, build_verl_batch
@@ -182,9 +182,7 @@ class AXPOTrainer:
         vision = VisionProcessing.from_model(self.policy.model, self.policy.image_processor)
         batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id, vision=vision)
         algo = self.cfg.algorithm
-        batch = compute_advantage(
-            batch, algo.adv_estimator, norm_adv_by_std_in_grpo=bool(algo.get("norm_adv_by_std_in_grpo", True)), config=algo
-        )
+        batch = compute_advantage(batch, algo.adv_estimator, norm_adv_by_std_in_grpo=std_normalization(algo), config=algo)
         batch.meta_info["rows"] = list(rows)
         return batch
 
