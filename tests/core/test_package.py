@@ -111,3 +111,9 @@ def test_shipped_yaml_loads_with_every_ablation():
 def test_cli_plan_demo_runs():
     out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "16"])
     assert "axpo/prefixes_selected" in out and "training rows" in out
+
+
+def test_cli_plan_demo_rollout_2x_doubles_the_given_n():
+    out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "4", "--ablation", "rollout_2x",
+               "actor_rollout_ref.rollout.n=4"])
+    assert "N=8" in " ".join(out.split())
