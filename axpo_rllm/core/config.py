@@ -50,7 +50,9 @@ class AXPOConfig:
     resample_target: Target = "tool"
     """``no_tool`` = the 'no-tool resampling' ablation: prefixes of non-tool rollouts, cut where they answer."""
     prefix_credit: bool = True
-    """False = 'w/o prefix credit': the source keeps its own reward and full-trajectory advantage."""
+    """True: a credited source's reward becomes r_prefix = the best reward of its continuations (1 if
+    any is correct for 0/1 rewards; the best F1 for graded ones). False = 'w/o prefix credit': the
+    source keeps its own reward and full-trajectory advantage."""
     separate_groups: bool = True
     """False = 'w/o separate advantage group': continuations are normalised inside q's group."""
     source_tail: SourceTail = "mask"
