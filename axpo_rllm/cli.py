@@ -29,11 +29,11 @@ def plan_demo(args: argparse.Namespace) -> int:
     from rich.console import Console  # imports of a subcommand wait until it runs (CLI start-up)
     from rich.table import Table
 
-    from axpo_rllm.configs.loader import axpo_config, load_config
+    from axpo_rllm.configs.loader import axpo_config, group_size, load_config
     from axpo_rllm.demo.simulator import demo_step
 
     cfg = load_config(args.ablation, args.overrides)
-    outcome = demo_step(axpo_config(cfg), args.questions, int(cfg.actor_rollout_ref.rollout.n), seed=args.seed)
+    outcome = demo_step(axpo_config(cfg), args.questions, group_size(cfg), seed=args.seed)
     group_size = len(outcome.groups[0].rollouts)
     table = Table(title=f"AXPO plan on a simulated step (B={len(outcome.groups)}, N={group_size}, ablation={args.ablation or 'none'})")
     table.add_column("diagnostic")

@@ -9,8 +9,10 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.planner import step_budget
 
-__all__ = ["ABLATIONS", "MODELS", "load_config", "model_config", "axpo_config", "config_text"]
+__all__ = ["ABLATIONS", "MODELS", "load_config", "model_config", "axpo_config", "config_text", "group_size",
+           "ROLLOUT_FACTOR_KEY", "check_budget", "check_source_tail"]
 
 MODELS = ("qwen3_vl_2b_thinking", "qwen3_vl_4b_thinking", "qwen3_vl_8b_thinking")
 """Shipped model layers (``configs/models/NAME.yaml``): the paper's settings per size, as starting points."""
@@ -43,6 +45,46 @@ def load_config(ablation: str | None = None, overrides: Sequence[str] = ()) -> D
 
 
 def axpo_config(cfg: DictConfig) -> AXPOConfig:
-    """The ``algorithm.axpo`` node as the typed config the algorithm reads."""
-    node = OmegaConf.to_container(cfg.algorithm.axpo, resolve=True)
-    return AXPOConfig.from_mapping(node)
+    """The ``algorithm.axpo`` node as the typed config the algorithm reads (its ``norm_by_std`` is
+    verl's ``algorithm.norm_adv_by_std_in_grpo``: :func:`~axpo_rllm.core.config.std_normalization`)."""
+    return AXPOConfig.from_algorithm(OmegaConf.to_container(cfg.algorithm, resolve=True))
+
+
+ROLLOUT_FACTOR_KEY = "axpo_ablation.rollout_n_factor"
+"""Set by ``ablation/rollout_2x.yaml``: the run's N is multiplied by it (1 when absent)."""
+
+
+def group_size(cfg: DictConfig) -> int:
+    """N, the rollouts drawn per question: ``actor_rollout_ref.rollout.n`` (the run's N, after every
+    layer and override) times the ablation's ``axpo_ablation.rollout_n_factor`` ("rollout 2x" = 2N
+    of whatever N the run has). Every path reads N here."""
+    n = OmegaConf.select(cfg, "actor_rollout_ref.rollout.n", default=None)
+    factor = OmegaConf.select(cfg, ROLLOUT_FACTOR_KEY, default=1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"actor_rollout_ref.rollout.n must be an int >= 1 (N rollouts per question), got {n!r}")
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"{ROLLOUT_FACTOR_KEY} must be an int >= 1, got {factor!r}")
+    return n * factor
+
+
+def check_budget(cfg: DictConfig, questions: int, questions_key: str) -> None:
+    """Refuse, before a run, an AXPO budget below one prefix (E = floor(r·B·N) < K): otherwise the
+    first step's plan finds it. ``questions`` is the run's B, read from ``questions_key``."""
+    axpo = axpo_config(cfg)
+    if not axpo.enable:
+        return  # GRPO arms plan nothing
+    try:
+        step_budget(axpo, questions, group_size(cfg))
+    except ValueError as err:
+        raise ValueError(f"algorithm.axpo.r / {questions_key} / actor_rollout_ref.rollout.n / algorithm.axpo.k: "
+                         f"{err}") from None
+
+
+def check_source_tail(cfg: DictConfig, path: str) -> None:
+    """Refuse ``source_tail: keep`` on a path whose batches carry one advantage per row (verl's
+    batch, rllm's trajectories): it puts two on a credited source, and would fail at the first
+    credited step."""
+    if axpo_config(cfg).source_tail == "keep":
+        raise ValueError(f"algorithm.axpo.source_tail=keep cannot be trained by {path}: it keeps a second "
+                         "advantage on a credited source's tail, and this path carries one advantage per row; "
+                         "use algorithm.axpo.source_tail=mask (keep is for the framework-neutral core only)")

@@ -16,8 +16,12 @@ Model output is untrusted text: a final answer is read from a marker (``\\boxed{
 math-verify's own extraction, the usual multiple-choice forms, the last number, the whole text for
 QA), and never from part of a token (see "Final-answer extraction" below). Conventions: a percent
 ``X%`` matches ``X`` and ``X/100`` (math-verify's, for a percent it recognises; two percents compare
-as numbers), ``50\\%`` inside LaTeX is ``50`` for math (math-verify reads ``\\%`` there as a unit),
-numbers take thousands separators, currency, units and scientific notation.
+as numbers), in gold and answer alike and however it is written (``50%``, ``50\\%``, ``50 percent``);
+numbers take thousands separators, currency, units and scientific notation; a matrix is its values
+whatever its environment (``pmatrix``, ``bmatrix``, ``Bmatrix``, ``smallmatrix``, starred forms);
+markdown emphasis around an answer (``**C**``, ``*42*``, ``_42_``) is not part of it; a short
+answer in a few words of prose whose one number carries a unit ("It is 12 cm long.") is graded on
+that number when the gold is a number.
 """
 
 from __future__ import annotations
@@ -208,9 +212,25 @@ _HASHES_RE = re.compile(r"(?:^|\n)[ \t]*####[ \t]*(\S[^\n]*)")
 """GSM8K's answer line ("#### 18"), which models trained on it write."""
 
 
+_EMPHASIS_RE = re.compile(r"(\*{1,3}|_{1,3})(\S(?:.*?\S)?)\1", re.S)
+"""Markdown emphasis wrapping a whole text: ``**C**``, ``*42*``, ``__42__``, ``_42_`` (markdown's
+rule: no space just inside the markers)."""
+
+
+def _unwrap_emphasis(text: str) -> str:
+    """``text`` without the markdown emphasis wrapping all of it (nested too: ``***42***``)."""
+    for _ in range(3):
+        match = _EMPHASIS_RE.fullmatch(text)
+        if match is None:
+            break
+        text = match.group(2)
+    return text
+
+
 def _clean_answer(text: str) -> str:
     text = text.strip()
     text = re.sub(r"^\*\*|\*\*$", "", text).strip().rstrip(".").strip()  # markdown bold, full stop
+    text = _unwrap_emphasis(text).rstrip(".").strip()  # "*42*", "_42_."
     if len(text) >= 2 and text[0] == text[-1] == "$":
         text = text[1:-1].strip()
     return text.rstrip(".").strip()
@@ -352,7 +372,7 @@ def _strip_punctuation(token: str) -> str:
     """Quotes, sentence punctuation and unbalanced brackets off both ends of a token ("(12).", "**5**")."""
     for _ in range(8):  # a few rounds ("(**12**)."); each is linear, so a hostile token costs little
         before = token
-        token = token.strip(_QUOTES).rstrip(".,;:!?")
+        token = _unwrap_emphasis(token.strip(_QUOTES).rstrip(".,;:!?"))
         if token and token[0] in _CLOSING:
             opener = token[0]
             excess = token.count(opener) - token.count(_CLOSING[opener])
@@ -451,6 +471,45 @@ def _numbers_match(pred: tuple[float, bool], gold: tuple[float, bool], rel_tol: 
     elif g_pct and not p_pct:
         pairs.append((p, g / 100.0))
     return any(math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol) for a, b in pairs)
+
+
+SHORT_ANSWER_WORDS = 8
+"""A final answer of at most this many words may be prose around its number ("It is 12 cm long.")."""
+
+_HEDGES = frozenset(
+    "not no never neither nor none except without cannot more less fewer greater larger smaller "
+    "over under above below least most than exceeds exceed up between".split()
+)
+"""Words that make a short answer's number something other than the answer ("not 12 cm", "more than
+12 cm", "up to 12 cm"): such an answer commits to no number."""
+
+
+def _short_quantity(text: str) -> tuple[float, bool] | None:
+    """``(value, is_percent)`` when ``text`` is a short answer (one line, at most
+    :data:`SHORT_ANSWER_WORDS` words) holding exactly one number, that number carries a unit
+    (``12 cm``, ``12cm``, ``$5``, ``50%``), and no word hedges it ("not", "more than"). A number
+    without a unit in prose ("no final answer at all, 7") commits to nothing."""
+    text = _clean_answer(text)
+    if not text or "\n" in text:
+        return None
+    words = [w for w in _TOKEN_SPLIT_RE.split(_latex_to_plain(text)) if w]
+    plain = [_strip_token(w).casefold() for w in words]
+    if len(words) > SHORT_ANSWER_WORDS or any(w in _HEDGES or w.endswith(("n't", "n’t")) for w in plain):
+        return None
+    found = _number_tokens(text)
+    if len(found) != 1:
+        return None
+    value, is_percent, token = found[0]
+    at = plain.index(token.casefold()) if token.casefold() in plain else -1
+    following = plain[at + 1] if 0 <= at < len(plain) - 1 else ""
+    match = _NUMBER_TOKEN_RE.fullmatch(token)
+    has_unit = is_percent or bool(match and match.group("unit")) or any(c in token for c in _CURRENCY) or following in _UNITS
+    return (value, is_percent) if has_unit else None
+
+
+def _numeric_gold(answer: str) -> tuple[float, bool] | None:
+    """The gold answer's number when the gold is nothing but a number (with its units)."""
+    return _bare_number(answer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,10 +803,26 @@ def _as_latex(text: str) -> str:
     return text if "$" in text else f"${text}$"
 
 
+_LATEX_PERCENT_RE = re.compile(r"(?<=\d)\s*\\%")
+_MATRIX_BEGIN_RE = re.compile(r"\\begin\s*\{(?:[pbB]?matrix|smallmatrix)\*?\}(?:\[[lcr]\])?")
+_MATRIX_END_RE = re.compile(r"\\end\s*\{(?:[pbB]?matrix|smallmatrix)\*?\}")
+
+
+def _math_spelling(text: str) -> str:
+    """One spelling for what math-verify reads differently by how it is written: a LaTeX percent
+    ``50\\%`` is the percent ``50%`` (math-verify reads ``\\%`` as a unit and drops it, but
+    ``50%`` as the percent, which matches 50 and 0.5), and every matrix environment is ``pmatrix``
+    (its parser knows ``pmatrix``/``bmatrix`` but not ``Bmatrix``, ``smallmatrix`` or the starred
+    forms). ``vmatrix``/``Vmatrix`` are left alone: they write a determinant and a norm."""
+    text = _LATEX_PERCENT_RE.sub("%", text)
+    text = _MATRIX_BEGIN_RE.sub(r"\\begin{pmatrix}", text)
+    return _MATRIX_END_RE.sub(r"\\end{pmatrix}", text)
+
+
 def _parse_gold(gold: str) -> list:
     from math_verify import parse  # heavy (sympy): loaded in the grader worker process only
 
-    parsed = parse(_as_latex(gold), parsing_timeout=None)
+    parsed = parse(_as_latex(_math_spelling(gold)), parsing_timeout=None)
     if not parsed:
         raise ValueError(f"gold answer {gold!r} could not be parsed by math-verify")
     return parsed
@@ -756,13 +831,13 @@ def _parse_gold(gold: str) -> list:
 def _math_verify_equal(gold: str, prediction: str) -> bool:
     """math-verify with its signal-based timeouts off (the caller bounds the time).
 
-    Conventions are math-verify's own: ``50\\%`` matches ``50``; ``\\frac{1}{2}`` matches ``0.5``;
-    ``x=2`` matches ``2``; sets are unordered; ``1,000`` is one thousand.
+    Conventions are math-verify's own: ``50\\%`` matches ``50`` and ``0.5``; ``\\frac{1}{2}`` matches
+    ``0.5``; ``x=2`` matches ``2``; sets are unordered; ``1,000`` is one thousand; a matrix is its values.
     """
     from math_verify import parse, verify  # heavy (sympy): grader worker only
 
     gold_parsed = _parse_gold(gold)
-    pred_parsed = parse(_as_latex(prediction), parsing_timeout=None)
+    pred_parsed = parse(_as_latex(_math_spelling(prediction)), parsing_timeout=None)
     if not pred_parsed:
         return False  # the model's answer is not maths: wrong, not a grader failure
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True))
@@ -775,7 +850,8 @@ def _math_verify_find(gold: str, text: str) -> tuple[bool, str | None]:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # heavy (sympy): grader worker only
 
     gold_parsed = _parse_gold(gold)
-    pred_parsed = parse(_math_guard(text), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+    pred_parsed = parse(_math_guard(_math_spelling(text)), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                        parsing_timeout=None)
     if not pred_parsed:
         return False, None
     extracted = str(pred_parsed[-1])
@@ -787,7 +863,8 @@ def _math_verify_find(gold: str, text: str) -> tuple[bool, str | None]:
 
 
 def verify_math(response: str, answer: str, metadata: Mapping) -> VerifyResult:
-    """Symbolic equivalence of the final answer and the gold answer (math-verify)."""
+    """Symbolic equivalence of the final answer and the gold answer (math-verify). A numeric gold
+    also accepts a short answer whose one number has a unit ("It is 12 cm long."; :func:`_short_quantity`)."""
     marked = extract_final_answer(response)
     if marked is None:
         text, after_think = final_answer_text(response)
@@ -796,9 +873,18 @@ def verify_math(response: str, answer: str, metadata: Mapping) -> VerifyResult:
             return VerifyResult(float(correct), correct, extracted)
         marked = _bare_math(text)
         if marked is None:
-            return VerifyResult(0.0, False, None)
-    correct = _math_verify_equal(answer, _math_answer(marked))
+            correct = _quantity_matches(text, answer)
+            return VerifyResult(float(correct), correct, text if correct else None)
+    correct = _math_verify_equal(answer, _math_answer(marked)) or _quantity_matches(marked, answer)
     return VerifyResult(float(correct), correct, marked)
+
+
+def _quantity_matches(text: str, answer: str) -> bool:
+    """A numeric gold against a short answer's one number with a unit (1e-6 relative, percent as
+    :func:`_numbers_match`)."""
+    gold = _numeric_gold(answer)
+    pred = _short_quantity(text) if gold is not None else None
+    return pred is not None and _numbers_match(pred, gold, 1e-6, 1e-9)
 
 
 def verify_choice(response: str, answer: str, metadata: Mapping) -> VerifyResult:
@@ -838,6 +924,8 @@ def verify_numeric(response: str, answer: str, metadata: Mapping) -> VerifyResul
         if pred is None and after_think:
             found = _number_tokens(text)
             pred, extracted = ((found[-1][0], found[-1][1]), found[-1][2]) if found else (None, None)
+        elif pred is None:
+            pred = _short_quantity(text)  # "It is 12 cm long."
     if pred is None:
         return VerifyResult(0.0, False, extracted)
     rel_tol = float(metadata.get("rel_tol", 1e-6))

@@ -32,14 +32,16 @@ __all__ = [
     "reaches_loss",
     "token_arrays",
     "original_groups",
+    "recovery_rewards",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # §6 Advantages.
 #   continuation group (per prefix):  A^res_k = (r_k − mean_k r) / (std_k r + ε), continuation tokens only
-#   prefix credit:                     r_prefix = 1 if any continuation is correct else 0
-#                                       (failed continuations left out; all failed: no credit)
+#   prefix credit:                     r_prefix = max_k r_k, the best continuation's reward
+#                                       (0/1 rewards: 1 if any continuation is correct else 0;
+#                                       failed continuations left out; all failed: no credit)
 #   q's group:                          source reward := r_prefix; mean′, std′ recomputed;
 #                                       A^prefix = (r_prefix − mean′) / (std′ + ε) on the prefix tokens only
 #   everything else:                    plain GRPO
@@ -97,9 +99,7 @@ def build_training_rows(
     """
     by_job = check_continuations(plan, continuations) if plan.jobs else {}
     jobs = {job.source_id: job for job in plan.jobs}
-    # Failure policy (core.failures): failed continuations are not evidence about the prefix.
-    recovery = {sid: float(any(c.correct for c in conts if not failed(c)))
-                for sid, conts in by_job.items() if any(not failed(c) for c in conts)}
+    recovery = recovery_rewards(by_job)
     credit = config.prefix_credit
     keep_tail = config.source_tail == "keep"
 
@@ -145,6 +145,20 @@ def build_training_rows(
             segments += (LossSegment(tail, len(rollout.response_ids), tail_adv[rollout.rollout_id]),)
         rows.append(TrainingRow(rollout, role, adv_group, score, segments))
     return rows
+
+
+def recovery_rewards(by_source: Mapping[str, Sequence[Rollout]]) -> dict[str, float]:
+    """r_prefix per source: the best reward its continuations reached, max_k r_k. With 0/1 rewards
+    this is the paper's "1 if any continuation is correct"; with graded rewards (token F1) it is on
+    the scale the source's group is normalised on, so a prefix whose continuations reach 0.9 is not
+    scored 0 for missing an exact match. Failure policy (core.failures): failed continuations are
+    not evidence about the prefix; a source whose continuations all failed gets no entry (no credit)."""
+    out = {}
+    for source_id, conts in by_source.items():
+        rewards = [float(c.reward) for c in conts if not failed(c)]
+        if rewards:
+            out[source_id] = max(rewards)
+    return out
 
 
 def _statistics_group(rollout: Rollout, group: str) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal, Mapping, TypeVar
 
-__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "Streaming", "Speculation", "dataclass_from_mapping"]
+__all__ = ["AXPOConfig", "Ranking", "Target", "SourceTail", "Streaming", "Speculation", "dataclass_from_mapping",
+           "std_normalization", "VERL_STD_KEY", "AXPO_STD_KEY"]
 
 Ranking = Literal["uncertainty", "random", "confidence"]
 Target = Literal["tool", "no_tool"]
@@ -49,14 +50,18 @@ class AXPOConfig:
     resample_target: Target = "tool"
     """``no_tool`` = the 'no-tool resampling' ablation: prefixes of non-tool rollouts, cut where they answer."""
     prefix_credit: bool = True
-    """False = 'w/o prefix credit': the source keeps its own reward and full-trajectory advantage."""
+    """True: a credited source's reward becomes r_prefix = the best reward of its continuations (1 if
+    any is correct for 0/1 rewards; the best F1 for graded ones). False = 'w/o prefix credit': the
+    source keeps its own reward and full-trajectory advantage."""
     separate_groups: bool = True
     """False = 'w/o separate advantage group': continuations are normalised inside q's group."""
     source_tail: SourceTail = "mask"
     """What happens to a credited source's own tokens after the prefix: masked, or kept with
     the advantage they had before the reward replacement."""
     norm_by_std: bool = True
-    """Divide by the group std (GRPO) or only centre (Dr.GRPO); verl's ``norm_adv_by_std_in_grpo``."""
+    """Divide by the group std (GRPO) or only centre (Dr.GRPO). In a run's config this is verl's
+    ``algorithm.norm_adv_by_std_in_grpo`` (:func:`std_normalization`, applied by :meth:`from_algorithm`);
+    ``algorithm.axpo.norm_by_std`` is an alias that may only agree with it."""
     std_unbiased: bool = True
     """Bessel-corrected std, as verl's GRPO (``torch.std``)."""
     epsilon: float = 1e-6
@@ -105,3 +110,42 @@ class AXPOConfig:
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "AXPOConfig":
         """Build from a dict / omegaconf node (e.g. verl's ``algorithm.axpo``); unknown keys are an error."""
         return dataclass_from_mapping(cls, cfg, "AXPOConfig")
+
+    @classmethod
+    def from_algorithm(cls, algorithm: Any) -> "AXPOConfig":
+        """Build from verl's whole ``algorithm`` section: ``algorithm.axpo`` with ``norm_by_std``
+        taken from verl's key (:func:`std_normalization`), so that AXPO's groups and verl's GRPO
+        normalise the same way."""
+        node = dict(_get(algorithm, "axpo", None) or {})
+        node["norm_by_std"] = std_normalization(algorithm)
+        return cls.from_mapping(node)
+
+
+VERL_STD_KEY = "algorithm.norm_adv_by_std_in_grpo"
+AXPO_STD_KEY = "algorithm.axpo.norm_by_std"
+
+
+def _get(node: Any, key: str, default: Any) -> Any:
+    """``node[key]`` for a dict, an omegaconf node or verl's ``AlgoConfig``; an attribute otherwise
+    (rllm's algorithm config)."""
+    if node is None:
+        return default
+    getter = getattr(node, "get", None)
+    return getter(key, default) if callable(getter) else getattr(node, key, default)
+
+
+def std_normalization(algorithm: Any) -> bool:
+    """Whether group advantages are divided by the group std, from verl's ``algorithm`` section.
+
+    The one source of truth is verl's ``norm_adv_by_std_in_grpo`` (what verl's ``grpo`` reads, and
+    what verl users set for Dr. GRPO); absent, the alias ``axpo.norm_by_std``; absent too, verl's
+    default (True). Both given with different values is an error naming both keys.
+    """
+    verl = _get(algorithm, "norm_adv_by_std_in_grpo", None)
+    alias = _get(_get(algorithm, "axpo", None), "norm_by_std", None)
+    if verl is not None and alias is not None and bool(verl) != bool(alias):
+        raise ValueError(f"{VERL_STD_KEY}={verl!r} and {AXPO_STD_KEY}={alias!r} disagree: set only "
+                         f"{VERL_STD_KEY} (it switches std normalisation for GRPO and AXPO alike)")
+    if verl is not None:
+        return bool(verl)
+    return bool(alias) if alias is not None else True

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-from axpo_rllm.configs.loader import axpo_config, config_text, load_config
+from axpo_rllm.configs.loader import axpo_config, check_budget, check_source_tail, config_text, group_size, load_config
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.demo.report import _pm, closing_note, measured_figures, plot_curves, plot_eval, step_line
 from axpo_rllm.demo.teacher import teacher_trajectories
@@ -253,8 +253,18 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
 
 
 def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None) -> DictConfig:
-    """An arm's config: ``axpo`` (the defaults) or any ``configs/ablation`` name (``grpo``, ...)."""
-    return job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps)
+    """An arm's config: ``axpo`` (the defaults) or any ``configs/ablation`` name (``grpo``, ...),
+    refused here (before any stage runs) when the CPU job could not train it."""
+    cfg = job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps)
+    check_arm_config(cfg)
+    return cfg
+
+
+def check_arm_config(cfg: DictConfig) -> None:
+    """What the CPU job checks up front: the batch (verl's, one advantage per row) cannot carry
+    ``source_tail: keep``, and the AXPO budget must buy at least one prefix."""
+    check_source_tail(cfg, "the CPU job (verl's batch: one advantage per row)")
+    check_budget(cfg, int(cfg.rl.batch_questions), "rl.batch_questions")
 
 
 def rl_pool(cfg: DictConfig, seed_index: int) -> list:
@@ -272,7 +282,7 @@ def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log
     metrics_path = arm_dir / "metrics.jsonl"
     rl = rl_config_from(acfg.rl, log_path=str(metrics_path))
     torch.manual_seed(seed)
-    wf_cfg = WorkflowConfig(n=int(acfg.actor_rollout_ref.rollout.n), axpo=axpo_config(acfg), agent=_agent_config(acfg), seed=seed)
+    wf_cfg = WorkflowConfig(n=group_size(acfg), axpo=axpo_config(acfg), agent=_agent_config(acfg), seed=seed)
     workflow = AXPOWorkflow(rt.engine, rt.chat, rt.env, wf_cfg)
     trainer = AXPOTrainer(rt.policy, workflow, acfg, rl)
     ckpt = arm_dir / "checkpoint.pt"

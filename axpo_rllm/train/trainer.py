@@ -7,17 +7,21 @@ One step, in the order it happens (AXPO_SPEC §1–§6)::
       -> compute_advantage(batch, "axpo") verl's own dispatcher runs the registered estimator
       -> actor log-probs (grad)          HF forward over the batch as verl's actor reads it (images, M-RoPE)
          reference log-probs (no grad)   the frozen SFT model
-      -> compute_policy_loss_vanilla     PPO clip, eps_low 0.2 / eps_high 0.4, token-mean
+      -> old log-probs (no grad)         once, before the first mini-batch (verl recomputes them)
+      -> per mini-batch of questions     ``ppo_mini_batch_size`` questions (verl's key), batch order:
+         compute_policy_loss_vanilla     PPO clip, eps_low 0.2 / eps_high 0.4, token-mean
          + beta * kl_penalty(low_var_kl) beta = 1e-3, token-mean over the same mask
-      -> AdamW step                      the engine shares the module: it samples the new weights
+         AdamW step                      one per mini-batch: later mini-batches see a moved policy,
+                                         so the ratio leaves 1 and the clip can bind
+      the engine shares the module: it samples the new weights
 
 GRPO and every ablation are the same loop under another ``load_config(ablation)``: the workflow
 reads ``algorithm.axpo`` and ``actor_rollout_ref.rollout.n``; with nothing triggered the ``axpo``
 estimator equals verl's GRPO.
 
-Token-mean over the whole batch with micro-batches: every micro-batch's ``agg_loss`` divides by
-the batch's total loss-token count (verl's ``global_batch_info["batch_num_tokens"]``), so the
-summed gradients equal one token-mean over the batch. Rows whose loss mask is all zero (masked
+Token-mean over the mini-batch with micro-batches: every micro-batch's ``agg_loss`` divides by
+the mini-batch's total loss-token count (verl's ``global_batch_info["batch_num_tokens"]``), so the
+summed gradients equal one token-mean over the mini-batch. Rows whose loss mask is all zero (masked
 sources' tails are not; over-turn rollouts and fully masked rows are) add nothing to the loss, and
 are skipped from the forward when ``skip_masked_rows`` is on.
 
@@ -47,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
 from verl.trainer.ppo.ray_trainer import compute_advantage
 
-from axpo_rllm.core.config import dataclass_from_mapping
+from axpo_rllm.core.config import dataclass_from_mapping, std_normalization
 from axpo_rllm.core.records import Task
 from axpo_rllm.integrations.verl import estimator as _registers_axpo  # noqa: F401  # "axpo" in verl's registry, entry point or not
 from axpo_rllm.integrations.verl.batch import VisionProcessing, build_verl_batch
@@ -65,7 +69,12 @@ class RLConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ppo_epochs: int = 1
-    """Passes over the step's batch; >1 recomputes ``old_log_prob`` before the first (verl's way)."""
+    """Passes over the step's batch; the old log-probs are computed once, before the first (verl's way)."""
+    ppo_mini_batch_size: int = 0
+    """Questions per optimiser step, as verl's ``actor.ppo_mini_batch_size`` (counted in prompts):
+    the batch is cut, in batch order, into mini-batches of that many whole questions (a question's
+    continuation rows go with it, so every arm takes ceil(B / this) steps), one optimiser step each.
+    0: the whole batch in one step (the ratio is then 1 and the clip never binds)."""
     micro_batch_size: int = 16
     """At most this many rows per forward pass (memory); the loss stays one token-mean over the batch."""
     micro_batch_tokens: int = 8192
@@ -182,35 +191,58 @@ class AXPOTrainer:
         vision = VisionProcessing.from_model(self.policy.model, self.policy.image_processor)
         batch = build_verl_batch(rows, pad_token_id=self.policy.pad_token_id, vision=vision)
         algo = self.cfg.algorithm
-        batch = compute_advantage(
-            batch, algo.adv_estimator, norm_adv_by_std_in_grpo=bool(algo.get("norm_adv_by_std_in_grpo", True)), config=algo
-        )
+        batch = compute_advantage(batch, algo.adv_estimator, norm_adv_by_std_in_grpo=std_normalization(algo), config=algo)
         batch.meta_info["rows"] = list(rows)
         return batch
 
     # -- the update ---------------------------------------------------------------------------------
 
     def update(self, batch) -> dict[str, float]:
-        """One optimiser step per PPO epoch on ``batch`` (a DataProto from :meth:`make_batch`)."""
+        """One optimiser step per mini-batch (:meth:`mini_batches`) per PPO epoch on ``batch`` (a
+        DataProto from :meth:`make_batch`); metrics are means over the optimiser steps."""
         mask = batch.batch["response_mask"]
         metrics: dict[str, float] = {"actor/loss_tokens": float(mask.sum()), "actor/masked_rows": float((mask.sum(-1) == 0).sum())}
         if int(mask.sum()) == 0:
             metrics["actor/skipped"] = 1.0
             return metrics
-        old = self.old_log_probs(batch) if self.rl.ppo_epochs > 1 else None
+        minis = [rows for rows in self.mini_batches(batch) if int(mask[rows].sum()) > 0]
+        # on-policy single step: the current log-probs detached are the old ones (ratio exactly 1)
+        old = self.old_log_probs(batch) if self.rl.ppo_epochs > 1 or len(minis) > 1 else None
         sums: dict[str, float] = {}
+        steps = 0
         for _ in range(self.rl.ppo_epochs):
-            for name, value in self.backward(batch, old).items():
-                sums[name] = sums.get(name, 0.0) + value
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.rl.grad_clip)
-            self.optimizer.step()
-        metrics.update({k: v / self.rl.ppo_epochs for k, v in sums.items()})
-        metrics["actor/grad_norm"] = float(grad_norm)
+            for rows in minis:
+                for name, value in self.backward(batch, old, rows).items():
+                    sums[name] = sums.get(name, 0.0) + value
+                sums["actor/grad_norm"] = sums.get("actor/grad_norm", 0.0) + float(
+                    torch.nn.utils.clip_grad_norm_(self.params, self.rl.grad_clip))
+                self.optimizer.step()
+                steps += 1
+        metrics.update({k: v / steps for k, v in sums.items()})
+        metrics["actor/optimizer_steps"] = float(steps)
         return metrics
 
-    def micro_batches(self, batch) -> list[list[int]]:
+    def mini_batches(self, batch) -> list[list[int]]:
+        """Row indices per optimiser step: ``ppo_mini_batch_size`` whole questions each, questions in
+        the order they first appear in the batch, rows in batch order (one list when it is 0)."""
+        every = list(range(len(batch)))
+        size = self.rl.ppo_mini_batch_size
+        if size < 0:
+            raise ValueError(f"rl.ppo_mini_batch_size must be >= 0 (0: the whole batch), got {size}")
+        questions = list(dict.fromkeys(batch.non_tensor_batch["question_id"].tolist()))
+        if size == 0 or size >= len(questions):
+            return [every]
+        which = {q: i // size for i, q in enumerate(questions)}
+        out: list[list[int]] = [[] for _ in range(math.ceil(len(questions) / size))]
+        for i, q in zip(every, batch.non_tensor_batch["question_id"].tolist()):
+            out[which[q]].append(i)
+        return out
+
+    def micro_batches(self, batch, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Forward passes over ``rows`` (default: every row), fully masked rows skipped when asked."""
         mask = batch.batch["response_mask"]
-        keep = [i for i in range(mask.shape[0]) if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
+        rows = range(mask.shape[0]) if rows is None else rows
+        keep = [i for i in rows if not (self.rl.skip_masked_rows and mask[i].sum() == 0)]
         if not self.rl.micro_batch_tokens:
             return [keep[i : i + self.rl.micro_batch_size] for i in range(0, len(keep), self.rl.micro_batch_size)]
         lengths = self._inputs(batch)[0].sum(-1)
@@ -249,37 +281,42 @@ class AXPOTrainer:
             with_entropy=entropy,
         )
 
-    def old_log_probs(self, batch) -> dict[tuple[int, ...], torch.Tensor]:
-        """The actor's log-probs before the update (verl recomputes them; needed when ppo_epochs > 1)."""
+    def old_log_probs(self, batch) -> torch.Tensor:
+        """The actor's response log-probs before the update, ``(bs, R)`` (verl recomputes them once
+        per step; needed when a step takes more than one optimiser step)."""
+        old = torch.zeros(batch.batch["response_mask"].shape, dtype=torch.float32)
         with torch.no_grad():
-            return {tuple(idx): self.forward(self.policy, batch, idx) for idx in self.micro_batches(batch)}
+            for idx in self.micro_batches(batch):
+                old[idx] = self.forward(self.policy, batch, idx).float()
+        return old
 
-    def backward(self, batch, old: dict | None = None) -> dict[str, float]:
-        """Zero the gradients, then accumulate those of verl's PPO loss + beta * KL over ``batch``.
+    def backward(self, batch, old: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> dict[str, float]:
+        """Zero the gradients, then accumulate those of verl's PPO loss + beta * KL over ``rows`` of
+        ``batch`` (default: every row), one token-mean over their loss tokens.
 
-        ``old``: log-probs before the update per micro-batch (None: on-policy, the current ones
-        detached, so the ratio starts at 1 as in verl's single-epoch update).
+        ``old``: log-probs before the update (:meth:`old_log_probs`; None: on-policy, the current
+        ones detached, so the ratio is 1 as in verl's single-step update).
         """
+        rows = list(range(len(batch))) if rows is None else list(rows)
         mask = batch.batch["response_mask"].float()
         advantages = batch.batch["advantages"].float()
-        total_tokens = int(mask.sum())
+        total_tokens = int(mask[rows].sum())
         actor = self.cfg.actor_rollout_ref.actor
         loss_cfg = actor_loss_config(self.cfg, total_tokens)
         beta = float(actor.kl_loss_coef) if actor.get("use_kl_loss", True) else 0.0
         agg_mode = str(actor.loss_agg_mode)
-        sums: dict[str, float] = {"actor/adv_abs_mean": float((advantages.abs() * mask).sum()) / max(total_tokens, 1)}
+        sums: dict[str, float] = {"actor/adv_abs_mean": float((advantages[rows].abs() * mask[rows]).sum()) / max(total_tokens, 1)}
         self.optimizer.zero_grad(set_to_none=True)
         if total_tokens == 0:
             return sums
         self.policy.model.train()
         try:
-            for idx in self.micro_batches(batch):
-                key = tuple(idx)
+            for idx in self.micro_batches(batch, rows):
                 with torch.no_grad():
                     ref = self.forward(self.reference, batch, idx)
                 logp, ent = self.forward(self.policy, batch, idx, entropy=True)
                 m, a = mask[idx], advantages[idx]
-                old_logp = old[key] if old is not None else logp.detach()
+                old_logp = old[idx] if old is not None else logp.detach()
                 pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, a, m, loss_agg_mode=agg_mode, config=loss_cfg)
                 kl = kl_penalty(logp, ref, actor.kl_loss_type)
                 kl_loss = agg_loss(kl, m, agg_mode, batch_num_tokens=total_tokens)

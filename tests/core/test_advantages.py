@@ -143,6 +143,54 @@ def test_no_recovery_gives_zero_prefix_reward():
     assert all(adv(r) == 0.0 for r in rows.values())
 
 
+def test_binary_rewards_r_prefix_is_one_iff_any_continuation_is_correct():
+    """The paper's case, every pattern of K = 4 continuation outcomes: r_prefix = max_k r_k = 1 iff any is correct."""
+    from itertools import product
+
+    q = QuestionGroup("q", tuple(make_rollout(f"s{i}", "q", correct=False, call_body=[0.5, 0.5]) for i in range(4)))
+    cfg = AXPOConfig(r=1.0, k=4)
+    plan = plan_resampling([q], cfg)
+    (job,) = plan.jobs
+    source = next(r for r in q.rollouts if r.rollout_id == job.source_id)
+    for outcome in product([False, True], repeat=4):
+        conts = [make_continuation(source, job.prefix_len, i, correct=ok) for i, ok in enumerate(outcome)]
+        rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, conts, cfg)}
+        assert rows[job.source_id].score == float(any(outcome)), outcome
+
+
+def test_graded_rewards_r_prefix_is_the_best_continuation_reward():
+    """Token-F1 rewards (MMSearch-style; ``correct`` = exact match), N = 4, B = 1, r = 1 -> E = 4 = K:
+        q: a (tool, F1 0.6, c = 0.5)  b (tool, F1 0.2, c = 0.9)  c (no tool, exact, F1 1.0)  d (no tool, F1 0.0)
+    The tool subgroup {a, b} has no exact match: q triggers, a (least confident) gets K = 4
+    continuations with F1 0.9, 0.7, 0.5, 0.3 (none exact).
+      r_prefix(a) = max = 0.9 -> q's scores [0.9, 0.2, 1.0, 0.0]: mean 0.525, Bessel std 0.4991660
+        A(a) = 0.375 / 0.4991670 = +0.7512516 (prefix tokens), b = -0.6510847, c = +0.9515854, d = -1.0517523
+      (an exact-match r_prefix would give 0 -> [0, 0.2, 1.0, 0]: A(a) = -0.6301247, the prefix pushed down)
+      continuation group [0.9, 0.7, 0.5, 0.3]: mean 0.6, std 0.2581989 -> ±1.1618905, ±0.3872968
+    """
+    import dataclasses
+
+    def graded(rollout, f1, exact=False):
+        return dataclasses.replace(rollout, reward=f1, correct=exact)
+
+    q = QuestionGroup("q", (
+        graded(make_rollout("a", "q", correct=False, call_body=[0.5, 0.5]), 0.6),
+        graded(make_rollout("b", "q", correct=False, call_body=[0.9, 0.9]), 0.2),
+        graded(make_rollout("c", "q", correct=True), 1.0, exact=True),
+        graded(make_rollout("d", "q", correct=False), 0.0),
+    ))
+    cfg = AXPOConfig(r=1.0, k=4)
+    plan = plan_resampling([q], cfg)
+    assert [j.source_id for j in plan.jobs] == ["a"]
+    conts = [graded(make_continuation(q.rollouts[0], plan.jobs[0].prefix_len, i, correct=False), f1)
+             for i, f1 in enumerate([0.9, 0.7, 0.5, 0.3])]
+    rows = {r.rollout.rollout_id: r for r in build_training_rows([q], plan, conts, cfg)}
+    assert rows["a"].role is RowRole.SOURCE_PREFIX and rows["a"].score == pytest.approx(0.9)
+    for rid, want in {"a": 0.7512516, "b": -0.6510847, "c": 0.9515854, "d": -1.0517523,
+                      "a/c0": 1.1618905, "a/c1": 0.3872968, "a/c2": -0.3872968, "a/c3": -1.1618905}.items():
+        assert adv(rows[rid]) == pytest.approx(want, abs=1e-6), rid
+
+
 def test_fresh_rollouts_when_the_prefix_fix_is_off():
     _, conts, rows, _ = step(prefix_fix=False)
     assert rows["a"].role is RowRole.ORDINARY, "nothing to credit: the prefix is empty"

@@ -91,12 +91,12 @@ def test_wheel_in_a_fresh_venv_imports_and_finds_its_yaml(wheel, tmp_path):
 
 
 def test_shipped_yaml_loads_with_every_ablation():
-    from axpo_rllm.configs.loader import ABLATIONS, axpo_config, load_config
+    from axpo_rllm.configs.loader import ABLATIONS, axpo_config, group_size, load_config
 
     assert axpo_config(load_config()).k == 4
     switches = {name: axpo_config(load_config(name)) for name in ABLATIONS}
     assert not switches["grpo"].enable and not switches["rollout_2x"].enable
-    assert load_config("rollout_2x").actor_rollout_ref.rollout.n == 16
+    assert group_size(load_config("rollout_2x")) == 16 and group_size(load_config()) == 8
     assert not switches["no_prefix_fix"].prefix_fix
     assert switches["no_tool_resampling"].resample_target == "no_tool"
     assert switches["random_rank"].ranking == "random"
@@ -111,3 +111,9 @@ def test_shipped_yaml_loads_with_every_ablation():
 def test_cli_plan_demo_runs():
     out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "16"])
     assert "axpo/prefixes_selected" in out and "training rows" in out
+
+
+def test_cli_plan_demo_rollout_2x_doubles_the_given_n():
+    out = run([sys.executable, "-m", "axpo_rllm.cli", "plan-demo", "--questions", "4", "--ablation", "rollout_2x",
+               "actor_rollout_ref.rollout.n=4"])
+    assert "N=8" in " ".join(out.split())

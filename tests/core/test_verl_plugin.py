@@ -79,6 +79,37 @@ def test_axpo_equals_verl_grpo_when_nothing_is_triggered(bs, length, n_groups, s
     assert torch.allclose(ours.batch["returns"], grpo.batch["returns"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_shipped_config_normalises_as_verl_grpo_with_the_same_flag(norm):
+    """verl's ``algorithm.norm_adv_by_std_in_grpo`` alone decides (Dr. GRPO when false): the
+    ``axpo`` estimator given the shipped ``algorithm`` section (its ``axpo`` node included) equals
+    verl's own ``compute_grpo_outcome_advantage`` with the same flag on an untriggered batch."""
+    from axpo_rllm.configs.loader import axpo_config, load_config
+
+    cfg = load_config(None, [f"algorithm.norm_adv_by_std_in_grpo={str(norm).lower()}"])
+    batch = random_batch(48, 12, 6, seed=11)
+    ours = compute_advantage(batch, "axpo", config=cfg.algorithm)
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(
+        random_batch(48, 12, 6, seed=11).batch["token_level_rewards"], batch.batch["response_mask"],
+        batch.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=norm)
+    assert grpo.abs().max() > 0
+    assert torch.allclose(ours.batch["advantages"], grpo, atol=1e-5, rtol=1e-5)
+    assert axpo_config(cfg).norm_by_std is norm, "the core's rows (CPU trainer, rllm hook) read the same flag"
+
+
+def test_one_std_switch_the_alias_must_agree_with_verls_key():
+    from axpo_rllm.configs.loader import load_config
+    from axpo_rllm.core.config import std_normalization
+
+    assert std_normalization({"axpo": {"norm_by_std": False}}) is False, "the alias alone is read"
+    assert std_normalization({"norm_adv_by_std_in_grpo": False, "axpo": {}}) is False
+    assert std_normalization({}) is True, "verl's default"
+    with pytest.raises(ValueError, match=r"algorithm\.norm_adv_by_std_in_grpo=False and algorithm\.axpo\.norm_by_std=True"):
+        std_normalization({"norm_adv_by_std_in_grpo": False, "axpo": {"norm_by_std": True}})
+    with pytest.raises(ValueError, match="algorithm.norm_adv_by_std_in_grpo=True and algorithm.axpo.norm_by_std=False"):
+        load_config(None, ["algorithm.axpo.norm_by_std=false"])
+
+
 def test_axpo_equals_grpo_on_a_built_batch_with_nothing_triggered():
     groups = random_step(6, 8, max_response=64, all_wrong_rate=0.0, accuracy=0.6, seed=3)
     for g in groups:  # make sure no tool subgroup is all wrong

@@ -382,3 +382,112 @@ def test_numbers_in_brackets_and_dollars(grader):
     for written in ["(12).", "(**12**)", "$12$", "[12]"]:
         assert parse_number(written) == (12.0, False), written
         assert verdict(grader, "numeric", THINK + f"It is {written}", "12"), written
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Percent golds, matrices, markdown emphasis, short answers with a unit: general behaviours, each
+# with the false positives it must not create.
+
+
+@pytest.mark.parametrize(
+    "response, gold, correct",
+    [
+        # a percent gold accepts the fraction, however the percent is written (math-verify's convention)
+        (r"\boxed{0.5}", r"50\%", True),
+        (r"\boxed{\frac{1}{2}}", r"50\%", True),
+        (r"\boxed{0.125}", r"12.5\%", True),
+        (THINK + "So the share is 0.5.", r"50\%", True),
+        (r"\boxed{50}", r"50\%", True),
+        # ... and the reverse, as for a plain percent
+        (r"\boxed{50\%}", "0.5", True),
+        (THINK + r"The share is $50\%$.", "0.5", True),
+        # not a false positive: another number, two percents, a gold that is no percent
+        (r"\boxed{5}", r"50\%", False),
+        (r"\boxed{0.05}", r"50\%", False),
+        (r"\boxed{0.5\%}", r"50\%", False),
+        (r"\boxed{50\%}", r"0.5\%", False),
+        (r"\boxed{0.5}", "50", False),
+    ],
+)
+def test_math_percent_gold_accepts_the_fraction(grader, response, gold, correct):
+    assert verdict(grader, "math", response, gold) is correct
+
+
+PMATRIX = r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"
+
+
+@pytest.mark.parametrize(
+    "response, gold, correct",
+    [
+        (r"\boxed{\begin{Bmatrix}1&2\\3&4\end{Bmatrix}}", PMATRIX, True),
+        (r"\boxed{\begin{smallmatrix}1&2\\3&4\end{smallmatrix}}", PMATRIX, True),
+        (r"\boxed{\begin{bmatrix*}[r]1&2\\3&4\end{bmatrix*}}", PMATRIX, True),
+        (r"\boxed{" + PMATRIX + "}", r"\begin{Bmatrix}1&2\\3&4\end{Bmatrix}", True),
+        (THINK + r"The matrix is $\begin{smallmatrix}1&2\\3&4\end{smallmatrix}$.", PMATRIX, True),
+        # by value: other entries, another shape, a determinant are not the matrix
+        (r"\boxed{\begin{Bmatrix}1&2\\3&5\end{Bmatrix}}", PMATRIX, False),
+        (r"\boxed{\begin{smallmatrix}1&3\\2&4\end{smallmatrix}}", PMATRIX, False),
+        (r"\boxed{\begin{bmatrix*}1&2\end{bmatrix*}}", r"\begin{pmatrix}1\\2\end{pmatrix}", False),
+        (r"\boxed{\begin{vmatrix}1&2\\3&4\end{vmatrix}}", PMATRIX, False),
+    ],
+)
+def test_math_matrices_compare_by_value_whatever_the_environment(grader, response, gold, correct):
+    assert verdict(grader, "math", response, gold) is correct
+
+
+@pytest.mark.parametrize(
+    "source, response, gold, correct",
+    [
+        ("math", "*42*", "42", True),
+        ("math", "Answer: *42*", "42", True),
+        ("math", "_42_", "42", True),
+        ("math", "***42***", "42", True),
+        ("numeric", "__42__", "42", True),
+        ("numeric", "_42_.", "42", True),
+        ("numeric", "Answer: *42*", "42", True),
+        ("choice", "_C_", "C", True),
+        ("choice", "Answer: *C*", "C", True),
+        ("choice", "**C**", "C", True),
+        # emphasis is not part of the answer, and it makes no wrong answer right
+        ("math", "*41*", "42", False),
+        ("numeric", "_41_", "42", False),
+        ("numeric", "*4*2", "42", False),
+        ("math", "**not** 42", "42", False),
+        ("choice", "*C*", "B", False),
+    ],
+)
+def test_an_answer_in_markdown_emphasis_is_read(grader, source, response, gold, correct):
+    metadata = {"choices": ["red", "blue", "green"]} if source == "choice" else {}
+    assert verdict(grader, source, response, gold, metadata) is correct
+
+
+@pytest.mark.parametrize("source", ["math", "numeric"])
+@pytest.mark.parametrize(
+    "response, gold, correct",
+    [
+        ("It is 12 cm long.", "12", True),
+        ("about 12 cm", "12", True),
+        ("The length is 12cm", "12", True),
+        ("It costs $5.", "5", True),
+        ("Answer: It is 12 cm long.", "12", True),
+        ("The share is 50%.", "0.5", True),
+        # the number must be the answer: another number, no unit, hedged, two numbers, long prose
+        ("It is 13 cm long.", "12", False),
+        ("I think it is 12", "12", False),
+        ("It is not 12 cm.", "12", False),
+        ("It isn't 12 cm.", "12", False),
+        ("more than 12 cm", "12", False),
+        ("up to 12 cm", "12", False),
+        ("between 10 and 12 cm", "12", False),
+        ("12 cm or 15 cm", "12", False),
+        ("After measuring all of it twice we find it is 12 cm", "12", False),
+    ],
+)
+def test_a_short_answer_with_a_unit_is_graded_on_its_number(grader, source, response, gold, correct):
+    assert verdict(grader, source, response, gold) is correct
+
+
+def test_a_short_answer_with_a_unit_needs_a_numeric_gold(grader):
+    assert verdict(grader, "math", "It is 12 cm long.", "12") is True
+    assert verdict(grader, "math", "It is 12 cm long.", "x + 1") is False

@@ -135,8 +135,9 @@ def test_extract_choice(answer, expected):
         (r"\boxed{2}", "x=2", True),
         (r"\boxed{1000}", "1,000", True),
         (r"\boxed{3.0}", "3", True),
-        (r"Answer: 50\%", "50", True),  # math-verify's convention: 50\% is 50 ...
-        (r"\boxed{0.5}", r"50\%", False),  # ... not 0.5
+        (r"Answer: 50\%", "50", True),  # math-verify's convention for a percent: 50\% is 50 ...
+        (r"\boxed{0.5}", r"50\%", True),  # ... and 0.5 (a LaTeX percent is read as the percent it is)
+        (r"\boxed{5}", r"50\%", False),
         (r"\boxed{(x+1)^2}", "x^2+2x+1", True),
         (r"\boxed{3}", "4", False),
         (r"\boxed{\text{banana}}", "7", False),

@@ -8,20 +8,46 @@ import time
 import pytest
 
 from axpo_rllm.cli import build_parser
-from axpo_rllm.configs.loader import axpo_config
+from axpo_rllm.configs.loader import axpo_config, group_size
 from axpo_rllm.demo.main_job import job_config
 
 
 def test_layers_smoke_steps_and_overrides():
     cfg = job_config("rollout_2x", ["rl.lr=1e-3", "algorithm.axpo.k=2"], smoke=True, steps=3)
     assert cfg.rl.steps == 3 and cfg.rl.lr == 1e-3 and cfg.sft.max_steps <= 5
-    assert cfg.actor_rollout_ref.rollout.n == 8  # the ablation's 2N survives (halved by --smoke)
+    assert cfg.actor_rollout_ref.rollout.n == 4 and group_size(cfg) == 8  # --smoke halves N, the ablation doubles it
     assert axpo_config(cfg).k == 2 and not axpo_config(cfg).enable
     assert cfg.job.ablation == "rollout_2x" and cfg.job.smoke
     full = job_config()
     assert full.actor_rollout_ref.rollout.n == 8 and full.algorithm.adv_estimator == "axpo" and full.sft.minutes >= 2
     with pytest.raises(ValueError):
         job_config(None, ["algorithm.axpo.ranking=best"])
+
+
+def test_rollout_2x_arm_draws_twice_the_jobs_n():
+    from axpo_rllm.demo.main_job import arm_config
+
+    for smoke, n in ((False, 6), (True, 6), (False, 3)):
+        arm = arm_config("rollout_2x", [f"actor_rollout_ref.rollout.n={n}"], smoke=smoke)
+        assert group_size(arm) == 2 * n and group_size(arm_config("grpo", [f"actor_rollout_ref.rollout.n={n}"])) == n
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["algorithm.axpo.source_tail=keep"], r"algorithm\.axpo\.source_tail=keep cannot be trained by the CPU job"),
+    (["algorithm.axpo.r=0.1"], r"algorithm\.axpo\.r / rl\.batch_questions / actor_rollout_ref\.rollout\.n / algorithm\.axpo\.k: "
+                               r"AXPO budget E = floor\(r·B·N\) = floor\(0\.1·4·8\) = 3 is below K = 4"),
+])
+def test_the_cpu_job_refuses_what_it_cannot_train_before_any_stage(overrides, message, tmp_path):
+    from argparse import Namespace
+
+    from axpo_rllm.demo.main_job import arm_config, run
+
+    with pytest.raises(ValueError, match=message):
+        arm_config("axpo", overrides)
+    args = Namespace(arms="axpo", overrides=overrides, smoke=False, steps=None, seeds=None, run_dir=str(tmp_path), resume=None)
+    with pytest.raises(ValueError, match=message):
+        run(args)
+    assert not list(tmp_path.iterdir()), "refused before the run folder (and any stage) exists"
 
 
 def test_cli_main_flags():

@@ -17,9 +17,9 @@ def test_every_ablation_is_the_same_pipeline_with_the_axpo_estimator(ablation):
     cfg = launch_config(ablation)
     assert cfg.algorithm.adv_estimator == "axpo"
     assert cfg.axpo_launch.backend == "verl" and cfg.axpo_launch.workflow_class == DEFAULT_WORKFLOW
-    assert cfg.actor_rollout_ref.rollout.n == (16 if ablation == "rollout_2x" else 8)
+    assert cfg.axpo_launch.group_size == (16 if ablation == "rollout_2x" else 8)
     assert cfg.rllm.rollout.n == 1, "the workflow draws the N rollouts of a question itself"
-    assert workflow_config(cfg).n == cfg.actor_rollout_ref.rollout.n
+    assert workflow_config(cfg).n == cfg.axpo_launch.group_size
     assert workflow_config(cfg).axpo == axpo_config(cfg)
     actor = cfg.actor_rollout_ref.actor
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.kl_loss_coef, actor.kl_loss_type) == (0.2, 0.4, 0.001, "low_var_kl")
@@ -222,3 +222,59 @@ def test_without_the_bridges_the_dry_run_shows_rllms_breaks_on_verl_0_9(monkeypa
     monkeypatch.setattr(ckpt.CheckpointEngineManager, "__init__", ckpt.CheckpointEngineManager.__init__.__wrapped__)
     with pytest.raises(ValueError, match="CheckpointEngineManager"):
         dry_run(None, [], model="qwen3_vl_2b_thinking")
+
+
+@pytest.mark.parametrize("model", [None, "qwen3_vl_2b_thinking"])
+def test_rollout_2x_is_twice_the_runs_own_n(model):
+    """'rollout 2x' means 2N of whatever N the run has: an override of N (or a model layer) is doubled."""
+    for n in (4, 6):
+        cfg = launch_config("rollout_2x", [f"actor_rollout_ref.rollout.n={n}"], model=model)
+        assert cfg.axpo_launch.group_size == workflow_config(cfg).n == 2 * n
+        assert launch_config(None, [f"actor_rollout_ref.rollout.n={n}"], model=model).axpo_launch.group_size == n
+
+
+def test_axpo_rllm_train_dry_run_reports_rollout_2x_of_the_given_n(capsys):
+    from axpo_rllm.cli import main as cli
+
+    assert cli(["train", "--model", "qwen3_vl_2b_thinking", "--dry-run", "--ablation", "rollout_2x",
+                "actor_rollout_ref.rollout.n=4"]) == 0
+    out, err = capsys.readouterr()
+    assert "group_size: 8" in out and "# checked: N=8 per question" in err
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("algorithm.axpo.source_tail=keep", r"algorithm\.axpo\.source_tail=keep cannot be trained by the rllm launcher"),
+    ("algorithm.axpo.r=0.001", r"algorithm\.axpo\.r / data\.train_batch_size / actor_rollout_ref\.rollout\.n / "
+                               r"algorithm\.axpo\.k: AXPO budget E = floor\(r·B·N\) = floor\(0\.001·128·8\) = 1 is below K = 4"),
+])
+def test_configs_the_run_would_fail_on_are_refused_when_built_and_at_the_dry_run(override, message, capsys):
+    from axpo_rllm.cli import main as cli
+    from axpo_rllm.integrations.rllm.launcher import dry_run
+
+    with pytest.raises(ValueError, match=message):
+        launch_config(None, [override], model="qwen3_vl_2b_thinking")
+    with pytest.raises(ValueError, match=message):
+        dry_run(None, [override], model="qwen3_vl_2b_thinking")
+    assert cli(["train", "--model", "qwen3_vl_2b_thinking", "--dry-run", override]) == 2
+    assert override.split("=")[0] in capsys.readouterr().err
+    launch_config("grpo", ["algorithm.axpo.r=0.001"], model="qwen3_vl_2b_thinking")  # GRPO plans nothing
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("rllm.async_training.enable", True, "rllm.async_training.enable must be false"),
+    ("rllm.rollout.n", 8, "rllm.rollout.n must be 1"),
+    ("algorithm.adv_estimator", "grpo", "adv_estimator must stay 'axpo'"),
+    ("axpo_launch.group_size", 3, "axpo_launch.group_size must be 8"),
+    ("algorithm.axpo.source_tail", "keep", "source_tail=keep cannot be trained"),
+    ("algorithm.axpo.k", 64, "is below K = 64"),
+])
+def test_run_refuses_a_config_built_another_way(key, value, message):
+    """``run(cfg)`` checks what ``launch_config`` checks, before rllm is even imported."""
+    from omegaconf import OmegaConf
+
+    from axpo_rllm.integrations.rllm.launcher import run
+
+    cfg = launch_config(None, ["data.train_batch_size=8"])
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)

@@ -177,6 +177,65 @@ def test_an_update_moves_log_probs_the_way_the_advantages_point(stepped):
     assert (after - before)[pos].mean() > 0 > (after - before)[neg].mean()
 
 
+def test_mini_batches_move_the_policy_between_optimiser_steps_so_the_clip_binds(stepped, monkeypatch):
+    """verl's ``ppo_mini_batch_size``: with the whole batch in one optimiser step the ratio is 1 and
+    the 0.2/0.4 clip never binds; with one question per mini-batch (old log-probs computed once,
+    before the first) the second mini-batch sees the policy the first one moved. Its clip fraction
+    is computed here by hand (tokens with A > 0 and ratio > 1.4, or A < 0 and ratio < 0.8) after a
+    hand-made first step, and must be > 0 and equal what the trainer reports."""
+    trainer = stepped[0]
+    batch = trainer.make_batch(trainer.workflow.run_step(world_tasks(), 3).rows)
+    questions = batch.non_tensor_batch["question_id"]
+    start = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
+    old_rl, old_opt = trainer.rl, trainer.optimizer
+
+    def fresh(rl):  # the same weights and a fresh optimiser with a step large enough to leave the clip range
+        trainer.policy.model.load_state_dict(start, strict=False)
+        trainer.rl, trainer.optimizer = rl, torch.optim.AdamW(trainer.params, lr=0.05, weight_decay=0.0)
+
+    try:
+        fresh(RLConfig(micro_batch_size=64))
+        whole = trainer.update(batch)
+        assert whole["actor/optimizer_steps"] == 1 and whole["actor/pg_clipfrac"] == 0.0
+
+        fresh(RLConfig(micro_batch_size=64, ppo_mini_batch_size=1))
+        minis = trainer.mini_batches(batch)
+        assert [sorted(set(questions[m])) for m in minis] == [[q] for q in dict.fromkeys(questions)]
+        assert sorted(i for m in minis for i in m) == list(range(len(batch))), "every row, continuations with their question"
+        old = trainer.old_log_probs(batch)
+        trainer.backward(batch, old, minis[0])
+        torch.nn.utils.clip_grad_norm_(trainer.params, trainer.rl.grad_clip)
+        trainer.optimizer.step()
+        with torch.no_grad():
+            ratio = torch.exp(trainer.forward(trainer.policy, batch, minis[1]) - old[minis[1]])
+        adv, mask = batch.batch["advantages"][minis[1]], batch.batch["response_mask"][minis[1]].bool()
+        binds = ((adv > 0) & (ratio > 1.4)) | ((adv < 0) & (ratio < 0.8))
+        by_hand = float(binds[mask].float().mean())
+        assert by_hand > 0, "the first mini-batch's step must move the second one's ratio out of [0.8, 1.4]"
+
+        fresh(RLConfig(micro_batch_size=64, ppo_mini_batch_size=1))
+        calls = []
+        real = trainer.old_log_probs
+        monkeypatch.setattr(trainer, "old_log_probs", lambda b: calls.append(1) or real(b))
+        split = trainer.update(batch)
+        assert calls == [1], "old log-probs once per step, before the first mini-batch"
+        assert split["actor/optimizer_steps"] == 2
+        assert split["actor/pg_clipfrac"] == pytest.approx(by_hand / 2, abs=1e-6), "mean over steps: 0 then by_hand"
+    finally:
+        trainer.policy.model.load_state_dict(start, strict=False)
+        trainer.rl, trainer.optimizer = old_rl, old_opt
+
+
+def test_the_cpu_job_takes_mini_batches_by_default():
+    from axpo_rllm.demo.main_job import job_config
+    from axpo_rllm.train.trainer import rl_config_from
+
+    for smoke in (False, True):
+        cfg = job_config(smoke=smoke)
+        rl = rl_config_from(cfg.rl)
+        assert 0 < rl.ppo_mini_batch_size < rl.batch_questions, "more than one optimiser step per batch"
+
+
 def test_a_checkpoint_restores_weights_optimizer_history_and_the_next_step(stepped, tmp_path):
     trainer = stepped[0]
     path = trainer.save_checkpoint(tmp_path / "ckpt.pt", step=4)

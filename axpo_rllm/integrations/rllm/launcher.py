@@ -35,7 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from axpo_rllm.agents.agent import AgentConfig
 from axpo_rllm.agents.workflow import WorkflowConfig
-from axpo_rllm.configs.loader import axpo_config, config_text, load_config, model_config
+from axpo_rllm.configs.loader import (
+    axpo_config,
+    check_budget,
+    check_source_tail,
+    config_text,
+    group_size,
+    load_config,
+    model_config,
+)
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
 from axpo_rllm.envs.tools.registry import discover_tools
@@ -147,11 +155,6 @@ def launch_config(
             "set N with actor_rollout_ref.rollout.n: the AXPO workflow draws the N rollouts of a question "
             "itself, so rllm.rollout.n stays 1"
         )
-    if OmegaConf.select(cfg, "rllm.async_training.enable", default=False):
-        raise ValueError("rllm.async_training.enable must be false: rllm's async training buffer never calls the "
-                         "trajectory grouping hook, so AXPO's continuation groups and prefix credit would be lost")
-    if cfg.algorithm.adv_estimator != "axpo":
-        raise ValueError(f"algorithm.adv_estimator must stay 'axpo' (GRPO is --ablation grpo), got {cfg.algorithm.adv_estimator!r}")
     questions = int(OmegaConf.select(cfg, "data.train_batch_size", default=1) or 1)
     parallel = int(OmegaConf.select(cfg, "rllm.workflow.n_parallel_tasks", default=0) or 0)
     actor = cfg.actor_rollout_ref.actor
@@ -168,7 +171,7 @@ def launch_config(
         "rllm.rejection_sample.min_trajs_per_group": 1,
         "rllm.compact_filtering.enable": False,
         "rllm.workflow.n_parallel_tasks": max(parallel, questions),
-        "axpo_launch.group_size": int(cfg.actor_rollout_ref.rollout.n),
+        "axpo_launch.group_size": group_size(cfg),  # N x the ablation's factor (rollout_2x: 2N)
     }
     for key, value in derived.items():
         if key not in given:
@@ -178,8 +181,15 @@ def launch_config(
 
 
 def check_launch_config(cfg: DictConfig) -> None:
-    """What must hold for AXPO to run inside rllm; each error names the key and the expected value."""
+    """What must hold for AXPO to run inside rllm; each error names the key and the expected value.
+    :func:`launch_config`, :func:`dry_run` and :func:`run` all pass through it."""
     axpo_config(cfg)
+    if OmegaConf.select(cfg, "rllm.async_training.enable", default=False):
+        raise ValueError("rllm.async_training.enable must be false: rllm's async training buffer never calls the "
+                         "trajectory grouping hook, so AXPO's continuation groups and prefix credit would be lost")
+    estimator = OmegaConf.select(cfg, "algorithm.adv_estimator", default=None)
+    if estimator != "axpo":
+        raise ValueError(f"algorithm.adv_estimator must stay 'axpo' (GRPO is --ablation grpo), got {estimator!r}")
     expect = {
         "rllm.rollout.n": 1,
         "rllm.rejection_sample.filter_uniform_groups": False,
@@ -200,6 +210,19 @@ def check_launch_config(cfg: DictConfig) -> None:
     if parallel < questions:
         raise ValueError(f"rllm.workflow.n_parallel_tasks must be >= the questions per step ({questions}), got {parallel}: "
                          "every question of a step waits at the plan's barrier")
+    check_group_size(cfg)
+    check_source_tail(cfg, "the rllm launcher (one advantage per trajectory)")
+    if verl_batch is not None:  # B is known (rllm's and verl's base configs set it; a bare AXPO layer does not)
+        check_budget(cfg, questions, "data.train_batch_size")
+
+
+def check_group_size(cfg: DictConfig) -> None:
+    """``axpo_launch.group_size`` (the N the workflow draws) is the run's N times the ablation's factor."""
+    want = group_size(cfg)
+    got = OmegaConf.select(cfg, "axpo_launch.group_size", default=None)
+    if got != want:
+        raise ValueError(f"axpo_launch.group_size must be {want} (actor_rollout_ref.rollout.n x "
+                         f"axpo_ablation.rollout_n_factor), got {got!r}")
 
 
 def _import_rllm() -> Any:
@@ -375,7 +398,7 @@ def resolve_workflow(path: str) -> type:
 def workflow_config(cfg: DictConfig):
     """The workflow's settings from the launch config: N, AXPO's switches, the agent's turn cap."""
     agent = OmegaConf.to_container(cfg.agent, resolve=True) if "agent" in cfg else {}
-    n = int(OmegaConf.select(cfg, "axpo_launch.group_size", default=cfg.actor_rollout_ref.rollout.n))
+    n = int(OmegaConf.select(cfg, "axpo_launch.group_size", default=None) or group_size(cfg))
     return WorkflowConfig(n=n, axpo=axpo_config(cfg),
                           agent=dataclass_from_mapping(AgentConfig, agent, "agent config"))
 
@@ -462,7 +485,9 @@ def load_datasets(cfg: DictConfig):
 
 
 def run(cfg: DictConfig, train: Any = None, val: Any = None) -> int:
-    """Start rllm's ``AgentTrainer`` on a launch config (datasets: registered names when not given)."""
+    """Start rllm's ``AgentTrainer`` on a launch config (datasets: registered names when not given).
+    The launch checks run first, however ``cfg`` was built."""
+    check_launch_config(cfg)
     AgentTrainer = _import_rllm()
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
     from axpo_rllm.integrations.rllm.workflow import AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm

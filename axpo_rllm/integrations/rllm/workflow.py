@@ -45,7 +45,7 @@ from rllm.workflows.workflow import TerminationReason, Workflow
 from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.advantages import group_normalize, original_groups
-from axpo_rllm.core.config import AXPOConfig
+from axpo_rllm.core.config import AXPOConfig, std_normalization
 from axpo_rllm.core.planner import plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
 from axpo_rllm.core.step import finish_step, in_plan_order
@@ -95,21 +95,24 @@ def axpo_advantages(rewards: list[np.ndarray], algorithm_config: Any, **kwargs) 
             advantages.append(np.asarray(stored, dtype=np.float64))
             continue
         cfg = _group_config(group)
+        # the run's AXPOConfig already holds verl's norm_adv_by_std_in_grpo (AXPOConfig.from_algorithm)
+        norm_by_std = cfg.norm_by_std if cfg is not None else std_normalization(algorithm_config)
+        cfg = cfg or AXPOConfig()
         scores = np.asarray(group_rewards, dtype=np.float32)
         index = np.zeros(len(scores), dtype=np.int64)
         adv = group_normalize(
             torch.from_numpy(scores), torch.from_numpy(index), epsilon=cfg.epsilon,
-            norm_by_std=getattr(algorithm_config, "norm_adv_by_std_in_grpo", cfg.norm_by_std), unbiased=cfg.std_unbiased,
+            norm_by_std=norm_by_std, unbiased=cfg.std_unbiased,
         )
         advantages.append(adv.numpy().astype(np.float64))
     return advantages, advantages
 
 
-def _group_config(group: TrajectoryGroup | None) -> AXPOConfig:
+def _group_config(group: TrajectoryGroup | None) -> AXPOConfig | None:
     for meta in (group.metadata if group is not None else []) or []:
         if isinstance(meta, dict) and isinstance(meta.get("axpo_config"), AXPOConfig):
             return meta["axpo_config"]
-    return AXPOConfig()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

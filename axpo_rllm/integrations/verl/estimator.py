@@ -22,6 +22,7 @@ import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
 from axpo_rllm.core.advantages import group_ids_to_index, group_normalize
+from axpo_rllm.core.config import std_normalization
 
 __all__ = ["compute_axpo_advantage", "ESTIMATOR_NAME"]
 
@@ -56,8 +57,8 @@ def compute_axpo_advantage(
         response_mask: ``(bs, response_length)``, AXPO's loss mask (prefix-only for a source,
             continuation-only for a resampled row).
         index: ``(bs,)`` object array, verl's ``uid`` column (the advantage group).
-        config: verl's ``algorithm`` config; reads ``norm_adv_by_std_in_grpo`` and
-            ``axpo.epsilon`` / ``axpo.std_unbiased``.
+        config: verl's ``algorithm`` config; reads ``norm_adv_by_std_in_grpo`` (as verl's ``grpo``
+            does; ``std_normalization``) and ``axpo.epsilon`` / ``axpo.std_unbiased``.
 
     Returns:
         ``(advantages, returns)``, both ``(bs, response_length)`` and already multiplied by the mask.
@@ -66,14 +67,14 @@ def compute_axpo_advantage(
         raise ValueError("the axpo estimator needs the batch's `uid` column (its advantage groups)")
     if len(index) != token_level_rewards.shape[0]:
         raise ValueError(f"uid has {len(index)} entries for a batch of {token_level_rewards.shape[0]} rows")
-    norm_by_std = config.get("norm_adv_by_std_in_grpo", True) if config is not None else True
+    norm_by_std = std_normalization(config)
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
         advantages = group_normalize(
             scores,
             group_ids_to_index(index),
             epsilon=float(_setting(config, "epsilon", 1e-6)),
-            norm_by_std=bool(_setting(config, "norm_by_std", norm_by_std)),
+            norm_by_std=norm_by_std,
             unbiased=bool(_setting(config, "std_unbiased", True)),
         )
         advantages = advantages.unsqueeze(-1) * response_mask
