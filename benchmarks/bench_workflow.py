@@ -36,7 +36,7 @@ Measured 2026-12-05 (2-core VM, quiet; medians of per-repeat AXPO/GRPO step rati
     identical in every arm; barrier == exact == speculative, plan and continuation tokens.
 
 On CPU the tiny model's engine is compute-bound (a step's cost grows with the requests in it), so
-overlapping continuations with phase 1 slows phase 1 rather than filling idle slots (README).
+overlapping continuations with phase 1 slows phase 1 rather than filling idle slots (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def help_text(*command: str, capsys) -> str:
 def test_help_is_for_users_with_an_example_and_fits_100_columns(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     text = help_text(*command, capsys=capsys)
-    for developer_note in ("``", "Layer", "layer 7", ":func:", "AXPO_SPEC", "FIELD_NOTES"):
+    for developer_note in ("``", "Layer", "layer 7", ":func:", ":class:"):
         assert developer_note not in text, developer_note
     assert all(len(line) <= 100 for line in text.splitlines())
     if command:
