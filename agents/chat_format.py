@@ -2,7 +2,7 @@
 
 Prompts are rendered once; observation turns are rendered alone and appended to the kept ids, so a
 rollout's tokens are exactly what the model produced plus what the environment fed back
-(AXPO_SPEC §2: continuations are requested as ``prompt + prefix`` ids, never re-rendered text).
+(docs/algorithm.md §2: continuations are requested as ``prompt + prefix`` ids, never re-rendered text).
 
 Where the ids differ on purpose from tokenising the template's rendering of the same conversation:
 

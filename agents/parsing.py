@@ -25,7 +25,7 @@ Rules (grounded in the bugs filed against vLLM's hermes / Qwen parsers):
   after its JSON, a call with no ``</tool_call>`` (cut by the token limit). A malformed call is still
   a tool call (it counts as tool use); the model sees its ``error``.
 
-For AXPO (AXPO_SPEC §2–§3) a multi-call turn is cut at the first call's opener, and its confidence
+For AXPO (docs/algorithm.md §2–§3) a multi-call turn is cut at the first call's opener, and its confidence
 c_s is the first call's content: the later calls of the turn are part of what is resampled.
 """
 

@@ -1,27 +1,119 @@
-"""Layer 7 — ``axpo-rllm``: the command line.
-
-    axpo-rllm plan-demo [--ablation NAME] [key=value ...]   plan + advantages on one simulated step
-    axpo-rllm simulate [--sweep] [--png PATH] [...]          signal-yield simulator: AXPO vs more rollouts / ARPO
-    axpo-rllm main                                           the embedded CPU job
-    axpo-rllm data inspect|convert|filter|sft-export FILE... data sets in, verl/rllm data out
-    axpo-rllm eval FILE... --model-dir DIR --out DIR         Pass@1 / Pass@k per benchmark (resumable)
-    axpo-rllm train [--model NAME] [--ablation NAME] [--dry-run] [key=value ...]   an rllm training run
+"""The ``axpo-rllm`` command line (the top layer: it may import every other layer).
 
 Each subcommand imports what it needs inside its own function, so that ``axpo-rllm --help`` and a
-light subcommand never load torch, transformers, verl or rllm (CLI start-up time).
+light subcommand never load torch, transformers, verl or rllm (CLI start-up time). What the user
+reads (``--help``) is in the parser's texts below, not in this docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-__all__ = ["main"]
+from axpo_rllm import __version__
+
+__all__ = ["main", "build_parser", "quiet_third_party"]
+
+DESCRIPTION = """\
+Train and evaluate multimodal tool-using agents with AXPO (Agent eXplorative Policy
+Optimization) on rllm + verl + vLLM.
+"""
+
+EPILOG = """\
+Run 'axpo-rllm COMMAND --help' for a command's options and an example.
+Warnings and progress bars of other libraries are hidden; -v shows everything.
+"""
+
+# ------------------------------------------------------------------------------------------------
+# Quiet by default: other libraries' warnings, log lines and progress bars say nothing a user of
+# this command can act on. Scoped to one command (main() below); importing the library changes
+# nothing. -v/--verbose leaves everything as the libraries set it.
+
+QUIET_ENV = {
+    "VERL_LOGGING_LEVEL": "ERROR",        # verl's module loggers take their level from it at import
+    "TRANSFORMERS_VERBOSITY": "error",    # read when transformers configures its logger
+    "VLLM_LOGGING_LEVEL": "ERROR",        # vLLM installs its own handler at import
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Loading weights" / "Writing model shards" (via hub's switch)
+    "TQDM_DISABLE": "1",                  # any other tqdm bar (datasets, vLLM); ours are rich's
+}
+"""Environment for libraries first imported inside the command (and for its child processes)."""
+
+QUIET_LOGGERS = ("verl", "transformers", "torch", "vllm", "huggingface_hub", "datasets", "ray",
+                 "accelerate", "httpx", "httpcore", "urllib3", "matplotlib", "PIL", "filelock",
+                 "math_verify", "latex2sympy2_extended", "tensorboard", "absl")
+"""Loggers (and their descendants already created) held at ERROR while the command runs."""
+
+OWN_MODULES = r"axpo_rllm(\.|$)"
+"""Warnings raised from these modules still show (they are about the user's data or config)."""
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _loggers_at_error(roots: Sequence[str]) -> Iterator[None]:
+    """``roots`` and every descendant logger that exists now at ERROR; levels restored after."""
+    names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] in roots]
+    loggers = [logging.getLogger(n) for n in {*roots, *names}]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _hf_progress_bars_off() -> Iterator[None]:
+    """transformers' own switch, when it is already imported (the environment came too late)."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    was_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_third_party(verbose: bool = False) -> Iterator[None]:
+    """Hide other libraries' warnings, log lines below ERROR and progress bars for one command;
+    our own warnings stay. ``verbose`` changes nothing."""
+    if verbose:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_environ(QUIET_ENV))
+        stack.enter_context(_loggers_at_error(QUIET_LOGGERS))
+        stack.enter_context(_hf_progress_bars_off())
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=OWN_MODULES)
+        yield
+
 
 
 def plan_demo(args: argparse.Namespace) -> int:
@@ -76,7 +168,11 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="signal-yield simulator: AXPO vs more rollouts and post-observation branching")
+    p = _command(sub, "simulate", "signal-yield simulator: AXPO vs other ways to spend samples",
+                 "Runs AXPO and its alternatives (random ranking, fresh rollouts, ARPO-style branching,\n"
+                 "no-tool resampling) on the same simulated questions of a seeded policy calibrated to the\n"
+                 "paper's GRPO symptoms; prints a table and writes a PNG. No model, no GPU.",
+                 "axpo-rllm simulate --r 0.25 --k 4 --sweep --png sim.png")
     p.add_argument("--questions", type=int, default=128, help="B, questions per step")
     p.add_argument("--n", type=int, default=8, help="N, rollouts per question")
     p.add_argument("--r", type=float, default=0.25, help="extra-sample ratio: E = floor(r·B·N)")
@@ -397,26 +493,40 @@ def _add_output_args(p) -> None:
 
 
 def add_data_parser(sub) -> None:
-    data = sub.add_parser("data", help="inspect, convert, filter data sets; export SFT trajectories")
+    data = _command(sub, "data", "inspect, convert, filter data sets; export SFT data",
+                    "Reads parquet, jsonl/json, tsv/csv, Arrow and saved Hugging Face data sets; writes verl's\n"
+                    "RL parquet or registers rows in rllm's dataset registry.",
+                    "axpo-rllm data convert train.jsonl --source MathVision --out rl.parquet")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("inspect", help="rows, sources, verifier map, image sizes, answer kinds")
+    p = _command(dsub, "inspect", "rows, sources, verifier map, image sizes, answer kinds",
+                 "Counts rows per data source, the answer kind each source is graded as and how it was\n"
+                 "resolved, images per row and their sizes; names bad rows (or counts them, --skip-bad).",
+                 "axpo-rllm data inspect bench.parquet --decode")
     _add_data_args(p)
     p.add_argument("--decode", action="store_true", help="decode every image (finds truncated files; slower)")
     p.add_argument("--json", default=None, help="also write the summary as JSON here")
     p.set_defaults(func=data_inspect)
-    p = dsub.add_parser("convert", help="to verl's RL parquet or rllm's dataset registry")
+    p = _command(dsub, "convert", "to verl's RL parquet or rllm's dataset registry",
+                 "Writes every row as verl's RL parquet (--out) or registers it in rllm's dataset registry\n"
+                 "(--to rllm --name NAME); images are checked before they are written.",
+                 "axpo-rllm data convert rows.jsonl --image-root imgs --source fvqa --out rl.parquet")
     _add_data_args(p)
     _add_output_args(p)
     p.set_defaults(func=data_convert)
-    p = dsub.add_parser("filter", help="drop questions the SFT model solves k/k and those the teacher fails k/k")
+    p = _command(dsub, "filter", "drop questions the SFT model solves k/k and those the teacher fails k/k",
+                 "The paper's RL data filter, from rollouts recorded with 'axpo-rllm eval'.",
+                 "axpo-rllm data filter train.parquet --sft runs/sft --teacher runs/teacher --out rl.parquet")
     _add_data_args(p)
     _add_output_args(p)
-    p.add_argument("--sft", required=True, help="the SFT model's recorded rollouts (an `axpo-rllm eval` folder or a samples .jsonl)")
+    p.add_argument("--sft", required=True, help="the SFT model's recorded rollouts (an 'axpo-rllm eval' folder or a samples .jsonl)")
     p.add_argument("--teacher", required=True, help="the teacher's recorded rollouts")
     p.add_argument("--k", type=int, default=4, help="samples per question the filter reads (the paper: 4)")
     p.set_defaults(func=data_filter)
-    p = dsub.add_parser("sft-export", help="correct recorded trajectories -> verl's multi-turn SFT parquet")
-    p.add_argument("recording", help="an `axpo-rllm eval --record` output folder")
+    p = _command(dsub, "sft-export", "correct recorded trajectories -> verl's multi-turn SFT parquet",
+                 "Exports the correct trajectories of an 'axpo-rllm eval --record' folder, with their tool\n"
+                 "calls and tool images, for verl's MultiTurnSFTDataset.",
+                 "axpo-rllm data sft-export runs/teacher train.parquet --out sft.parquet")
+    p.add_argument("recording", help="an 'axpo-rllm eval --record' output folder")
     _add_data_args(p, "the data files the recording evaluated (questions and their images)")
     p.add_argument("--out", required=True, help="output .parquet")
     p.add_argument("--system-prompt", default=None, help="system message (default: the evaluation's)")
@@ -426,7 +536,11 @@ def add_data_parser(sub) -> None:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="Pass@1 / Pass@k per benchmark with tool use, malformed calls, turns (resumable)")
+    p = _command(sub, "eval", "Pass@1 / Pass@k per benchmark with tool use (resumable)",
+                 "Samples --n answers per question with the agent and its tools, grades them, and writes\n"
+                 "Pass@1, Pass@k, tool use, malformed calls and turns per benchmark to --out (results.md,\n"
+                 "results.json). Rerun the same command after an interruption: only missing samples run.",
+                 "axpo-rllm eval bench.parquet --model-dir ./ckpt --out runs/eval --n 4 --k 4")
     _add_data_args(p, "benchmark files or folders; rows group into benchmarks by data_source")
     p.add_argument("--model-dir", required=True, help="the model (tokenizer + chat template; weights for in-process engines)")
     p.add_argument("--engine", choices=("transformers", "vllm", "http"), default="transformers")
@@ -500,7 +614,11 @@ def _registered_files(cfg):
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="an rllm training run (AgentTrainer, backend verl) with AXPO; --dry-run checks it on CPU")
+    p = _command(sub, "train", "an rllm training run with AXPO (--dry-run: check on CPU)",
+                 "Composes rllm's config, the AXPO layer, a shipped model layer and your key=value\n"
+                 "overrides, checks them, and runs rllm's AgentTrainer (backend verl) with AXPO's workflow\n"
+                 "and advantage estimator. --ablation grpo gives the GRPO baseline.",
+                 "axpo-rllm train --model qwen3_vl_4b_thinking data.train_files=rl.parquet --dry-run")
     p.add_argument("--ablation", default=None, help="grpo, no_prefix_fix, ... (configs/ablation)")
     p.add_argument("--model", default=None, help="a shipped model layer: qwen3_vl_2b_thinking, qwen3_vl_4b_thinking, qwen3_vl_8b_thinking")
     p.add_argument("--dry-run", action="store_true", help="compose and validate the whole config without a GPU, print it")
@@ -508,35 +626,69 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=train)
 
 
+_VERBOSE = argparse.ArgumentParser(add_help=False)
+# SUPPRESS: given before or after the command name, one flag; absent, no attribute (read with getattr).
+_VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="show other libraries' warnings, log lines and progress bars")
+
+
+def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does, its options and one example."""
+    return sub.add_parser(name, help=summary, description=description, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_VERBOSE])
+
+
+def add_plan_demo_parser(sub) -> None:
+    p = _command(sub, "plan-demo", "AXPO's plan and advantages on one simulated step",
+                 "Runs one simulated step (a seeded policy, no model) through AXPO's phases and prints\n"
+                 "the step's diagnostics: triggered questions, selected prefixes, budget, training rows.",
+                 "axpo-rllm plan-demo --questions 64 algorithm.axpo.r=0.5")
+    p.add_argument("--ablation", default=None, help="an ablation of configs/ablation (grpo, no_prefix_fix, ...)")
+    p.add_argument("--questions", type=int, default=64, help="B, questions in the step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. algorithm.axpo.r=0.5")
+    p.set_defaults(func=plan_demo)
+
+
+def add_main_parser(sub) -> None:
+    p = _command(sub, "main", "the embedded CPU job end to end (no GPU, no downloads)",
+                 "Builds a tiny Qwen-VL offline, makes synthetic visual tasks, runs SFT once, then AXPO and\n"
+                 "GRPO arms from the same checkpoint, evaluates before and after, and writes a run folder:\n"
+                 "per-step metrics (metrics.jsonl, TensorBoard event files), plots, summary.json and\n"
+                 "summary.md. About 8 minutes on 2 CPU cores; --smoke makes every stage tiny.",
+                 "axpo-rllm main --seeds 3 trainer.logger=[console,tensorboard,wandb]")
+    p.add_argument("--smoke", action="store_true", help="every stage tiny (about a minute)")
+    p.add_argument("--ablation", default=None, help="one arm only: grpo, no_prefix_fix, ... (configs/ablation)")
+    p.add_argument("--arms", default=None,
+                   help="comma-separated RL arms from the same SFT checkpoint (default axpo,grpo; any ablation)")
+    p.add_argument("--seeds", type=int, default=None, help="repeat every arm with S seeds (mean and spread)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run in RUN_DIR with its own arguments")
+    p.add_argument("--steps", type=int, default=None, help="RL steps (rl.steps)")
+    p.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value config overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5 trainer.logger=[console]")
+    p.set_defaults(func=run_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="axpo-rllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("plan-demo", help="plan + advantages on one simulated step")
-    demo.add_argument("--ablation", default=None)
-    demo.add_argument("--questions", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. algorithm.axpo.r=0.5")
-    demo.set_defaults(func=plan_demo)
-    add_simulate_parser(sub)
-    main_job = sub.add_parser("main", help="the embedded CPU job (tiny Qwen-VL, synthetic tasks)")
-    main_job.add_argument("--smoke", action="store_true", help="every stage tiny (the end-to-end test)")
-    main_job.add_argument("--ablation", default=None, help="one arm only: grpo, no_prefix_fix, ... (configs/ablation)")
-    main_job.add_argument("--arms", default=None, help="comma-separated RL arms from the same SFT checkpoint (default axpo,grpo; any ablation name)")
-    main_job.add_argument("--seeds", type=int, default=None, help="repeat every arm with S seeds (job.seeds)")
-    main_job.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR (its own arguments)")
-    main_job.add_argument("--steps", type=int, default=None, help="RL steps (rl.steps)")
-    main_job.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
-    main_job.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5")
-    main_job.set_defaults(func=run_main)
-    add_data_parser(sub)
-    add_eval_parser(sub)
+    parser = argparse.ArgumentParser(prog="axpo-rllm", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_VERBOSE])
+    parser.add_argument("--version", action="version", version=f"axpo-rllm {__version__}")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    add_main_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
+    add_data_parser(sub)
+    add_simulate_parser(sub)
+    add_plan_demo_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    with quiet_third_party(verbose=getattr(args, "verbose", False)):
+        return int(args.func(args))
 
 
 if __name__ == "__main__":

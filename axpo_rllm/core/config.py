@@ -32,7 +32,7 @@ def dataclass_from_mapping(cls: type[D], node: Mapping[str, Any] | None, what: s
 
 
 # ---------------------------------------------------------------------------------------------
-# Hyper-parameters (one dataclass, the paper's defaults). Every ablation of AXPO_SPEC §8 is one
+# Hyper-parameters (one dataclass, the paper's defaults). Every ablation of docs/algorithm.md §8 is one
 # field here; GRPO is ``enable=False``.
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""AXPO_SPEC §7: the diagnostics logged every step, computed from the step's records alone."""
+"""docs/algorithm.md §7: the diagnostics logged every step, computed from the step's records alone."""
 
 from __future__ import annotations
 

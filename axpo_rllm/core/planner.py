@@ -1,6 +1,6 @@
 """AXPO §1–§5, top to bottom: which prefixes of a step get K continuations.
 
-Read beside ``AXPO_SPEC.md``; the sections are the spec's, in the order they happen in a step:
+Read beside ``docs/algorithm.md``; the sections are the spec's, in the order they happen in a step:
 
     §1 trigger        which questions have an all-wrong tool-using subgroup
     §2 prefix         where each source rollout is cut (token-exact, at the tool-call boundary)

@@ -75,7 +75,7 @@ class ToolCallSpan:
 
     ``open_start <= body_start <= end``: ``[open_start, body_start)`` are the token(s) that open the
     call (``<tool_call>``), ``[body_start, end)`` the call's content up to and including the
-    closing ``</tool_call>``. AXPO's ``prefix_len`` is the first call's ``body_start`` (AXPO_SPEC §2)
+    closing ``</tool_call>``. AXPO's ``prefix_len`` is the first call's ``body_start`` (docs/algorithm.md §2)
     and its confidence c_s is the mean probability over ``[body_start, end)`` (§3).
     """
 
@@ -214,7 +214,7 @@ class Rollout:
 
     @property
     def used_tool(self) -> bool:
-        """u = 1 when the rollout made at least one tool call (AXPO_SPEC 'Setting')."""
+        """u = 1 when the rollout made at least one tool call (docs/algorithm.md 'Setting')."""
         return bool(self.tool_calls)
 
     @property
@@ -262,7 +262,7 @@ class ResampleJob:
     """One selected prefix and the K continuations to draw from it (filled by the planner).
 
     The continuation request's prompt is exactly ``prompt_ids + prefix_ids`` with ``images``:
-    token-exact, never re-rendered text (AXPO_SPEC §2).
+    token-exact, never re-rendered text (docs/algorithm.md §2).
     """
 
     job_id: str
@@ -311,7 +311,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ResamplePlan:
-    """The planner's decision for one step (AXPO_SPEC §4), with what it saw."""
+    """The planner's decision for one step (docs/algorithm.md §4), with what it saw."""
 
     budget: int
     """E = floor(r * B * N)."""
@@ -348,7 +348,7 @@ class LossSegment(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class TrainingRow:
-    """One row of the training batch (filled by the group builder, AXPO_SPEC §6).
+    """One row of the training batch (filled by the group builder, docs/algorithm.md §6).
 
     The loss mask is ``rollout.response_mask`` restricted to the union of ``segments``; the
     per-token advantage is each segment's advantage on its tokens and 0 elsewhere.

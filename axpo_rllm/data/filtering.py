@@ -1,4 +1,4 @@
-"""The paper's RL data filtering, from recorded rollouts (AXPO_SPEC §9).
+"""The paper's RL data filtering, from recorded rollouts (docs/algorithm.md §9).
 
 A question is kept for RL only when it can still teach the policy something: drop it when the SFT
 model solves it ``k/k`` (nothing to gain: every GRPO group would be uniform) and when the teacher

@@ -18,7 +18,7 @@ in the output's metadata and counted in :data:`axpo_rllm.envs.verifiers.GRADER_S
 Why no ``rllm.agents`` flow: rllm's ``AgentFlow.run(task, config)`` talks to the model through the
 OpenAI-compatible ``config.base_url`` of rllm's gateway, which proxies ``/v1/*`` text routes.
 Our agent is token-in/token-out (prompt ids with one unexpanded image pad per image, plus the
-images, to vLLM's ``/inference/v1/generate``, FIELD_NOTES §1b) and renders prompts with the model's
+images, to vLLM's ``/inference/v1/generate``, docs/upstream.md §1b) and renders prompts with the model's
 own tokenizer and chat template; neither the route nor the tokenizer reaches a flow through that
 contract, and a chat-level re-implementation would evaluate a different agent than the one we
 train. ``axpo-rllm eval`` runs the real agent against the same vLLM server instead.

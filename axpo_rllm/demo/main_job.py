@@ -15,7 +15,9 @@ Stages, in order (nothing is downloaded; no GPU)::
 
 Run folder: ``job.json`` (the arguments, for ``--resume``), ``config.yaml``, ``sft/`` (the shared
 checkpoint), ``eval_before.json``, ``arms/<arm>/config.yaml``, ``arms/<arm>/seed<i>/{metrics.jsonl,
-checkpoint.pt (the latest), result.json}``, ``plots/``, ``summary.json``, ``summary.md``.
+checkpoint.pt (the latest), result.json}``, ``tensorboard/<arm>/seed<i>/`` (verl's Tracking:
+``trainer.logger``), ``plots/``, ``summary.json``, ``summary.md`` (the full table; a compact one
+is printed).
 
 Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` + ``--smoke``
 (``configs/main_smoke.yaml``) + overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
@@ -30,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from transformers import AutoTokenizer
 
 from axpo_rllm.agents.agent import AgentConfig
@@ -47,7 +49,17 @@ from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.configs.loader import axpo_config, check_budget, check_source_tail, config_text, group_size, load_config
 from axpo_rllm.core.config import dataclass_from_mapping
-from axpo_rllm.demo.report import _pm, closing_note, measured_figures, plot_curves, plot_eval, step_line
+from axpo_rllm.demo.report import (
+    LINE_WIDTH,
+    closing_note,
+    compact_table,
+    measured_figures,
+    plot_curves,
+    plot_eval,
+    step_header,
+    step_line,
+    verdict,
+)
 from axpo_rllm.demo.teacher import teacher_trajectories
 from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
 from axpo_rllm.demo.world import SyntheticWorld
@@ -57,11 +69,15 @@ from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
 from axpo_rllm.train.actor import Policy
 from axpo_rllm.train.evaluate import evaluate
 from axpo_rllm.train.sft import SFTConfig, eval_loss, first_turn_stats, tokenize_trajectory, tokenizer_corpus, train_sft
+from axpo_rllm.train.tracking import StepTracker, eval_metrics, tracking_backends, train_metrics
 from axpo_rllm.train.trainer import AXPOTrainer, rl_config_from
 
 __all__ = ["job_config", "arm_config", "rl_pool", "stage_arm", "Runtime", "run", "COMPACT_SCHEMAS"]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+
+DATA_SOURCE = "synthetic"
+"""The held-out eval's data source in tracked metric names (``val-core/synthetic/pass@1``)."""
 
 COMPACT_SCHEMAS: dict[str, tuple[str, dict]] = {
     "crop": ("Crop a box [x1, y1, x2, y2] (0-1000) of an image.",
@@ -204,7 +220,7 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
                   OmegaConf.to_container(cfg.agent), int(cfg.job.seed))
     cached = cache_root() / f"sft-{key}"
     if cfg.job.cache_sft and (cached / "sft_stats.json").exists():
-        log(f"SFT: reusing the checkpoint of an identical run at {cached}")
+        log(f"SFT: reusing the checkpoint of an identical run at {_shown(cached)}")
         rt.load(cached)
         return json.loads((cached / "sft_stats.json").read_text()) | {"cached": True}
 
@@ -275,9 +291,11 @@ def rl_pool(cfg: DictConfig, seed_index: int) -> list:
     return world.tasks(per_seed * (seed_index + 1), "train")[per_seed * seed_index :]
 
 
-def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log, progress=None) -> list[dict]:
+def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log, progress=None,
+              tracker: StepTracker | None = None) -> list[dict]:
     """One RL arm from the current (SFT) weights: checkpoints every ``job.checkpoint_every`` steps,
-    resumed from ``arm_dir/checkpoint.pt`` when it exists."""
+    resumed from ``arm_dir/checkpoint.pt`` when it exists; each step's metrics go to ``tracker``
+    (verl's Tracking) at step i+1, as verl numbers its global steps."""
     seed = int(acfg.job.seed) + seed_index
     metrics_path = arm_dir / "metrics.jsonl"
     rl = rl_config_from(acfg.rl, log_path=str(metrics_path))
@@ -291,7 +309,7 @@ def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log
         start = trainer.load_checkpoint(ckpt)
         lines = metrics_path.read_text().splitlines()[:start] if metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in lines))  # steps after the checkpoint run again
-        log(f"{arm_dir.parent.name} seed {seed_index}: resumed from {ckpt} at step {start + 1}/{rl.steps}")
+        log(f"{arm_dir.parent.name} seed {seed_index}: resumed from {_shown(ckpt)} at step {start + 1}/{rl.steps}")
     elif metrics_path.exists():
         metrics_path.unlink()
     pool = rl_pool(acfg, seed_index)
@@ -301,8 +319,12 @@ def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log
     def stream(step: int):
         return pool[step * rl.batch_questions : (step + 1) * rl.batch_questions]
 
+    log(step_header())
+
     def on_step(step: int, m: dict) -> None:
         log(step_line(m, arm_dir.parent.name, seed_index, rl.steps))
+        if tracker is not None:
+            tracker.log(train_metrics(m), step + 1)
         if every > 0 and ((step + 1) % every == 0 or step + 1 == rl.steps):
             trainer.save_checkpoint(ckpt, step)
         if bar is not None:
@@ -311,19 +333,23 @@ def stage_arm(rt: Runtime, acfg: DictConfig, arm_dir: Path, seed_index: int, log
     return trainer.fit(stream, start_step=start, on_step=on_step)
 
 
-def _summary_table(summary: dict) -> Table:
-    k = summary["k"]
-    table = Table(title=f"AXPO embedded CPU job — arms: {', '.join(summary['arms'])} × {summary['seeds']} seed(s), "
-                        f"{summary['steps']} RL steps")
-    for col in ("arm", "tool use first ⅓", "all-wrong first ⅓", "tool use last ⅓", "all-wrong last ⅓", "recovery",
-                "Pass@1 after", f"Pass@{k} after"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
-    for arm, f in summary["figures"].items():
-        table.add_row(arm, _pm(f["first_third/tool_use"]), _pm(f["first_third/all_wrong"]), _pm(f["last_third/tool_use"]),
-                      _pm(f["last_third/all_wrong"]), _pm(f["recovery_rate"]), _pm(f["after/eval/pass@1"]), _pm(f[f"after/eval/pass@{k}"]))
-    before = summary["eval_before"]
-    table.add_row("SFT (before RL)", "", "", "", "", "", f"{before['eval/pass@1']:.3f}", f"{before[f'eval/pass@{k}']:.3f}")
-    return table
+def _shown(path: str | Path) -> str:
+    """A path as the user typed it: relative to the working directory when under it (short lines)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _tracker(cfg: DictConfig, backends: list[str], run_dir: Path, arm: str, seed_index: int,
+             acfg: DictConfig) -> StepTracker:
+    """verl's Tracking for one arm x seed: event files in ``<run>/tensorboard/<arm>/seed<i>``."""
+    name = OmegaConf.select(cfg, "trainer.experiment_name", default=None) or run_dir.name
+    return StepTracker(backends, str(OmegaConf.select(cfg, "trainer.project_name", default="axpo-rllm")),
+                       f"{name}/{arm}/seed{seed_index}", run_dir / "tensorboard" / arm / f"seed{seed_index}",
+                       file_path=run_dir / "arms" / arm / f"seed{seed_index}" / "tracking.jsonl",
+                       config=OmegaConf.to_container(acfg, resolve=True))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -356,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
     arms = job["arms"] or list(cfg.job.arms)
     seeds = int(job["seeds"] or cfg.job.seeds)
     arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"]) for arm in arms}
+    backends, tracking_notes = tracking_backends(OmegaConf.select(cfg, "trainer.logger", default=None))
     torch.set_num_threads(int(cfg.job.threads))
     torch.manual_seed(int(cfg.job.seed))
     if not resume:
@@ -374,16 +401,21 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {msg}")
 
+    for note in tracking_notes:
+        log(note)
+    if backends:
+        where = f" -> {_shown(run_dir / 'tensorboard')}" if "tensorboard" in backends else ""
+        log(f"tracking (verl): {', '.join(backends)}{where}")
     histories: dict[str, list[list[dict]]] = {arm: [] for arm in arms}
     evals: dict[str, list[dict]] = {arm: [] for arm in arms}
     with Runtime(cfg) as rt:
         rt.build_model()
-        log(f"model: {rt.model_dir}")
+        log(f"model: {_shown(rt.model_dir)}")
         sft_dir = run_dir / "sft"
         if (sft_dir / "sft_stats.json").exists():
             rt.load(sft_dir)
             sft = json.loads((sft_dir / "sft_stats.json").read_text())
-            log(f"SFT: resumed from {sft_dir}")
+            log(f"SFT: resumed from {_shown(sft_dir)}")
         else:
             sft = stage_sft(rt, log, console)
             staging = run_dir / "sft.tmp"
@@ -417,10 +449,13 @@ def run(args: argparse.Namespace) -> int:
                         log(f"{arm} seed {seed_index}: finished earlier, read back")
                         continue
                     rt.policy.model.load_state_dict(sft_state)  # every arm starts from the same SFT weights
-                    t0 = time.perf_counter()
-                    stage_arm(rt, arm_cfgs[arm], arm_dir, seed_index, log, progress)
-                    rl_s = time.perf_counter() - t0
-                    eval_after = rt.evaluate(eval_tasks)
+                    with _tracker(cfg, backends, run_dir, arm, seed_index, arm_cfgs[arm]) as tracker:
+                        tracker.log(eval_metrics(eval_before, DATA_SOURCE), 0)  # verl: validation before training
+                        t0 = time.perf_counter()
+                        stage_arm(rt, arm_cfgs[arm], arm_dir, seed_index, log, progress, tracker)
+                        rl_s = time.perf_counter() - t0
+                        eval_after = rt.evaluate(eval_tasks)
+                        tracker.log(eval_metrics(eval_after, DATA_SOURCE), int(arm_cfgs[arm].rl.steps))
                     log(f"{arm} seed {seed_index}: eval after RL pass@1 {eval_after['eval/pass@1']:.3f}  "
                         f"pass@{cfg.eval.k} {eval_after[f'eval/pass@{cfg.eval.k}']:.3f}  tool-use {eval_after['eval/tool_use_rate']:.2f}  "
                         f"(RL {rl_s:.0f}s)")
@@ -455,7 +490,11 @@ def run(args: argparse.Namespace) -> int:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     (run_dir / "summary.md").write_text(note)
-    console.print(_summary_table(summary))
-    print(note)
-    log(f"done: {run_dir}")
+    console.print(f"{', '.join(arms)} × {seeds} seed(s), {steps} RL steps (means over seeds):", highlight=False)
+    for line in compact_table(figures, eval_before, k):
+        console.print(line, highlight=False)
+    reading = verdict(figures)
+    if reading:
+        console.print(textwrap.fill(reading, LINE_WIDTH), highlight=False)
+    log(f"done: {_shown(run_dir)} (the full table with spreads: summary.md)")
     return 0

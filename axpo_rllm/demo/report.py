@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["CURVES", "step_line", "window_mean", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
+__all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "window_mean", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
 
 CURVES: tuple[tuple[str, str], ...] = (
     ("axpo/tool_use_rate", "tool-use rate"),
@@ -28,19 +28,47 @@ def _num(x: Any) -> float:
     return math.nan if x is None else float(x)
 
 
-def _fmt(x: float, spec: str = ".2f") -> str:
-    return "  —  " if x is None or math.isnan(x) else format(x, spec)
+def _cell(m: Mapping[str, Any], key: str, spec: str = ".2f") -> str:
+    """``m[key]`` formatted, or a dash when the step had nothing to measure (None / NaN)."""
+    x = _num(m.get(key))
+    return "—" if math.isnan(x) else format(x, spec)
+
+
+STEP_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("arm", 18), ("seed", 4), ("step", 7), ("reward", 6), ("tool", 5), ("all-wrong", 9),
+    ("trig", 4), ("recov", 5), ("budget", 7), ("kl", 8), ("secs", 6),
+)
+"""Per-step columns (title, width): 89 columns, so a line fits a 100-column terminal after the
+job's time stamp. ``tool`` = tool-use rate, ``all-wrong`` = share of tool subgroups all wrong,
+``trig`` = triggered questions, ``recov`` = recovery rate, ``budget`` = extra samples used / E."""
+
+LINE_WIDTH = 100
+"""What the job prints fits this many columns (a common terminal)."""
+
+
+def _row(cells: Sequence[str]) -> str:
+    """Cells under :data:`STEP_COLUMNS`: the arm left-aligned (cut with '…' past its width), the
+    numbers right-aligned."""
+    (_, arm_width), *rest = STEP_COLUMNS
+    arm = cells[0] if len(cells[0]) <= arm_width else cells[0][: arm_width - 1] + "…"
+    return " ".join([f"{arm:<{arm_width}s}", *(f"{c:>{w}s}" for c, (_, w) in zip(cells[1:], rest))])
+
+
+def step_header() -> str:
+    """The titles above :func:`step_line` rows."""
+    return _row([title for title, _ in STEP_COLUMNS])
 
 
 def step_line(m: Mapping[str, Any], arm: str, seed: int, steps: int) -> str:
-    """``step i/n  arm  seed  reward  tool use  all-wrong  recovery  seconds``."""
-    return (
-        f"step {int(m['step']) + 1:>3d}/{steps}  {arm:<10s} seed {seed}  reward {_fmt(_num(m.get('train/reward_mean')))}  "
-        f"tool-use {_fmt(_num(m.get('axpo/tool_use_rate')))}  all-wrong {_fmt(_num(m.get('axpo/all_wrong_rate')))}  "
-        f"triggered {_fmt(_num(m.get('axpo/triggered_questions')), '.0f')}  recovery {_fmt(_num(m.get('axpo/recovery_rate')))}  "
-        f"budget {_fmt(_num(m.get('axpo/extra_samples_used')), '.0f')}/{_fmt(_num(m.get('axpo/budget')), '.0f')}  "
-        f"kl {_fmt(_num(m.get('actor/kl_loss')), '.1e')}  {_fmt(_num(m.get('timing/step_s')), '.1f')}s"
-    )
+    """One RL step under :func:`step_header`: arm, seed, step i/n, reward, tool use, all-wrong,
+    triggered, recovery, budget used/E, KL, seconds."""
+    return _row([
+        arm, str(seed), f"{int(m['step']) + 1}/{steps}", _cell(m, "train/reward_mean"),
+        _cell(m, "axpo/tool_use_rate"), _cell(m, "axpo/all_wrong_rate"),
+        _cell(m, "axpo/triggered_questions", ".0f"), _cell(m, "axpo/recovery_rate"),
+        f"{_cell(m, 'axpo/extra_samples_used', '.0f')}/{_cell(m, 'axpo/budget', '.0f')}",
+        _cell(m, "actor/kl_loss", ".1e"), _cell(m, "timing/step_s", ".1f"),
+    ])
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -99,16 +127,49 @@ def closing_note(figures: Mapping[str, Mapping], eval_before: Mapping[str, float
     lines.append("")
     lines.append(f"Before RL (the shared SFT checkpoint): Pass@1 {eval_before.get('eval/pass@1', math.nan):.3f}, "
                  f"Pass@{k} {eval_before.get(f'eval/pass@{k}', math.nan):.3f}, tool use {eval_before.get('eval/tool_use_rate', math.nan):.3f}.")
-    if "axpo" in figures and "grpo" in figures:
-        a, g = figures["axpo"], figures["grpo"]
-        da = a["last_third/all_wrong"][0] - g["last_third/all_wrong"][0]
-        dt = a["last_third/tool_use"][0] - g["last_third/tool_use"][0]
-        dp = a["after/eval/pass@1"][0] - g["after/eval/pass@1"][0]
-        spread = max(a["after/eval/pass@1"][1], g["after/eval/pass@1"][1])
-        verdict = ("within the seed spread: AXPO does not separate from GRPO at this scale"
-                   if math.isnan(dp) or abs(dp) <= max(spread, 0.02) else "larger than the seed spread")
-        lines.append(f"AXPO − GRPO, last third: all-wrong {da:+.3f}, tool use {dt:+.3f}; Pass@1 after RL {dp:+.3f} ({verdict}).")
+    line = verdict(figures)
+    if line:
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def verdict(figures: Mapping[str, Mapping]) -> str | None:
+    """AXPO − GRPO in the last third and after RL, and whether it exceeds the seed spread."""
+    if "axpo" not in figures or "grpo" not in figures:
+        return None
+    a, g = figures["axpo"], figures["grpo"]
+    da = a["last_third/all_wrong"][0] - g["last_third/all_wrong"][0]
+    dt = a["last_third/tool_use"][0] - g["last_third/tool_use"][0]
+    dp = a["after/eval/pass@1"][0] - g["after/eval/pass@1"][0]
+    spread = max(a["after/eval/pass@1"][1], g["after/eval/pass@1"][1])
+    within = math.isnan(dp) or abs(dp) <= max(spread, 0.02)
+    reading = ("within the seed spread: AXPO does not separate from GRPO at this scale"
+               if within else "larger than the seed spread")
+    return (f"AXPO − GRPO, last third: all-wrong {da:+.3f}, tool use {dt:+.3f}; "
+            f"Pass@1 after RL {dp:+.3f} ({reading}).")
+
+
+def _mean_cell(pair: Sequence[float]) -> str:
+    return "—" if math.isnan(pair[0]) else f"{pair[0]:.3f}"
+
+
+def compact_table(figures: Mapping[str, Mapping], eval_before: Mapping[str, float], k: int) -> list[str]:
+    """The closing table in :data:`LINE_WIDTH` columns: means over seeds (the spreads, and the
+    eval tool-use rate, are in ``summary.md``); windows are the first and last third of steps."""
+    def row(arm: str, seeds: str, tool: str, wrong: str, recovery: str, p1: str, pk: str) -> str:
+        name = arm if len(arm) <= 18 else arm[:17] + "…"
+        return f"{name:<18s} {seeds:>5s}  {tool:>15s}  {wrong:>15s}  {recovery:>8s}  {p1:>6s}  {pk:>6s}"
+
+    lines = [row("arm", "seeds", "tool use ⅓→⅓", "all-wrong ⅓→⅓", "recovery", "Pass@1", f"Pass@{k}")]
+    for arm, f in figures.items():
+        lines.append(row(arm, str(f["seeds"]),
+                         f"{_mean_cell(f['first_third/tool_use'])} → {_mean_cell(f['last_third/tool_use'])}",
+                         f"{_mean_cell(f['first_third/all_wrong'])} → {_mean_cell(f['last_third/all_wrong'])}",
+                         _mean_cell(f["recovery_rate"]), _mean_cell(f["after/eval/pass@1"]),
+                         _mean_cell(f[f"after/eval/pass@{k}"])))
+    before = [eval_before.get(key, math.nan) for key in ("eval/pass@1", f"eval/pass@{k}")]
+    lines.append(row("SFT (before RL)", "", "", "", "", *(_mean_cell((v, 0.0)) for v in before)))
+    return lines
 
 
 def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str | Path, title: str = "") -> Path:

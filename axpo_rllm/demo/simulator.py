@@ -380,7 +380,7 @@ class Step:
     questions: dict[str, Question]
     groups: list[QuestionGroup]
     triggered: frozenset[str]
-    """Questions whose tool subgroup is non-empty and all wrong under plain GRPO (AXPO_SPEC §1)."""
+    """Questions whose tool subgroup is non-empty and all wrong under plain GRPO (docs/algorithm.md §1)."""
 
     @functools.cached_property
     def by_id(self) -> dict[str, Rollout]:

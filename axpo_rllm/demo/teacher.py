@@ -1,6 +1,6 @@
 """The embedded default's programmatic teacher: one demonstration per synthetic task.
 
-AXPO_SPEC §9: ~25% of the trajectories call a tool; only correct answers are kept::
+docs/algorithm.md §9: ~25% of the trajectories call a tool; only correct answers are kept::
 
     direct  <think>reasoning</think>\\boxed{answer}<|im_end|>
     tool    <think>reasoning</think><tool_call>{"name": ..., "arguments": ...}</tool_call>

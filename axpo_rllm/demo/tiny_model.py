@@ -7,7 +7,7 @@ a byte-level BPE tokenizer trained on generated text, image/video processor conf
 chat template); :func:`tiny_model_dir` builds it once per arguments into a cache directory that
 every test (and every process) shares.
 
-Shapes follow FIELD_NOTES §2: hidden 64, 2 layers, 2 heads / 1 KV head (head size 32, the least
+Shapes follow docs/upstream.md §2: hidden 64, 2 layers, 2 heads / 1 KV head (head size 32, the least
 vLLM-CPU's attention accepts), ``vocab_size == len(tokenizer)`` (a padded vocab would let the
 model sample ids the tokenizer cannot decode), images clamped to 4..64 image tokens.
 """
@@ -227,7 +227,7 @@ def default_corpus(seed: int = 0, n_sentences: int = 400, n_conversations: int =
     """Generated training text for the tokenizer: sentences, JSON, code and rendered chats.
 
     Rendered conversations teach the BPE the fixed system/tools text, so prompts stay short
-    (FIELD_NOTES §2b: train the tiny tokenizer on the project's own rendered prompts).
+    (docs/upstream.md §2b: train the tiny tokenizer on the project's own rendered prompts).
     """
     rng = random.Random(seed)
     texts = [_random_sentence(rng) for _ in range(n_sentences)]

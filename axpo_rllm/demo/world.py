@@ -1,6 +1,6 @@
 """Synthetic visual tasks a tiny Qwen-VL can learn on CPU in minutes (the embedded job's data).
 
-Why these tasks: a tiny vision tower cannot read digits (FIELD_NOTES §2b), so rewards on "which
+Why these tasks: a tiny vision tower cannot read digits (docs/upstream.md §2b), so rewards on "which
 digit" are noise. Every task here is either a *coarse visual attribute* (colour, left/right,
 large/small), answered directly, or a task whose answer a *tool hands back as text*:
 
@@ -16,7 +16,7 @@ crop     What color is the small square in the top-left ...?  crop     search_qa
 ======== ==================================================== ======== ==========
 
 With the default mix 75% of the tasks are answered directly and 25% need a tool, the shape of
-the paper's SFT data (AXPO_SPEC §9). Every task is a :class:`~axpo_rllm.core.records.Task` with PIL
+the paper's SFT data (docs/algorithm.md §9). Every task is a :class:`~axpo_rllm.core.records.Task` with PIL
 images, built deterministically from ``(seed, split, index)``; ``metadata["teacher"]`` holds the
 call a teacher would make (tool name and arguments, or None) so that :mod:`axpo_rllm.train.sft` can
 write teacher trajectories. The search facts come from one made-up corpus

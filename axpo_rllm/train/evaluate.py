@@ -1,4 +1,4 @@
-"""Pass@1 / Pass@k, tool use and malformed calls per benchmark (AXPO_SPEC §9: the paper's metrics).
+"""Pass@1 / Pass@k, tool use and malformed calls per benchmark (docs/algorithm.md §9: the paper's metrics).
 
 Pass@1 is the mean accuracy over the ``n`` samples of each question, averaged over questions;
 Pass@k uses the unbiased estimator of Chen et al. (2021), ``1 - C(n-c, k) / C(n, k)`` for ``c``

@@ -8,7 +8,7 @@ Token-exact with the agent: the prompt, the observation turns and the turn bound
 tool observations come from running the real tools through
 :class:`~axpo_rllm.envs.env.MultimodalToolEnv`. The loss covers the assistant tokens, the closing
 ``<|im_end|>`` of an answer turn included (an untrained model never stops otherwise,
-FIELD_NOTES §2b); observation tokens are context only.
+docs/upstream.md §2b); observation tokens are context only.
 
 :func:`tokenizer_corpus` renders teacher conversations as text, so that the tiny tokenizer can be
 retrained on the project's own prompts (the fixed system/tools text becomes a few tokens).
@@ -53,7 +53,7 @@ class SFTConfig:
     """Wall-clock budget; training stops at whichever of max_steps / minutes comes first."""
     batch_size: int = 16
     lr: float = 3e-3
-    """Peak learning rate, decayed linearly to 10% over the planned steps (FIELD_NOTES §2b)."""
+    """Peak learning rate, decayed linearly to 10% over the planned steps (docs/upstream.md §2b)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0

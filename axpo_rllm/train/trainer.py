@@ -1,6 +1,6 @@
 """The CPU AXPO/GRPO update loop: verl's estimator and losses on a Hugging Face actor.
 
-One step, in the order it happens (AXPO_SPEC §1–§6)::
+One step, in the order it happens (docs/algorithm.md §1–§6)::
 
     workflow.run_step(tasks)             B questions x N rollouts, plan, K continuations per prefix
       -> build_verl_batch(rows, vision)  verl DataProto, processor-expanded; response_mask = AXPO's loss mask
@@ -88,7 +88,7 @@ class RLConfig:
 
 
 def frozen_reference(policy: Policy) -> Policy:
-    """A frozen copy of the policy (the SFT model: AXPO's KL anchor, AXPO_SPEC §6)."""
+    """A frozen copy of the policy (the SFT model: AXPO's KL anchor, docs/algorithm.md §6)."""
     ref = copy.deepcopy(policy.model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)

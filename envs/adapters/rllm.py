@@ -7,7 +7,7 @@ imports without rllm; the rllm-backed classes are built on first access (PEP 562
     from axpo_rllm.envs.adapters.rllm import AXPOToolEnv      # needs rllm
     from axpo_rllm.envs.adapters.rllm import rllm_tool_map     # builds classes lazily too
 
-rllm contracts relied on (rllm-org/rllm 0.3.0.pre, FIELD_NOTES §4): ``BaseEnv.reset(task) ->
+rllm contracts relied on (rllm-org/rllm 0.3.0.pre, docs/upstream.md §4): ``BaseEnv.reset(task) ->
 (obs, info)``, ``step(action) -> (obs, reward, done, info)``, ``from_dict(info)``,
 ``is_multithread_safe()`` (asserted by the workflow engine; env steps run in a thread pool);
 ``Tool(name=...)`` (``MultiTool`` instantiates ``tool_cls(name=name)``) returning

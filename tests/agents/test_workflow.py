@@ -1,5 +1,5 @@
 """The AXPO workflow's batch logic on a fast fake engine: budget, token-exact continuation requests,
-every AXPO_SPEC §8 switch, and failures that are retried or recorded (never dropped)."""
+every docs/algorithm.md §8 switch, and failures that are retried or recorded (never dropped)."""
 
 from __future__ import annotations
 

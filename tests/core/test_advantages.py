@@ -1,4 +1,4 @@
-"""AXPO_SPEC §6 by hand: every equation with the numbers written out, every switch, every mask.
+"""docs/algorithm.md §6 by hand: every equation with the numbers written out, every switch, every mask.
 
 The step used throughout (N = 4, B = 2, r = 0.25 -> E = 2, K = 2):
     q0: a (tool, wrong, c = 0.5)  b (tool, wrong, c = 0.9)  c (no tool, right)  d (no tool, wrong)

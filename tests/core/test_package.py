@@ -22,21 +22,47 @@ def run(cmd, **kw):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def built(tmp_path_factory):
+    """The wheel and what the build printed (not quiet: the build backend's warnings show)."""
     out = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)])
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (path,) = out.glob("axpo_rllm-*.whl")
-    return path
+    return path, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built):
+    return built[0]
+
+
+def _shipped_name(folder: str, path: Path) -> str:
+    rel = path.relative_to(ROOT / folder)
+    return ".".join([SHIPPED_DIRS[folder], *rel.parts]) if rel.parts else SHIPPED_DIRS[folder]
 
 
 def expected_packages():
-    """Every folder with an __init__.py under the shipped roots, under its shipped name."""
+    """Every folder with an __init__.py or a yaml under the shipped roots, under its shipped name."""
     names = set()
-    for folder, shipped in SHIPPED_DIRS.items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder)
-            names.add(".".join([shipped, *rel.parts]) if rel.parts else shipped)
+    for folder in SHIPPED_DIRS:
+        for marker in ("__init__.py", "*.yaml"):
+            names |= {_shipped_name(folder, f.parent) for f in (ROOT / folder).rglob(marker)}
     return names
+
+
+def wheel_paths(pattern: str) -> set[str]:
+    """Every file matching ``pattern`` under the shipped roots, as its path inside the wheel."""
+    return {"/".join([SHIPPED_DIRS[folder].replace(".", "/"), *f.relative_to(ROOT / folder).parts])
+            for folder in SHIPPED_DIRS for f in (ROOT / folder).rglob(pattern)}
+
+
+def test_building_the_wheel_prints_no_packaging_warning(built):
+    # Case-sensitive: Python warning classes (BuildBackendWarning, SetuptoolsDeprecationWarning, ...);
+    # pip's own "WARNING:" lines about the machine's index configuration are not the package's.
+    _, output = built
+    warnings = [line.strip() for line in output.splitlines() if "Warning" in line]
+    assert not warnings, "the build warns:\n" + "\n".join(warnings)
 
 
 def test_setup_cfg_lists_every_package():
@@ -51,14 +77,18 @@ def test_wheel_ships_envs_and_agents_inside_axpo_rllm_with_yaml_and_entry_points
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"axpo_rllm"}, f"top-level names in the wheel: {tops}"
     assert "axpo_rllm/envs/__init__.py" in names and "axpo_rllm/agents/__init__.py" in names
-    assert "axpo_rllm/configs/axpo.yaml" in names and "axpo_rllm/configs/ablation/grpo.yaml" in names
-    assert "axpo_rllm/configs/main_smoke.yaml" in names and "axpo_rllm/configs/loader.py" in names
+    yaml = wheel_paths("*.yaml")
+    assert {"axpo_rllm/configs/axpo.yaml", "axpo_rllm/configs/ablation/grpo.yaml",
+            "axpo_rllm/configs/models/qwen3_vl_4b_thinking.yaml"} <= yaml  # the walk found the folders
+    assert yaml - set(names) == set(), "yaml missing from the wheel"
+    assert "axpo_rllm/configs/loader.py" in names
     for layer in ("core", "engines", "envs/adapters", "agents", "integrations/verl", "integrations/rllm", "train", "data", "demo"):
         assert f"axpo_rllm/{layer}/__init__.py" in names, layer
     helpers = [n for n in names if n.rsplit("/", 1)[-1] in ("synthetic_rollouts.py", "tool_biased_engine.py", "testing.py", "synthetic.py")]
     assert not helpers, f"test helpers ship in the wheel: {helpers}"
     for package in expected_packages():
-        assert f"{package.replace('.', '/')}/__init__.py" in names, package
+        assert any(n.startswith(package.replace(".", "/") + "/") for n in names), package
+    assert wheel_paths("__init__.py") - set(names) == set(), "packages missing from the wheel"
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "[verl.plugins]" in entry_points and "axpo = axpo_rllm.integrations.verl.estimator" in entry_points
     assert "[axpo_rllm.tools]" in entry_points and "crop = axpo_rllm.envs.tools.crop:CropTool" in entry_points

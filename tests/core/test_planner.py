@@ -1,4 +1,4 @@
-"""AXPO_SPEC §1–§4: trigger, token-exact prefix, confidence c_s, breadth-first budget, switches, errors."""
+"""docs/algorithm.md §1–§4: trigger, token-exact prefix, confidence c_s, breadth-first budget, switches, errors."""
 
 import math
 

@@ -2,7 +2,7 @@
 
 A random tiny Qwen-VL neither calls tools nor ends its turns: on its own every turn runs to the
 token budget and no question would ever trigger AXPO. Two seeded, documented wrappers give the
-step the shape of an RL step at the paper's rates instead (AXPO_SPEC: ~30% tool use, ~40% all-wrong
+step the shape of an RL step at the paper's rates instead (docs/algorithm.md: ~30% tool use, ~40% all-wrong
 tool subgroups), with every token still the real engine's work:
 
 - :class:`LengthShapedEngine` caps each request's tokens at a length drawn from a long-tailed

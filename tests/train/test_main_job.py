@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +14,15 @@ import pytest
 from axpo_rllm.cli import build_parser
 from axpo_rllm.configs.loader import axpo_config, group_size
 from axpo_rllm.demo.main_job import job_config
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in ``folder``'s TensorBoard event files, read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_layers_smoke_steps_and_overrides():
@@ -78,15 +91,24 @@ def test_arms_and_seeds_flags_and_arm_configs():
 @pytest.mark.slow
 def test_smoke_runs_both_arms_then_resumes_an_interrupted_arm(tmp_path, monkeypatch, capsys):
     """Tiny model built offline -> tasks -> SFT once -> eval -> AXPO and GRPO arms (2 steps) -> eval ->
-    plots + summary; then a run interrupted inside the GRPO arm resumes from its checkpoint."""
+    plots + summary + TensorBoard event files, as a user runs it (a fresh process, quiet, lines that
+    fit 100 columns); then a run interrupted inside the GRPO arm resumes from its checkpoint."""
     from axpo_rllm.cli import main
     from axpo_rllm.train import trainer as trainer_mod
 
     monkeypatch.setenv("AXPO_TINY_MODEL_CACHE", str(tmp_path / "models"))  # a fresh machine: build everything
+    monkeypatch.chdir(tmp_path)
     started = time.perf_counter()
-    assert main(["main", "--smoke", "--run-dir", str(tmp_path / "runs")]) == 0
+    # COLUMNS wide: rich would otherwise wrap long lines itself and hide them from the width check.
+    proc = subprocess.run([sys.executable, "-m", "axpo_rllm.cli", "main", "--smoke", "--run-dir", "runs"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "1000"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # About 60-90 s on an idle 2-core machine; the bound leaves room for a loaded CI box.
     assert time.perf_counter() - started < 300
+    out = proc.stdout
+    assert not [line for line in (out + proc.stderr).splitlines() if len(line) > 100]
+    for noise in ("Warning", "WARNING", "Writing model shards", "Loading weights", "it/s]"):
+        assert noise not in out + proc.stderr, noise
     (run,) = list((tmp_path / "runs").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["smoke"] and summary["arms"] == ["axpo", "grpo"] and summary["steps"] == 2
@@ -102,11 +124,22 @@ def test_smoke_runs_both_arms_then_resumes_an_interrupted_arm(tmp_path, monkeypa
         assert "axpo/budget" in metrics and "actor/kl_loss" in metrics
         assert (run / "arms" / arm / "seed0" / "checkpoint.pt").exists() and (run / "arms" / arm / "config.yaml").exists()
         assert "last_third/all_wrong" in summary["figures"][arm]
+        # verl's Tracking wrote TensorBoard event files: the AXPO metrics per step, the eval around them
+        scalars = read_scalars(run / "tensorboard" / arm / "seed0")
+        for tag in ("axpo/tool_use_rate", "axpo/budget", "axpo/triggered_questions", "actor/kl_loss",
+                    "critic/score/mean", "timing_s/step"):
+            assert [step for step, _ in scalars[tag]] == [1, 2], tag
+        # a rate with nothing to count on a step (no tool subgroup) is left out, not plotted as 0
+        expected = [i + 1 for i, x in enumerate(lines) if json.loads(x)["axpo/all_wrong_rate"] is not None]
+        assert [step for step, _ in scalars.get("axpo/all_wrong_rate", [])] == expected
+        assert scalars["axpo/budget"][0][1] == metrics["axpo/budget"]
+        assert [step for step, _ in scalars["val-core/synthetic/pass@1"]] == [0, 2]
+        assert scalars["val-core/synthetic/pass@1"][1][1] == pytest.approx(after["eval/pass@1"])
     assert summary["eval_before"]["eval/failed_rollouts"] == 0
     assert (run / "plots" / "curves.png").stat().st_size > 0 and (run / "plots" / "eval.png").stat().st_size > 0
     assert "Pass@1" in (run / "summary.md").read_text()
-    out = capsys.readouterr().out
-    assert "step   1/2  axpo" in out and "step   2/2  grpo" in out
+    assert re.search(r"^ +[\d.]+s axpo +0 +1/2 ", out, re.M) and re.search(r"^ +[\d.]+s grpo +0 +2/2 ", out, re.M)
+    assert "summary.md" in out and "Pass@4" in out
 
     # Interrupt the GRPO arm at its second step: the checkpoint after step 1 survives.
     real_step = trainer_mod.AXPOTrainer.step

@@ -6,7 +6,20 @@ import math
 
 import pytest
 
-from axpo_rllm.demo.report import closing_note, measured_figures, plot_curves, plot_eval, step_line, window_mean
+from axpo_rllm.demo.report import (
+    LINE_WIDTH,
+    closing_note,
+    compact_table,
+    measured_figures,
+    plot_curves,
+    plot_eval,
+    step_header,
+    step_line,
+    window_mean,
+)
+
+STAMP = len(f"{99999.9:7.1f}s ")
+"""The job's time stamp before every logged line (main_job.run's log)."""
 
 
 def _history(tool_use, all_wrong, recovery=None):
@@ -16,11 +29,37 @@ def _history(tool_use, all_wrong, recovery=None):
              "actor/kl_loss": 1e-3, "timing/step_s": 2.0} for i, (t, a) in enumerate(zip(tool_use, all_wrong))]
 
 
-def test_step_line_names_step_arm_reward_tool_use_all_wrong_recovery_and_seconds():
-    line = step_line(_history([0.3], [0.5], [None])[0], "axpo", 1, 12)
-    assert line.startswith("step   1/12  axpo")
-    for part in ("seed 1", "reward 0.50", "tool-use 0.30", "all-wrong 0.50", "recovery   —", "budget 4/8", "2.0s"):
-        assert part in line
+def _columns(line: str) -> list[str]:
+    return line.split()
+
+
+def test_step_line_names_arm_seed_step_reward_tool_use_all_wrong_recovery_budget_and_seconds():
+    header, line = step_header(), step_line(_history([0.3], [0.5], [None])[0], "axpo", 1, 12)
+    assert _columns(header) == ["arm", "seed", "step", "reward", "tool", "all-wrong", "trig", "recov",
+                                "budget", "kl", "secs"]
+    assert _columns(line) == ["axpo", "1", "1/12", "0.50", "0.30", "0.50", "1", "—", "4/8", "1.0e-03", "2.0"]
+    # each value ends where its title ends (right-aligned under it)
+    for title, value in (("reward", "0.50"), ("budget", "4/8"), ("secs", "2.0")):
+        assert header.index(title) + len(title) == line.index(" " + value) + 1 + len(value)
+
+
+def test_step_lines_fit_100_columns_with_the_widest_values():
+    wide = {"step": 998.0, "train/reward_mean": -1.0, "axpo/tool_use_rate": 1.0, "axpo/all_wrong_rate": 1.0,
+            "axpo/triggered_questions": 128.0, "axpo/recovery_rate": 1.0, "axpo/extra_samples_used": 1024.0,
+            "axpo/budget": 1024.0, "actor/kl_loss": -1.5e-3, "timing/step_s": 9999.9}
+    for arm in ("axpo", "no_tool_resampling", "an_arm_name_longer_than_its_column"):
+        for line in (step_header(), step_line(wide, arm, 9, 999)):
+            assert STAMP + len(line) <= LINE_WIDTH, (len(line), line)
+    assert step_line(wide, "an_arm_name_longer_than_its_column", 0, 999).startswith("an_arm_name_longe…")
+
+
+def test_compact_table_fits_100_columns_and_keeps_the_means():
+    hs = {arm: [_history([0.3] * 6, [0.6] * 6, [0.25] * 6)] for arm in ("axpo", "no_tool_resampling")}
+    evals = {arm: [{"eval/pass@1": 0.5, "eval/pass@4": 0.7, "eval/tool_use_rate": 0.3}] for arm in hs}
+    lines = compact_table(measured_figures(hs, evals, 4), {"eval/pass@1": 0.45, "eval/pass@4": 0.6}, 4)
+    assert all(len(line) <= LINE_WIDTH for line in lines), [len(x) for x in lines]
+    assert _columns(lines[1]) == ["axpo", "1", "0.300", "→", "0.300", "0.600", "→", "0.600", "0.250", "0.500", "0.700"]
+    assert _columns(lines[-1])[-2:] == ["0.450", "0.600"] and lines[-1].startswith("SFT (before RL)")
 
 
 def test_windows_are_thirds_per_seed_then_mean_and_spread_over_seeds():

@@ -1,4 +1,4 @@
-"""The AXPO workflow as an rllm ``Workflow`` (rllm-org/rllm 0.3.0.pre; FIELD_NOTES §4). Thin, at the edge.
+"""The AXPO workflow as an rllm ``Workflow`` (rllm-org/rllm 0.3.0.pre; docs/upstream.md §4). Thin, at the edge.
 
 How the batch-level algorithm fits rllm's per-task workflows:
 
@@ -80,7 +80,7 @@ VALIDATION_STEP = -1
 # ---------------------------------------------------------------------------------------------
 @register_rllm_adv_estimator(AXPO_ESTIMATOR)
 def axpo_advantages(rewards: list[np.ndarray], algorithm_config: Any, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """AXPO_SPEC §6 on the grouping hook's groups.
+    """docs/algorithm.md §6 on the grouping hook's groups.
 
     The hook already made the groups AXPO's (continuation groups per prefix, the source's reward
     replaced by r_prefix), so what is left is GRPO's normalisation inside each group, with the
@@ -119,7 +119,7 @@ def _group_config(group: TrajectoryGroup | None) -> AXPOConfig | None:
 # Batch-level coordination of per-question runs
 # ---------------------------------------------------------------------------------------------
 class AXPOStepCoordinator:
-    """Collects the B question groups of a step and plans them (AXPO_SPEC §1-4) for every run.
+    """Collects the B question groups of a step and plans them (docs/algorithm.md §1-4) for every run.
 
     Share one instance through ``workflow_args``; ``UnifiedWorkflowEngine`` must keep all B runs in
     flight together (``n_parallel_tasks >= questions_per_step``; the launcher checks it). A run that

@@ -10,7 +10,7 @@ column) and the ``algorithm`` config. AXPO therefore travels *in the batch*: the
 (``axpo_rllm.core.advantages.build_training_rows``) gives every continuation group its own uid, puts the
 recovery reward in the source's row and edits ``response_mask`` to the loss mask
 (``axpo_rllm.integrations.verl.batch.build_verl_batch``). On such a batch this estimator is the group
-normalisation of AXPO_SPEC §6; on a batch with nothing triggered it is verl's GRPO.
+normalisation of docs/algorithm.md §6; on a batch with nothing triggered it is verl's GRPO.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def compute_axpo_advantage(
     config: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AXPO advantages (AXPO_SPEC §6) on a batch built by ``build_verl_batch``.
+    """AXPO advantages (docs/algorithm.md §6) on a batch built by ``build_verl_batch``.
 
     A_i = (s_i − mean_{g(i)} s) / (std_{g(i)} s + ε) on the tokens where ``response_mask`` is 1,
     where s_i = Σ_t token_level_rewards[i, t] (the recovery reward r_prefix for a credited source)
