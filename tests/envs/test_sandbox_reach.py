@@ -221,6 +221,18 @@ def test_without_bwrap_a_bwrap_floor_refuses_to_start_naming_the_fix(no_bwrap):
     assert "runs at" not in message and "strongest isolation that works here is rlimits" in message
 
 
+def test_a_bwrap_that_cannot_start_refuses_the_floor_with_its_own_words(no_bwrap):
+    # The bwrap the trainer's PATH finds is the one run (not one the worker's PATH would find).
+    fake = Path(no_bwrap) / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(IsolationBelowFloor) as refused:
+        SandboxPool(min_isolation="bwrap")
+    message = str(refused.value)
+    assert "bwrap did not start" in message and "No permissions to create new namespace" in message
+    assert "in a container bwrap needs user namespaces or root" in message
+
+
 def test_the_tool_refuses_when_it_is_built_not_call_by_call(no_bwrap):
     with pytest.raises(IsolationBelowFloor, match="install bubblewrap"):
         PythonCodeTool(min_isolation="bwrap", private_uid=True)

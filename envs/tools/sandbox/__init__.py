@@ -286,8 +286,9 @@ def _exposed_paths() -> tuple[str, ...]:
 
 
 def _bwrap_command(workdir_mb: int) -> list[str]:
+    # The bwrap the trainer's PATH finds (the one detection found), not the worker's PATH's.
     cmd = [
-        "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr",
     ]
     if os.geteuid() != 0:
@@ -323,7 +324,7 @@ def _unshare_command() -> list[str]:
     # A shell as the namespace's PID 1 (not the worker): the kernel drops default-action signals
     # such as RLIMIT_CPU's SIGXCPU sent to a namespace init, and unshare turns a child's death by
     # signal into status 1; the shell passes the worker's 128 + N on.
-    return ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
+    return [shutil.which("unshare") or "unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
             "/bin/sh", "-c", '"$@"; exit $?', "sh"]
 
 
