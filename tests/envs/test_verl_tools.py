@@ -69,7 +69,8 @@ def test_the_python_tool_refuses_to_start_below_its_floor_without_bwrap(corpus, 
     monkeypatch.setenv("AXPO_SEARCH_URL", corpus[0].url)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("AXPO_SANDBOX_ISOLATION", raising=False)
-    with pytest.raises(IsolationBelowFloor, match=r"min_isolation='bwrap' with a private uid per call.*apt-get install bubblewrap"):
+    refusal = r"min_isolation='bwrap' with a private uid per call.*apt-get install bubblewrap"
+    with pytest.raises(IsolationBelowFloor, match=refusal):
         verl_registry.initialize_tools_from_config(str(TOOLS_YAML))
 
 

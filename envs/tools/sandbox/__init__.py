@@ -5,11 +5,24 @@ every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["iso
 
 ``bwrap``    bubblewrap: new network namespace (a private loopback: no route out, not even to
              the host's 127.0.0.1), new PID/IPC/UTS namespaces, a mount namespace that shows only
-             ``/usr`` and the Python installation (read-only), a private ``/dev`` and ``/proc``,
-             and a size-capped tmpfs work dir; ``--die-with-parent``.
+             ``/usr`` and the Python trees (read-only), a private ``/dev`` and ``/proc``, and a
+             size-capped tmpfs work dir; ``--die-with-parent``.
 ``unshare``  util-linux ``unshare`` as root: new network/PID/IPC/UTS/mount namespaces (fresh
-             ``/proc``), but the host file system stays visible.
+             ``/proc``), but the host file system stays visible (the Python trees read-only).
 ``rlimits``  a plain child process: only the layers below.
+
+The Python trees are the interpreter's installation (its standard library included), the venv,
+where PIL/numpy live, and the interpreter's own files outside them (``libpython``), each shown at
+its own path wherever it lives -- under ``/tmp`` (bwrap mounts its fresh ``/tmp`` first, then
+binds them into it), under a ``0700`` home -- and nothing else of the directories above them: at
+``bwrap`` those are empty directories, at ``unshare`` each directory closed to other users above a
+tree is covered, in the worker's own mount namespace, by a tmpfs that leads only to the trees. No
+permission on the host is changed, and a call's private uid reads exactly those files.
+
+A floor: ``SandboxPool(min_isolation=..., private_uid=...)`` (and the python tool's config keys of
+those names) refuses to start below it (:class:`IsolationBelowFloor`), naming for each stronger
+choice what was missing -- bubblewrap, root, the path a private uid could not read -- and the fix.
+The training configs ask for ``bwrap`` with a private uid; the default floor accepts any layer.
 
 Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
 
@@ -21,7 +34,7 @@ Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
              IPC/UTS namespaces for this call alone, mounts a fresh ``/proc`` and a fresh
              size-capped tmpfs work dir (``workdir_mb``, also at ``unshare``) and forks the process
              that runs the code (``_worker.py`` describes the processes). Shared between calls: the
-             template's mounts (at ``bwrap``: ``/usr`` and the Python installation, read-only) and
+             template's mounts (at ``bwrap`` ``/usr``; the Python trees, read-only) and
              its imported memory image, copied on write and never executed upon by model code (the
              interpreter's string-hash seed included; ``random``'s and numpy's global generators
              are reseeded per call). Per call: the processes, uid, namespaces, ``/proc``, work dir,
@@ -44,11 +57,12 @@ stdout/stderr in trainer-owned files read back truncated, and returned images ca
 pixels and sent as raw RGB (the trainer never decodes or unpickles what the sandbox writes). When
 the trainer is root, each call also drops to its own uid (61000 + slot, a slot handed out again
 only after that call's processes are gone: other users' files, signals to other processes and the
-per-uid process count then apply) -- always under ``bwrap``; under ``unshare``/``rlimits`` only if
-the interpreter is readable by another uid (a Python under ``/root`` is not: ``Isolation.own_uid``
-says which). Inside, a Python audit hook ("guard", PEP 578) refuses sockets, process creation,
-signals to other pids, ctypes, gc introspection and file access outside the work dir -- defence
-in depth only: it stops Python code, not native code.
+per-uid process count then apply) -- under ``bwrap`` and ``unshare`` whenever the trees' own files
+are readable by other users; under ``rlimits`` only if the directories above them can be entered
+too (a Python under ``/root`` cannot: ``Isolation.own_uid`` says which). Inside, a Python audit
+hook ("guard", PEP 578) refuses sockets, process creation, signals to other pids, ctypes, gc
+introspection and file access outside the work dir -- defence in depth only: it stops Python
+code, not native code.
 
 What it does NOT stop: CPU and memory-bandwidth contention with the trainer (no cgroup CPU share;
 a call may use one core up to its CPU-time limit); side channels; kernel exploits (no seccomp
@@ -57,8 +71,9 @@ and ``rlimits``: native code that gets past the guard (a C extension already imp
 interpreter bug) sees the host file system with the worker's uid -- and that uid is **root** when
 ``own_uid`` is false, so such code could read or write any host file; at ``rlimits`` it could also
 reach the network, signal other processes (the trainer and, under ``fork``, the template
-included, if they share the uid) and fill the disk file by file within the timeout. Use ``bwrap``
-(``apt-get install bubblewrap``) for training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
+included, if they share the uid) and fill the disk file by file within the timeout. Training asks
+for ``bwrap`` (``apt-get install bubblewrap``) through its floor; ``AXPO_SANDBOX_ISOLATION`` pins
+a layer (below a floor, the pool refuses to start and names the variable).
 
 Two time limits, never racing: ``cpu_s`` of CPU time counted exactly from the start of the code
 and ``timeout_s`` of wall-clock time from the job's hand-over. Which one fired is read from what the
@@ -288,8 +303,8 @@ def _exposed_paths() -> tuple[str, ...]:
 def _bwrap_command(workdir_mb: int) -> list[str]:
     # The bwrap the trainer's PATH finds (the one detection found), not the worker's PATH's.
     cmd = [
-        shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr",
+        shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr",
     ]
     if os.geteuid() != 0:
         cmd.insert(1, "--unshare-user")  # unprivileged: bwrap needs a user namespace for the mounts
@@ -324,8 +339,8 @@ def _unshare_command() -> list[str]:
     # A shell as the namespace's PID 1 (not the worker): the kernel drops default-action signals
     # such as RLIMIT_CPU's SIGXCPU sent to a namespace init, and unshare turns a child's death by
     # signal into status 1; the shell passes the worker's 128 + N on.
-    return [shutil.which("unshare") or "unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
-            "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+    return [shutil.which("unshare") or "unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork",
+            "--kill-child", "--mount-proc", "/bin/sh", "-c", '"$@"; exit $?', "sh"]
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -1278,7 +1293,8 @@ def _detect(prefer: str, start: str, pinned: str, *tools_found: str | None) -> I
         for own_uid in uid_options:
             reason = _probe(level, own_uid, start)
             if reason is None:
-                detail = _describe_failures(failures) or (f"pinned by {pinned}" if pinned else "strongest layer available")
+                chosen = f"pinned by {pinned}" if pinned else "strongest layer available"
+                detail = _describe_failures(failures) or chosen
                 return Isolation(level, own_uid, detail, tuple(failures), pinned)
             failures.append((level, own_uid, reason))
     raise SandboxUnavailable(_describe_failures(failures))
