@@ -143,23 +143,31 @@ def main() -> None:
 
     for start, row in rows.items():
         iso = row["isolation"]
-        print(f"start={start}: isolation {iso.level}, private uid per call: {iso.own_uid} ({iso.detail})")
+        print(f"start={start}: isolation {iso.describe()} ({iso.detail})")
     print(f"{os.cpu_count()} CPUs; load average (1 min) {load_at_start:.2f} at the start, {load():.2f} at the end")
-    print(f"{'':44s} {'calls/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'load':>11s}")
+    print(f"{'':44s} {'calls/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'load':>11s}   layer")
     print(f"{'crop, 4K (3840x2160), ' + str(args.crops) + ' calls':44s} {'':8s} {crop[0]:9.2f} {crop[1]:9.2f} {'':11s}   target p50 <= 5")
     for start, row in rows.items():
         name = f"python {start}, burst ({args.calls} calls, {args.concurrency} concurrent)"
         target = f"   target >= {TARGET_CALLS_S} calls/s" if start == "fork" else ""
         loads = f"{row['load'][0]:.2f}/{row['load'][1]:.2f}"
-        print(f"{name:44s} {row['rate']:8.1f} {row['burst'][0]:9.1f} {row['burst'][1]:9.1f} {loads:>11s}{target}")
+        print(f"{name:44s} {row['rate']:8.1f} {row['burst'][0]:9.1f} {row['burst'][1]:9.1f} {loads:>11s}   "
+              f"{layer(row['isolation'])}{target}")
     for start, row in rows.items():
-        print(f"{'python ' + start + ', one at a time (20 calls)':44s} {'':8s} {row['one'][0]:9.1f} {row['one'][1]:9.1f}")
+        print(f"{'python ' + start + ', one at a time (20 calls)':44s} {'':8s} {row['one'][0]:9.1f} {row['one'][1]:9.1f} "
+              f"{'':11s}   {layer(row['isolation'])}")
     if "fork" in rows and "spawn" in rows:
         print(f"fork / spawn: {rows['fork']['rate'] / rows['spawn']['rate']:.1f}x the calls/s "
               f"({args.image_side}x{args.image_side} image, code: numpy mean over it)")
     if "fork" in rows:
         verdict = "meets" if rows["fork"]["rate"] >= TARGET_CALLS_S else "MISSES"
-        print(f"fork {verdict} the target of >= {TARGET_CALLS_S} calls/s at {args.concurrency} concurrent calls")
+        print(f"fork {verdict} the target of >= {TARGET_CALLS_S} calls/s at {args.concurrency} concurrent calls "
+              f"at {rows['fork']['isolation'].describe()}")
+
+
+def layer(isolation) -> str:
+    """The layer beside a figure: ``bwrap+uid``, ``unshare``, ... (a figure means little without it)."""
+    return isolation.level + ("+uid" if isolation.own_uid else "")
 
 
 if __name__ == "__main__":

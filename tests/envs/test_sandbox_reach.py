@@ -185,6 +185,20 @@ def test_a_venv_under_tmp_and_an_interpreter_under_a_private_home_are_reached(pl
     assert seen["wrote"] in ("PermissionError", "OSError"), "the trees are read-only"
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_at_unshare_a_pool_directory_inside_the_private_home_stays_usable(placed, start):
+    # TMPDIR inside the 0700 home: the tmpfs that covers the home must bring the pool's own
+    # directory (the calls' work dirs, under spawn) back, writable, and nothing else of the home.
+    if not (ROOT and shutil.which("unshare")):
+        pytest.skip("unshare needs root and util-linux")
+    tmpdir = placed["home"] / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    out = drive(placed, "unshare", start, env={**os.environ, "TMPDIR": str(tmpdir)})
+    assert (out["level"], out["own_uid"]) == ("unshare", True), out["detail"]
+    assert not out["error"], (out["error"], out["stderr"])
+    assert json.loads(out["stdout"])["seen"] == []
+
+
 def test_a_private_uid_that_cannot_read_a_package_refuses_a_floor_naming_the_path(placed):
     if not (ROOT and HAS_BWRAP):
         pytest.skip("a private uid needs root; this case needs bwrap")
