@@ -291,10 +291,12 @@ def _interpreter_files() -> set[str]:
     return {f for f in files if os.path.isfile(f)}
 
 
+@functools.lru_cache(maxsize=1)
 def _exposed_paths() -> tuple[str, ...]:
     """What a call sees of the Python installation beyond the system trees, read-only, at its own
     path: the interpreter's and the venv's trees, PIL's and numpy's, and the interpreter's files
-    outside them. Nothing else of the directories above them."""
+    outside them. Nothing else of the directories above them. Computed once per process (a
+    spawned worker per call would otherwise read ``/proc/self/maps`` each time)."""
     roots = _python_roots()
     files = {f for f in _interpreter_files() if not any(_inside(f, r) for r in roots)}
     return tuple(p for p in _outermost(set(roots) | files) if not any(_inside(p, s) for s in SYSTEM_TREES))
@@ -1281,7 +1283,8 @@ def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
         raise ValueError(f"isolation={prefer!r}: expected 'auto' or one of {ISOLATION_LEVELS}")
     if start not in START_METHODS:
         raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
-    return _detect(prefer, start, "" if prefer == "auto" else pinned, shutil.which("bwrap"), shutil.which("unshare"))
+    found = (shutil.which("bwrap"), shutil.which("unshare"))
+    return _detect(prefer, start, "" if prefer == "auto" else pinned, *found)
 
 
 @functools.lru_cache(maxsize=None)
