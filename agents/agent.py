@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -112,6 +113,9 @@ class EpisodeStats:
     malformed_calls: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
+    sandbox_calls: Counter = field(default_factory=Counter)
+    """Calls of sandboxed tools by the isolation layer their results report (``metadata["isolation"]``),
+    and under ``"private_uid"`` those that ran under a uid of their own."""
     engine_retries: int = 0
     wall_s: float = 0.0
 
@@ -349,6 +353,10 @@ class Agent:
             obs = next(observations)
             stats.tool_calls += 1
             stats.tool_errors += int(obs.is_error)
+            meta = getattr(obs, "metadata", None) or {}
+            if meta.get("isolation"):
+                stats.sandbox_calls[str(meta["isolation"])] += 1
+                stats.sandbox_calls["private_uid"] += int(bool(meta.get("private_uid")))
             out.append((obs.model_text, tuple(obs.images)))
         return out
 

@@ -41,6 +41,7 @@ from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rol
 from axpo_rllm.core.step import PhaseOneReport, run_axpo_step, run_axpo_step_streaming
 from axpo_rllm.engines.base import RolloutEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools
+from axpo_rllm.envs.tools.sandbox import ISOLATION_LEVELS
 
 __all__ = ["WorkflowConfig", "StepResult", "AXPOWorkflow", "default_env_factory"]
 
@@ -280,6 +281,12 @@ class AXPOWorkflow:
             "workflow/failed_rollouts": float(counters.get("failed_rollouts", 0)),
             "workflow/extra_samples_exact": float(len(conts) == plan.used),
         }
+        # The python sandbox's layer: calls per layer (every layer named, so each step has the keys)
+        # and those with a private uid; a step whose calls all ran at bwrap with a private uid has
+        # sandbox_calls/bwrap == sandbox_calls/private_uid == its sandboxed calls.
+        sandbox = sum((e.stats.sandbox_calls for e in everyone), Counter())
+        for key in (*ISOLATION_LEVELS, "private_uid", *sorted(set(sandbox) - {*ISOLATION_LEVELS, "private_uid"})):
+            out[f"workflow/sandbox_calls/{key}"] = float(sandbox.get(key, 0))
         for key, value in counters.items():
             if key.startswith("failure/"):
                 out[f"workflow/{key}"] = float(value)

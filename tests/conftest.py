@@ -8,6 +8,7 @@ with no engine-core subprocess to leak, and a 1 GiB KV cache; and ``tests/suppor
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,3 +36,20 @@ def hf_engine(model_dir):
     engine = TransformersEngine(model_dir)
     yield engine
     engine.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which layer the python sandbox's tests ran at (``.ci/run`` shows it in its log). Printed only
+    when a suite used the sandbox's detection (cached by then, so this line rarely costs a probe)."""
+    sandbox = sys.modules.get("axpo_rllm.envs.tools.sandbox")
+    if sandbox is None or not sandbox._detect.cache_info().currsize:
+        return
+    start = os.environ.get("AXPO_SANDBOX_TEST_START", "fork")
+    try:
+        isolation = sandbox.detect_isolation("auto", start)
+    except sandbox.SandboxUnavailable as exc:
+        terminalreporter.write_sep("-", f"python sandbox: no layer works here ({exc})")
+        return
+    pinned = os.environ.get("AXPO_SANDBOX_ISOLATION", "auto")
+    terminalreporter.write_sep("-", f"python sandbox: the suite ran at {isolation.describe()} (start={start}, "
+                                    f"AXPO_SANDBOX_ISOLATION={pinned}, bwrap on PATH: {shutil.which('bwrap') or 'no'})")

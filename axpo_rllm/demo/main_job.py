@@ -144,6 +144,8 @@ class Runtime:
         self.server = RetrievalServer(BM25Index(self.world.corpus)).start()
         names = list(cfg.tools.names)
         configs = {"search": {"backend": "local", "base_url": self.server.url, "top_k": int(cfg.tools.search_top_k)}} if "search" in names else {}
+        if "python" in names and OmegaConf.select(cfg, "tools.python") is not None:
+            configs["python"] = OmegaConf.to_container(cfg.tools.python)  # the sandbox's floor for this job
         self.tools = build_tools(names, configs)
         if cfg.tools.compact_schemas:
             for name, tool in self.tools.items():
@@ -411,6 +413,8 @@ def run(args: argparse.Namespace) -> int:
     with Runtime(cfg) as rt:
         rt.build_model()
         log(f"model: {_shown(rt.model_dir)}")
+        if "python" in rt.tools:
+            log(rt.tools["python"].describe_isolation())
         sft_dir = run_dir / "sft"
         if (sft_dir / "sft_stats.json").exists():
             rt.load(sft_dir)

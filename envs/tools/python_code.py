@@ -13,24 +13,30 @@ Config (``PythonCodeTool(**config)``): every :class:`SandboxLimits` field (``tim
 ``cpu_s``, ``memory_mb``, ...), plus ``start`` (``"fork"``, the default: each call forked from a
 warm template process, ~10 ms of CPU; ``"spawn"``: a fresh interpreter per call, the old pool),
 ``pool_size`` (template processes under ``fork``, default 1; ready workers under ``spawn``, default
-2), ``isolation`` (``"auto"`` or a layer name) and ``max_code_chars`` (default 20000).
+2), ``isolation`` (``"auto"`` or a layer name), ``max_code_chars`` (default 20000) and the floor:
+``min_isolation`` (``"bwrap"`` | ``"unshare"`` | ``"rlimits"``, the default) and ``private_uid``
+(default false: a private uid per call required). With a floor above the default the tool checks
+it when it is built -- a run then refuses to start, naming what is missing and the fix, instead of
+running model code at a weaker layer; the training configs ask for ``bwrap`` with a private uid.
+The layer in force is in each result's metadata (``isolation``, ``private_uid``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from PIL import Image
 
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
-from axpo_rllm.envs.tools.sandbox import START_METHODS, SandboxLimits, SandboxPool, SandboxUnavailable
+from axpo_rllm.envs.tools.sandbox import (ISOLATION_LEVELS, START_METHODS, Isolation, SandboxLimits, SandboxPool,
+                                         SandboxUnavailable, check_floor, detect_isolation, meets_floor)
 
-__all__ = ["PythonCodeTool"]
+__all__ = ["PythonCodeTool", "check_python_config"]
 
-_OWN_KEYS = ("pool_size", "isolation", "start", "max_code_chars")
+_OWN_KEYS = ("pool_size", "isolation", "start", "max_code_chars", "min_isolation", "private_uid")
 """The tool's own settings; every other config key is a :class:`SandboxLimits` field."""
 
 
@@ -60,15 +66,41 @@ class PythonCodeTool(Tool):
         if self.start not in START_METHODS:
             raise ValueError(f"PythonCodeTool config: start={self.start!r}, expected one of {START_METHODS}")
         self.max_code_chars = int(config.get("max_code_chars", 20000))
+        self.min_isolation, self.private_uid = _floor(config, self.isolation)
         self._pool: SandboxPool | None = None
         self._pool_lock = threading.Lock()
+        if self.has_floor:
+            self.isolation_in_force()  # refuse here, when the run starts, not call by call
+
+    @property
+    def has_floor(self) -> bool:
+        return self.min_isolation != ISOLATION_LEVELS[-1] or self.private_uid
+
+    def isolation_in_force(self) -> Isolation:
+        """The layer this tool's calls run at (a probe on first use, cached per process; no pool
+        is started). :class:`IsolationBelowFloor` when it is below the tool's floor."""
+        isolation = detect_isolation(self.isolation, self.start)
+        check_floor(isolation, self.min_isolation, self.private_uid)
+        return isolation
+
+    def describe_isolation(self) -> str:
+        """One plain sentence: the layer in force and, when it is below what training asks for
+        (``bwrap`` with a private uid), that this tool's floor allows it."""
+        isolation = self.isolation_in_force()
+        line = f"python tool sandbox: {isolation.describe()}"
+        if meets_floor(isolation.level, isolation.own_uid, "bwrap", private_uid=True):
+            return line
+        floor = f"{self.min_isolation}{' with a private uid' if self.private_uid else ''}"
+        return (f"{line} -- weaker than the training configs' floor (bwrap with a private uid), allowed here "
+                f"by min_isolation={floor} ({isolation.detail[:300]})")
 
     @property
     def pool(self) -> SandboxPool:
         """Started on first use, so that listing tools never spawns processes."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = SandboxPool(self.limits, size=self.pool_size, isolation=self.isolation, start=self.start)
+                self._pool = SandboxPool(self.limits, size=self.pool_size, isolation=self.isolation, start=self.start,
+                                         min_isolation=self.min_isolation, private_uid=self.private_uid)
             return self._pool
 
     def check_arguments(self, arguments: Any) -> str | ToolResult:
@@ -102,8 +134,8 @@ class PythonCodeTool(Tool):
             result = await pool.arun(code, images)
         except SandboxUnavailable as exc:
             return ToolResult.fail(f"python tool unavailable: {exc}", tool=self.name)
-        metadata = {"tool": self.name, "isolation": result.isolation, "seconds": result.seconds,
-                    "timed_out": result.timed_out, "limit": result.limit}
+        metadata = {"tool": self.name, "isolation": result.isolation, "private_uid": pool.isolation.own_uid,
+                    "seconds": result.seconds, "timed_out": result.timed_out, "limit": result.limit}
         text = _observation(result)
         if result.error:
             return ToolResult(text="", images=result.images, error=f"{result.error}\n{text}".strip(), metadata=metadata)
@@ -114,6 +146,25 @@ class PythonCodeTool(Tool):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+
+
+def _floor(config: Mapping[str, Any], isolation: str) -> tuple[str, bool]:
+    """``(min_isolation, private_uid)`` from a tool config, checked (also against a pinned layer)."""
+    min_isolation = str(config.get("min_isolation", ISOLATION_LEVELS[-1]))
+    if min_isolation not in ISOLATION_LEVELS:
+        raise ValueError(f"PythonCodeTool config: min_isolation={min_isolation!r}, expected one of {ISOLATION_LEVELS}")
+    private_uid = config.get("private_uid", False)
+    if not isinstance(private_uid, bool):
+        raise ValueError(f"PythonCodeTool config: private_uid={private_uid!r}, expected true or false")
+    if isolation != "auto" and not meets_floor(isolation, True, min_isolation):
+        raise ValueError(f"PythonCodeTool config: isolation={isolation!r} is below min_isolation={min_isolation!r}")
+    return min_isolation, private_uid
+
+
+def check_python_config(config: Mapping[str, Any] | None) -> None:
+    """Build-time checks of a python tool config where a run starts (a launcher's driver): its keys
+    and, with a floor, the isolation that works on this machine (:class:`IsolationBelowFloor`)."""
+    PythonCodeTool(**dict(config or {}))
 
 
 def _pil_images(images: tuple, max_pixels: int) -> list:

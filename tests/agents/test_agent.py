@@ -95,6 +95,32 @@ def test_tool_crash_is_an_error_observation(chat, grader, task):
     assert "kaboom" in chat.decode(episode.rollout.response_ids)
 
 
+def test_sandboxed_calls_reach_the_steps_metrics_by_layer(chat, grader, task):
+    from collections import Counter
+
+    from axpo_rllm.agents.workflow import AXPOWorkflow
+    from axpo_rllm.core.records import ResamplePlan
+    from axpo_rllm.envs.tools.base import Tool, ToolResult
+
+    class Sandboxed(Tool):
+        name, description, parameters = "crop", "reports its sandbox layer", {"type": "object", "properties": {}}
+        layers = iter([("bwrap", True), ("unshare", False)])
+
+        async def call(self, arguments, context):
+            level, own_uid = next(self.layers)
+            return ToolResult(text="ok", metadata={"isolation": level, "private_uid": own_uid})
+
+    env = MultimodalToolEnv(tools={"crop": Sandboxed()}, grader=grader)
+    call = chat.encode(CALL_TEXT)
+    episode, _ = run(chat, [call, call, chat.encode("\\boxed{A}<|im_end|>")], env, task)
+    assert episode.stats.sandbox_calls == {"bwrap": 1, "unshare": 1, "private_uid": 1}
+    workflow = AXPOWorkflow(ScriptedEngine([]), chat, lambda: env)
+    metrics = workflow.episode_metrics([episode], [], ResamplePlan(0, (), (), ()), Counter())
+    assert {k: v for k, v in metrics.items() if k.startswith("workflow/sandbox_calls/")} == {
+        "workflow/sandbox_calls/bwrap": 1.0, "workflow/sandbox_calls/unshare": 1.0,
+        "workflow/sandbox_calls/rlimits": 0.0, "workflow/sandbox_calls/private_uid": 1.0}
+
+
 def test_cap_force_answer_forces_the_last_turn(chat, env, task, grader):
     call = chat.encode(CALL_TEXT)
     episode, requests = run(chat, [call, call, chat.encode("\\boxed{A}")], env, task)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -36,7 +37,24 @@ START = os.environ.get("AXPO_SANDBOX_TEST_START", "fork")
 assert START in START_METHODS, START
 LEVEL = isolation_level(START)
 OWN_UID = detect_isolation("auto", START).own_uid
-bwrap_only = pytest.mark.skipif(LEVEL != "bwrap", reason=f"OS-layer checks need bwrap; isolation here is {LEVEL}")
+PINNED = os.environ.get("AXPO_SANDBOX_ISOLATION", "auto")
+BWRAP_EXPECTED = shutil.which("bwrap") is not None and PINNED in ("auto", "bwrap")
+"""Where bwrap is installed (and no other layer is pinned), the suite must run at bwrap."""
+
+
+def bwrap_only(test):
+    """OS-layer checks: skipped only where bwrap is not installed (or another layer is pinned);
+    where it is, they run, and fail if the sandbox came out weaker (``bwrap_in_force``)."""
+    reason = f"OS-layer checks need bwrap: not on PATH, or AXPO_SANDBOX_ISOLATION={PINNED} pins another layer"
+    return pytest.mark.skipif(not BWRAP_EXPECTED, reason=reason)(pytest.mark.usefixtures("bwrap_in_force")(test))
+
+
+@pytest.fixture
+def bwrap_in_force():
+    detail = detect_isolation("auto", START).detail
+    assert LEVEL == "bwrap", f"bwrap is installed ({shutil.which('bwrap')}) but the sandbox runs at {LEVEL}: {detail}"
+
+
 fork_only = pytest.mark.skipif(START != "fork", reason="about the template processes of start='fork'")
 
 _tools: dict[str, PythonCodeTool] = {}
@@ -98,8 +116,17 @@ def nothing_connected(server: socket.socket) -> bool:
 def test_isolation_is_detected_and_reported():
     assert LEVEL in ("bwrap", "unshare", "rlimits")
     result = run("print('hi')")
-    assert result.text == "hi" and result.metadata["isolation"] == LEVEL
+    assert result.text == "hi" and result.metadata["isolation"] == LEVEL and result.metadata["private_uid"] is OWN_UID
     assert detect_isolation("auto", START).level == LEVEL
+
+
+def test_where_bwrap_is_installed_the_suite_runs_at_bwrap():
+    # Not a skip where bwrap is there: a weaker layer then (a venv bwrap cannot show, say) fails.
+    if not BWRAP_EXPECTED:
+        pytest.skip(f"bwrap is not on PATH (or AXPO_SANDBOX_ISOLATION={PINNED}): the suite runs at {LEVEL}")
+    isolation = detect_isolation("auto", START)
+    assert isolation.level == "bwrap", isolation.detail
+    assert isolation.own_uid or os.geteuid() != 0, f"root, but no private uid per call: {isolation.detail}"
 
 
 def test_images_come_in_as_pil_images_and_files():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
 from axpo_rllm.envs.adapters.verl import AXPOVerlTool, verl_schema
+from axpo_rllm.envs.tools.sandbox import IsolationBelowFloor
 
 verl_registry = pytest.importorskip("verl.tools.tool_registry")
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse  # noqa: E402
@@ -25,12 +27,23 @@ def corpus():
         yield server, qa
 
 
+def tools_yaml(tmp_path) -> str:
+    """The shipped yaml where bwrap is installed; elsewhere a copy with the python tool's floor
+    lowered (these tests are about the adapters; the floor has its own test below)."""
+    if shutil.which("bwrap"):
+        return str(TOOLS_YAML)
+    text = TOOLS_YAML.read_text().replace("min_isolation: bwrap", "min_isolation: rlimits")
+    copy = tmp_path / "tools.yaml"
+    copy.write_text(text.replace("private_uid: true", "private_uid: false"))
+    return str(copy)
+
+
 @pytest.fixture
 def verl_tools(corpus, monkeypatch, tmp_path):
     """The yaml loaded by verl's own loader, with the search server's URL in the environment."""
     monkeypatch.setenv("AXPO_SEARCH_URL", corpus[0].url)
     monkeypatch.setenv("AXPO_SEARCH_CACHE", str(tmp_path / "search.sqlite"))
-    tools = {tool.name: tool for tool in verl_registry.initialize_tools_from_config(str(TOOLS_YAML))}
+    tools = {tool.name: tool for tool in verl_registry.initialize_tools_from_config(tools_yaml(tmp_path))}
     yield tools
     for tool in tools.values():
         asyncio.run(tool.tool.aclose())
@@ -48,6 +61,17 @@ def test_yaml_loads_with_verls_loader(verl_tools, corpus, tmp_path):
         assert tool.tool_schema == verl_schema(tool.tool), tool.name
     search = verl_tools["search"].tool
     assert search.backend.base_url == corpus[0].url and str(search.cache.path) == str(tmp_path / "search.sqlite")
+
+
+def test_the_python_tool_refuses_to_start_below_its_floor_without_bwrap(corpus, monkeypatch, tmp_path):
+    # The shipped yaml asks for bwrap with a private uid: on a machine without bubblewrap (a PATH
+    # without it) verl's loader fails when it builds the tool, with the fix in the message.
+    monkeypatch.setenv("AXPO_SEARCH_URL", corpus[0].url)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("AXPO_SANDBOX_ISOLATION", raising=False)
+    refusal = r"min_isolation='bwrap' with a private uid per call.*apt-get install bubblewrap"
+    with pytest.raises(IsolationBelowFloor, match=refusal):
+        verl_registry.initialize_tools_from_config(str(TOOLS_YAML))
 
 
 async def crop_twice(tool: AXPOVerlTool):

@@ -14,6 +14,7 @@ import pytest
 from axpo_rllm.cli import build_parser
 from axpo_rllm.configs.loader import axpo_config, group_size
 from axpo_rllm.demo.main_job import job_config
+from axpo_rllm.envs.tools.sandbox import ISOLATION_LEVELS, detect_isolation
 
 
 def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -31,6 +32,7 @@ def test_layers_smoke_steps_and_overrides():
     assert cfg.actor_rollout_ref.rollout.n == 4 and group_size(cfg) == 8  # --smoke halves N, the ablation doubles it
     assert axpo_config(cfg).k == 2 and not axpo_config(cfg).enable
     assert cfg.job.ablation == "rollout_2x" and cfg.job.smoke
+    assert cfg.tools.python == {"min_isolation": "rlimits", "private_uid": False}  # any CPU machine
     full = job_config()
     assert full.actor_rollout_ref.rollout.n == 8 and full.algorithm.adv_estimator == "axpo" and full.sft.minutes >= 2
     with pytest.raises(ValueError):
@@ -122,6 +124,7 @@ def test_smoke_runs_both_arms_then_resumes_an_interrupted_arm(tmp_path, monkeypa
         metrics = json.loads(lines[0])
         assert metrics["workflow/failed_rollouts"] == 0 and metrics["actor/loss_tokens"] > 0
         assert "axpo/budget" in metrics and "actor/kl_loss" in metrics
+        assert {f"workflow/sandbox_calls/{layer}" for layer in ISOLATION_LEVELS} <= set(metrics)
         assert (run / "arms" / arm / "seed0" / "checkpoint.pt").exists() and (run / "arms" / arm / "config.yaml").exists()
         assert "last_third/all_wrong" in summary["figures"][arm]
         # verl's Tracking wrote TensorBoard event files: the AXPO metrics per step, the eval around them
@@ -140,6 +143,9 @@ def test_smoke_runs_both_arms_then_resumes_an_interrupted_arm(tmp_path, monkeypa
     assert "Pass@1" in (run / "summary.md").read_text()
     assert re.search(r"^ +[\d.]+s axpo +0 +1/2 ", out, re.M) and re.search(r"^ +[\d.]+s grpo +0 +2/2 ", out, re.M)
     assert "summary.md" in out and "Pass@4" in out
+    # The python tool's layer, said once (the CPU job's floor allows any layer; training's does not).
+    assert out.count("python tool sandbox:") == 1
+    assert f"python tool sandbox: {detect_isolation('auto', 'fork').describe()}" in out
 
     # Interrupt the GRPO arm at its second step: the checkpoint after step 1 survives.
     real_step = trainer_mod.AXPOTrainer.step

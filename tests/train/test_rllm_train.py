@@ -168,12 +168,28 @@ def test_tools_are_built_once_per_process_from_one_tools_section(monkeypatch):
     from axpo_rllm.integrations.rllm.launcher import tool_env_factory
 
     cfg = launch_config(None, ["axpo_launch.tools=[crop,python]", "+axpo_launch.tool_configs.python.pool_size=1",
-                               "+axpo_launch.tool_configs.crop.coordinates=absolute"])
+                               "+axpo_launch.tool_configs.crop.coordinates=absolute",
+                               # about sharing, on any machine: the floor has its own test
+                               "axpo_launch.tool_configs.python.min_isolation=rlimits",
+                               "axpo_launch.tool_configs.python.private_uid=false"])
     factory = tool_env_factory(cfg)
     again = pickle.loads(pickle.dumps(factory))  # what crosses to a Ray worker
     a, b = factory(), again()
     assert a is not b and a.tools["python"] is b.tools["python"], "one sandbox pool per process and configuration"
     assert a.tools["python"].pool_size == 1 and a.tools["crop"].config["coordinates"] == "absolute"
+
+
+@pytest.mark.parametrize("model", [None, "qwen3_vl_2b_thinking", "qwen3_vl_4b_thinking", "qwen3_vl_8b_thinking"])
+def test_a_training_config_refuses_to_start_without_bwrap(model, monkeypatch, tmp_path):
+    from axpo_rllm.envs.tools.sandbox import IsolationBelowFloor
+    from axpo_rllm.integrations.rllm.launcher import tool_env_factory
+
+    cfg = launch_config(None, [], model=model)
+    assert cfg.axpo_launch.tool_configs.python == {"min_isolation": "bwrap", "private_uid": True}
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without bubblewrap
+    monkeypatch.delenv("AXPO_SANDBOX_ISOLATION", raising=False)
+    with pytest.raises(IsolationBelowFloor, match=r"no `bwrap` on PATH.*fix: install bubblewrap"):
+        tool_env_factory(cfg)
 
 
 def test_a_search_key_a_worker_would_not_see_fails_at_start(monkeypatch):

@@ -46,6 +46,7 @@ from axpo_rllm.configs.loader import (
 )
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
+from axpo_rllm.envs.tools.python_code import check_python_config
 from axpo_rllm.envs.tools.registry import discover_tools
 from axpo_rllm.envs.tools.search import BACKENDS
 from axpo_rllm.integrations.verl.policy_guard import LIMIT_ENV
@@ -441,7 +442,7 @@ def tool_env_factory(cfg: DictConfig) -> SharedToolsEnvFactory:
     ``axpo_launch.tool_configs`` (``{name: keywords}``: search ``backend``/``base_url``/``api_key_env``/
     ``cache_path``, python sandbox limits and ``pool_size``, crop ``coordinates``). Tools are built
     once per worker process. An API key environment variable that a Ray worker would not see (or
-    that is not set) fails the run here, naming it."""
+    that is not set) fails the run here, naming it; so does a python sandbox below its floor."""
     names = list(cfg.axpo_launch.tools)
     node = OmegaConf.select(cfg, "axpo_launch.tool_configs", default=None)
     configs = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
@@ -454,6 +455,8 @@ def tool_env_factory(cfg: DictConfig) -> SharedToolsEnvFactory:
                              f"{', '.join(FORWARDED_PREFIXES)} to Ray workers; name it e.g. RLLM_{var}")
         if var and not os.environ.get(var):
             raise ValueError(f"the search backend {backend!r} needs its API key in ${var}, which is not set")
+    if "python" in names:
+        check_python_config(configs.get("python"))  # below the sandbox's floor the run stops here
     return SharedToolsEnvFactory(names, configs)
 
 

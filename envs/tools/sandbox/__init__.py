@@ -5,11 +5,24 @@ every result reports it (``SandboxResult.isolation``, ``ToolResult.metadata["iso
 
 ``bwrap``    bubblewrap: new network namespace (a private loopback: no route out, not even to
              the host's 127.0.0.1), new PID/IPC/UTS namespaces, a mount namespace that shows only
-             ``/usr`` and the Python installation (read-only), a private ``/dev`` and ``/proc``,
-             and a size-capped tmpfs work dir; ``--die-with-parent``.
+             ``/usr`` and the Python trees (read-only), a private ``/dev`` and ``/proc``, and a
+             size-capped tmpfs work dir; ``--die-with-parent``.
 ``unshare``  util-linux ``unshare`` as root: new network/PID/IPC/UTS/mount namespaces (fresh
-             ``/proc``), but the host file system stays visible.
+             ``/proc``), but the host file system stays visible (the Python trees read-only).
 ``rlimits``  a plain child process: only the layers below.
+
+The Python trees are the interpreter's installation (its standard library included), the venv,
+where PIL/numpy live, and the interpreter's own files outside them (``libpython``), each shown at
+its own path wherever it lives -- under ``/tmp`` (bwrap mounts its fresh ``/tmp`` first, then
+binds them into it), under a ``0700`` home -- and nothing else of the directories above them: at
+``bwrap`` those are empty directories, at ``unshare`` each directory closed to other users above a
+tree is covered, in the worker's own mount namespace, by a tmpfs that leads only to the trees. No
+permission on the host is changed, and a call's private uid reads exactly those files.
+
+A floor: ``SandboxPool(min_isolation=..., private_uid=...)`` (and the python tool's config keys of
+those names) refuses to start below it (:class:`IsolationBelowFloor`), naming for each stronger
+choice what was missing -- bubblewrap, root, the path a private uid could not read -- and the fix.
+The training configs ask for ``bwrap`` with a private uid; the default floor accepts any layer.
 
 Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
 
@@ -21,7 +34,7 @@ Two start methods, the same layers and guarantees (``SandboxPool(start=...)``):
              IPC/UTS namespaces for this call alone, mounts a fresh ``/proc`` and a fresh
              size-capped tmpfs work dir (``workdir_mb``, also at ``unshare``) and forks the process
              that runs the code (``_worker.py`` describes the processes). Shared between calls: the
-             template's mounts (at ``bwrap``: ``/usr`` and the Python installation, read-only) and
+             template's mounts (at ``bwrap`` ``/usr``; the Python trees, read-only) and
              its imported memory image, copied on write and never executed upon by model code (the
              interpreter's string-hash seed included; ``random``'s and numpy's global generators
              are reseeded per call). Per call: the processes, uid, namespaces, ``/proc``, work dir,
@@ -44,11 +57,12 @@ stdout/stderr in trainer-owned files read back truncated, and returned images ca
 pixels and sent as raw RGB (the trainer never decodes or unpickles what the sandbox writes). When
 the trainer is root, each call also drops to its own uid (61000 + slot, a slot handed out again
 only after that call's processes are gone: other users' files, signals to other processes and the
-per-uid process count then apply) -- always under ``bwrap``; under ``unshare``/``rlimits`` only if
-the interpreter is readable by another uid (a Python under ``/root`` is not: ``Isolation.own_uid``
-says which). Inside, a Python audit hook ("guard", PEP 578) refuses sockets, process creation,
-signals to other pids, ctypes, gc introspection and file access outside the work dir -- defence
-in depth only: it stops Python code, not native code.
+per-uid process count then apply) -- under ``bwrap`` and ``unshare`` whenever the trees' own files
+are readable by other users; under ``rlimits`` only if the directories above them can be entered
+too (a Python under ``/root`` cannot: ``Isolation.own_uid`` says which). Inside, a Python audit
+hook ("guard", PEP 578) refuses sockets, process creation, signals to other pids, ctypes, gc
+introspection and file access outside the work dir -- defence in depth only: it stops Python
+code, not native code.
 
 What it does NOT stop: CPU and memory-bandwidth contention with the trainer (no cgroup CPU share;
 a call may use one core up to its CPU-time limit); side channels; kernel exploits (no seccomp
@@ -57,8 +71,9 @@ and ``rlimits``: native code that gets past the guard (a C extension already imp
 interpreter bug) sees the host file system with the worker's uid -- and that uid is **root** when
 ``own_uid`` is false, so such code could read or write any host file; at ``rlimits`` it could also
 reach the network, signal other processes (the trainer and, under ``fork``, the template
-included, if they share the uid) and fill the disk file by file within the timeout. Use ``bwrap``
-(``apt-get install bubblewrap``) for training; ``AXPO_SANDBOX_ISOLATION`` pins a layer.
+included, if they share the uid) and fill the disk file by file within the timeout. Training asks
+for ``bwrap`` (``apt-get install bubblewrap``) through its floor; ``AXPO_SANDBOX_ISOLATION`` pins
+a layer (below a floor, the pool refuses to start and names the variable).
 
 Two time limits, never racing: ``cpu_s`` of CPU time counted exactly from the start of the code
 and ``timeout_s`` of wall-clock time from the job's hand-over. Which one fired is read from what the
@@ -96,6 +111,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -112,12 +128,15 @@ __all__ = [
     "ISOLATION_LEVELS",
     "START_METHODS",
     "Isolation",
+    "IsolationBelowFloor",
     "SandboxLimits",
     "SandboxResult",
     "SandboxPool",
     "SandboxUnavailable",
+    "check_floor",
     "detect_isolation",
     "isolation_level",
+    "meets_floor",
 ]
 
 _log = logging.getLogger(__name__)
@@ -154,6 +173,11 @@ class SandboxUnavailable(RuntimeError):
     """No worker could be started (not even the ``rlimits`` layer)."""
 
 
+class IsolationBelowFloor(SandboxUnavailable):
+    """The strongest layer that works here is below the pool's floor (``min_isolation``,
+    ``private_uid``): the sandbox refuses to start; the message names what is missing and the fix."""
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-call limits; ``PythonCodeTool(**config)`` accepts each field by name."""
@@ -184,6 +208,19 @@ class Isolation:
     own_uid: bool
     """True when each call runs under its own uid (trainer is root)."""
     detail: str = ""
+    failures: tuple[tuple[str, bool, str], ...] = ()
+    """``(layer, private uid, why not)`` of each stronger choice tried first."""
+    pinned: str = ""
+    """What fixed the layer instead of trying them all (``AXPO_SANDBOX_ISOLATION=...``,
+    ``isolation=...``); empty under ``auto``."""
+
+    def describe(self) -> str:
+        """``"bwrap, a private uid per call"`` and the like: what a log line or report says."""
+        if self.own_uid:
+            return f"{self.level}, a private uid per call"
+        if os.geteuid() == 0:
+            return f"{self.level}, no private uid (calls run as root)"
+        return f"{self.level}, no private uid (calls run as the trainer's uid {os.geteuid()})"
 
 
 @dataclass(frozen=True)
@@ -219,42 +256,82 @@ def _python_roots() -> tuple[str, ...]:
             spec = None
         if spec and spec.origin:
             roots.add(os.path.realpath(os.path.dirname(os.path.dirname(spec.origin))))
-    # Keep only the outermost directories.
-    ordered = sorted(roots, key=len)
+    return _outermost(roots)
+
+
+def _outermost(paths: Any) -> tuple[str, ...]:
+    """``paths`` without those inside another one of them, shortest first."""
     kept: list[str] = []
-    for root in ordered:
-        if not any(root == k or root.startswith(k + "/") for k in kept):
-            kept.append(root)
+    for path in sorted(set(paths), key=len):
+        if not any(_inside(path, k) for k in kept):
+            kept.append(path)
     return tuple(kept)
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+"""Shown read-only by bwrap as they are; at ``unshare`` and ``rlimits`` the host's own."""
+
+
+def _interpreter_files() -> set[str]:
+    """Files the interpreter needs that may lie outside its trees: the real executable and the
+    ``libpython`` it loaded (a build's absolute RUNPATH can point anywhere), each shown alone."""
+    files = {os.path.realpath(sys.executable)}
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libpython"):
+                    files.add(os.path.realpath(fields[5].strip()))
+    except OSError:
+        pass
+    return {f for f in files if os.path.isfile(f)}
+
+
+@functools.lru_cache(maxsize=1)
+def _exposed_paths() -> tuple[str, ...]:
+    """What a call sees of the Python installation beyond the system trees, read-only, at its own
+    path: the interpreter's and the venv's trees, PIL's and numpy's, and the interpreter's files
+    outside them. Nothing else of the directories above them. Computed once per process (a
+    spawned worker per call would otherwise read ``/proc/self/maps`` each time)."""
+    roots = _python_roots()
+    files = {f for f in _interpreter_files() if not any(_inside(f, r) for r in roots)}
+    return tuple(p for p in _outermost(set(roots) | files) if not any(_inside(p, s) for s in SYSTEM_TREES))
+
+
 def _bwrap_command(workdir_mb: int) -> list[str]:
+    # The bwrap the trainer's PATH finds (the one detection found), not the worker's PATH's.
     cmd = [
-        "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr",
+        shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr",
     ]
     if os.geteuid() != 0:
         cmd.insert(1, "--unshare-user")  # unprivileged: bwrap needs a user namespace for the mounts
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    for top in SYSTEM_TREES[1:]:
         if os.path.islink(top):
             cmd += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
-    roots = [root for root in _python_roots() if not root.startswith("/usr/")]
-    # bwrap creates missing parents 0700; the worker's uid must traverse them.
-    parents = sorted({str(p) for root in roots for p in Path(root).parents if str(p) != "/"}, key=len)
-    for parent in parents:
-        cmd += ["--perms", "0755", "--dir", parent]
-    for root in roots:
-        cmd += ["--ro-bind", root, root]
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(workdir_mb * 1024 * 1024), "--perms", "01777", "--tmpfs", SANDBOX_WORKDIR,
         # A /tmp to change into (a habit of model code), as at the other layers; nothing to write
-        # there (the work dir is the one writable place): read-only and one page in size.
+        # there (the work dir is the one writable place): read-only and one page in size. Mounted
+        # before the Python trees: a venv under /tmp is then bound into it, not hidden by it.
         "--size", "4096", "--perms", "0555", "--tmpfs", "/tmp",
-        "--chdir", SANDBOX_WORKDIR, "--clearenv",
     ]
+    exposed = _exposed_paths()
+    # bwrap creates missing parents 0700; the worker's uid must traverse them. They are empty:
+    # nothing else of a home or a checkout the trees live in is shown.
+    parents = sorted({str(p) for path in exposed for p in Path(path).parents} - {"/", "/tmp"}, key=len)
+    for parent in parents:
+        cmd += ["--perms", "0755", "--dir", parent]
+    for path in exposed:
+        cmd += ["--ro-bind", path, path]
+    cmd += ["--chdir", SANDBOX_WORKDIR, "--clearenv"]
     for key, value in _worker_env(SANDBOX_WORKDIR).items():
         cmd += ["--setenv", key, value]
     return cmd
@@ -264,8 +341,42 @@ def _unshare_command() -> list[str]:
     # A shell as the namespace's PID 1 (not the worker): the kernel drops default-action signals
     # such as RLIMIT_CPU's SIGXCPU sent to a namespace init, and unshare turns a child's death by
     # signal into status 1; the shell passes the worker's 128 + N on.
-    return ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
-            "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+    return [shutil.which("unshare") or "unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork",
+            "--kill-child", "--mount-proc", "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+
+
+def _closed_ancestor(path: str) -> str | None:
+    """The outermost directory above ``path`` that other users cannot enter (no ``o+x``), if any."""
+    for parent in reversed(Path(path).parents):
+        try:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return str(parent)
+        except OSError:
+            return str(parent)
+    return None
+
+
+def _unshare_mounts(pool_dir: str) -> dict:
+    """What the worker mounts at ``unshare`` (root in its own mount namespace, before it drops to
+    the call's uid), so that a private uid reaches the Python trees wherever they live without a
+    permission changed on the host: each directory closed to other users above a tree (a ``0700``
+    home, a ``0700`` checkout under /tmp) is covered by an empty tmpfs holding only the paths down
+    to the trees, which are bound back read-only; the pool's own directory, if it lies there, is
+    bound back as it was. Trees that other users can already reach are bound read-only over
+    themselves."""
+    shadows: dict[str, list[str]] = {}
+    in_place = []
+    for path in _exposed_paths():
+        closed = _closed_ancestor(path)
+        if closed is None:
+            in_place.append(path)
+        else:
+            shadows.setdefault(closed, []).append(path)
+    return {
+        "shadow": sorted(shadows.items()),
+        "read_only": in_place,
+        "keep": [pool_dir] if any(_inside(pool_dir, a) for a in shadows) else [],
+    }
 
 
 def _worker_env(workdir: str) -> dict[str, str]:
@@ -287,6 +398,7 @@ def _worker_config(level: str, limits: SandboxLimits, tmp_root: str, **extra: An
         "max_decode_pixels": limits.max_decode_pixels, "guard": limits.python_guard,
         "blocked_events": BLOCKED_EVENTS, "read_roots": list(_python_roots()) + ["/usr/share", "/etc/localtime"],
         "pool": tmp_root,  # names the owning pool in `ps` output
+        "mounts": _unshare_mounts(tmp_root) if level == "unshare" else None,
     }
     config.update(extra)
     return config
@@ -1138,9 +1250,18 @@ def _run_sync(make_coroutine: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Isolation detection
 
-PROBE_CODE = "import sys\nsys.modules.pop('colorsys', None)\nimport colorsys\nprint(6 * 7)"
-"""Prints 42 -- after importing a module afresh: under ``fork`` the interpreter is already loaded,
-so only an import shows whether a call's uid can read the Python installation."""
+PROBE_CODE = (
+    "import sys\nsys.modules.pop('colorsys', None)\nimport colorsys\n"
+    "for name in ('PIL', 'numpy'):\n"
+    "    if name in sys.modules:\n"
+    "        open(sys.modules[name].__file__, 'rb').close()\n"
+    "print(6 * 7)"
+)
+"""Prints 42 -- after importing a module afresh and reading PIL's (and numpy's) own file: under
+``fork`` the interpreter is already loaded, so only a fresh read shows whether a call's uid can
+read the Python installation and the venv's packages."""
+BWRAP_MISSING = "bwrap is not installed"
+UNSHARE_MISSING = "needs root and util-linux unshare"
 
 
 def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
@@ -1148,41 +1269,51 @@ def detect_isolation(prefer: str = "auto", start: str = "fork") -> Isolation:
 
     ``prefer="auto"`` reads the ``AXPO_SANDBOX_ISOLATION`` environment variable (a layer name or
     ``auto``). Order: bwrap > unshare > rlimits; at each, a private uid per call when the trainer is
-    root and the interpreter is reachable by another uid (a Python under ``/root`` is not, outside
-    bwrap's mount namespace). The probe is a real call through the start method's own machinery
-    (a template and a forked call for ``fork``). Cached per process: a probe costs one worker or
-    template start (~0.2-0.5 s).
+    root and the Python installation is readable by another uid (at ``bwrap`` and ``unshare`` the
+    trees are shown to it wherever they live; at ``rlimits`` a Python under ``/root`` is not
+    reachable). The probe is a real call through the start method's own machinery (a template and
+    a forked call for ``fork``). Cached per process and per ``bwrap`` / ``unshare`` found on
+    ``PATH``: a probe costs one worker or template start (~0.2-0.5 s).
     """
+    pinned = f"isolation={prefer!r}"
     if prefer == "auto":
         prefer = os.environ.get("AXPO_SANDBOX_ISOLATION", "auto")  # operators can pin a layer per node
+        pinned = f"AXPO_SANDBOX_ISOLATION={prefer}"
     if prefer != "auto" and prefer not in ISOLATION_LEVELS:
         raise ValueError(f"isolation={prefer!r}: expected 'auto' or one of {ISOLATION_LEVELS}")
     if start not in START_METHODS:
         raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
-    return _detect(prefer, start)
+    found = (shutil.which("bwrap"), shutil.which("unshare"))
+    return _detect(prefer, start, "" if prefer == "auto" else pinned, *found)
 
 
 @functools.lru_cache(maxsize=None)
-def _detect(prefer: str, start: str) -> Isolation:
+def _detect(prefer: str, start: str, pinned: str, *tools_found: str | None) -> Isolation:
     candidates = ISOLATION_LEVELS if prefer == "auto" else (prefer,)
     uid_options = (True, False) if os.geteuid() == 0 else (False,)
-    reasons = []
+    failures: list[tuple[str, bool, str]] = []
     for level in candidates:
         for own_uid in uid_options:
             reason = _probe(level, own_uid, start)
             if reason is None:
-                detail = "; ".join(reasons) or "strongest layer available"
-                return Isolation(level=level, own_uid=own_uid, detail=detail)
-            reasons.append(f"{level}{' with a private uid' if own_uid else ''} unavailable: {reason}")
-    raise SandboxUnavailable("; ".join(reasons))
+                chosen = f"pinned by {pinned}" if pinned else "strongest layer available"
+                detail = _describe_failures(failures) or chosen
+                return Isolation(level, own_uid, detail, tuple(failures), pinned)
+            failures.append((level, own_uid, reason))
+    raise SandboxUnavailable(_describe_failures(failures))
+
+
+def _describe_failures(failures: Sequence[tuple[str, bool, str]]) -> str:
+    return "; ".join(f"{level}{' with a private uid' if own_uid else ''} unavailable: {reason}"
+                     for level, own_uid, reason in failures)
 
 
 def _probe(level: str, own_uid: bool, start: str = "fork") -> str | None:
     """None when ``level`` works with ``start``, else why not."""
     if level == "bwrap" and shutil.which("bwrap") is None:
-        return "bwrap is not installed"
+        return BWRAP_MISSING
     if level == "unshare" and (shutil.which("unshare") is None or os.geteuid() != 0):
-        return "needs root and util-linux unshare"
+        return UNSHARE_MISSING
     tmp_root = tempfile.mkdtemp(prefix="axpo-sandbox-probe-")
     os.chmod(tmp_root, 0o711)
     limits = SandboxLimits(timeout_s=20)
@@ -1215,6 +1346,94 @@ def isolation_level(start: str = "fork") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The floor: the weakest isolation a pool accepts
+
+
+def _strength(level: str, own_uid: bool) -> tuple[int, bool]:
+    return (len(ISOLATION_LEVELS) - ISOLATION_LEVELS.index(level), own_uid)
+
+
+def meets_floor(level: str, own_uid: bool, min_isolation: str = "rlimits", private_uid: bool = False) -> bool:
+    """Whether ``level`` (with or without a private uid per call) is at or above the floor."""
+    return _strength(level, own_uid)[0] >= _strength(min_isolation, False)[0] and (own_uid or not private_uid)
+
+
+def check_floor(isolation: Isolation, min_isolation: str = "rlimits", private_uid: bool = False) -> None:
+    """:class:`IsolationBelowFloor` unless ``isolation`` meets the floor, naming what is missing
+    for each stronger choice that would have met it, and the fix."""
+    if min_isolation not in ISOLATION_LEVELS:
+        raise ValueError(f"min_isolation={min_isolation!r}: expected one of {ISOLATION_LEVELS}")
+    if meets_floor(isolation.level, isolation.own_uid, min_isolation, private_uid):
+        return
+    wanted = f"{min_isolation!r}{' with a private uid per call' if private_uid else ''}"
+    missing = [_missing(level, own_uid, reason) for level, own_uid, reason in isolation.failures
+               if meets_floor(level, own_uid, min_isolation, private_uid)]
+    if private_uid and os.geteuid() != 0:
+        missing.insert(0, f"root: a private uid per call needs the trainer to run as root (it runs as uid "
+                          f"{os.geteuid()}); fix: run it as root")
+    if isolation.pinned:
+        missing.insert(0, f"the layer is pinned by {isolation.pinned}; fix: remove that setting")
+    raise IsolationBelowFloor(
+        f"the python sandbox refuses to start: the strongest isolation that works here is "
+        f"{isolation.describe()}, below its floor min_isolation={wanted}. Missing: "
+        + " | ".join(dict.fromkeys(missing) or ["(nothing stronger was tried)"])
+        + ". Only where weaker isolation is acceptable: lower min_isolation (or set private_uid: false) "
+        "in the python tool's config."
+    )
+
+
+BWRAP_INSTALL = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install bubblewrap)"
+
+
+def _missing(level: str, own_uid: bool, reason: str) -> str:
+    """One stronger choice that did not work: what it lacked and the fix."""
+    if reason == BWRAP_MISSING:
+        return f"bubblewrap: no `bwrap` on PATH={os.environ.get('PATH', '')}; fix: {BWRAP_INSTALL}"
+    if reason == UNSHARE_MISSING:
+        return "unshare: it needs root and util-linux's `unshare`; fix: run the trainer as root with util-linux"
+    unreadable = _unreadable_path(level) if own_uid else None
+    if unreadable:
+        return (f"{level} with a private uid: that uid cannot read {unreadable}; fix: make it readable by other "
+                f"users (chmod o+rX), or use a Python installation and venv whose files are"
+                + ("" if level != "rlimits" else f", or {BWRAP_INSTALL} (it shows the trees to that uid)"))
+    hint = ("; in a container bwrap needs user namespaces or root: allow them, or run the trainer as root"
+            if level == "bwrap" else "")
+    return f"{level}{' with a private uid' if own_uid else ''} did not start: {reason[:400]}{hint}"
+
+
+def _unreadable_path(level: str) -> str | None:
+    """The first file or directory of the Python installation a private uid cannot read at ``level``
+    (mode and owner included), or None when none is found. At ``bwrap`` and ``unshare`` the
+    directories above the exposed trees do not count: the sandbox makes its own way to them."""
+    import sysconfig
+
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}
+    stdlib = sysconfig.get_paths(vars=base)
+    targets = sorted(_interpreter_files()) + [os.path.join(stdlib["stdlib"], "os.py"), stdlib["platstdlib"],
+                                              sysconfig.get_paths()["purelib"]]
+    for module in ("PIL", "numpy"):
+        loaded = sys.modules.get(module)
+        if loaded is not None and getattr(loaded, "__file__", None):
+            targets.append(loaded.__file__)
+    exposed = _exposed_paths() + SYSTEM_TREES
+    for target in map(os.path.realpath, targets):
+        top = next((root for root in exposed if _inside(target, root)), "/") if level != "rlimits" else "/"
+        chain = [str(p) for p in reversed(Path(target).parents) if _inside(str(p), top)] + [target]
+        for path in chain:
+            try:
+                mode = os.stat(path)
+            except OSError:
+                continue
+            needed = stat.S_IXOTH if stat.S_ISDIR(mode.st_mode) and path != target else stat.S_IROTH
+            if stat.S_ISDIR(mode.st_mode) and path == target:
+                needed |= stat.S_IXOTH
+            if not mode.st_mode & needed:
+                return f"{path} (mode {stat.S_IMODE(mode.st_mode):04o}, owner uid {mode.st_uid})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # The pool
 
 
@@ -1228,12 +1447,15 @@ class SandboxPool:
     """Threads for concurrent ``spawn`` calls from :meth:`arun` (each waits on its worker)."""
 
     def __init__(self, limits: SandboxLimits | None = None, size: int | None = None, isolation: str = "auto",
-                 start: str = "fork") -> None:
+                 start: str = "fork", min_isolation: str = "rlimits", private_uid: bool = False) -> None:
+        """``min_isolation`` / ``private_uid``: the floor; below it the pool refuses to start
+        (:class:`IsolationBelowFloor`) instead of running at what it found."""
         if start not in START_METHODS:
             raise ValueError(f"start={start!r}: expected one of {START_METHODS}")
         self.start = start
         self.limits = limits or SandboxLimits()
         self.isolation = detect_isolation(isolation, start)
+        check_floor(self.isolation, min_isolation, private_uid)
         if self.isolation.level != "bwrap":
             _log.warning("python sandbox runs at the weaker %r layer (own uid: %s): %s",
                          self.isolation.level, self.isolation.own_uid, self.isolation.detail)

@@ -93,6 +93,62 @@ def drop_privileges(uid):
         pass
 
 
+def expose_python(mounts):
+    """At ``unshare``, as root in the worker's own mount namespace and before any drop to the call's
+    uid: make the Python trees reachable by that uid and read-only (the trainer's plan,
+    ``_unshare_mounts``). A directory closed to other users above a tree is covered by a tmpfs
+    that holds only the way down to the trees, bound back from fds opened before it was covered.
+    Nothing on the host changes: the namespace is this worker's (and its calls')."""
+    global LIBC
+    import ctypes
+    import stat
+
+    if not mounts:
+        return
+    LIBC = LIBC or ctypes.CDLL(None, use_errno=True)
+    libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+    for covered, paths in mounts["shadow"]:
+        keep = [p for p in mounts["keep"] if p == covered or p.startswith(covered + "/")]
+        held = [(p, os.open(p, os.O_PATH | os.O_CLOEXEC), p not in keep) for p in list(paths) + keep]
+        libc_call("mount", b"tmpfs", covered.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=1m")
+        for path, fd, read_only in held:
+            make_mount_point(covered, path, stat.S_ISDIR(os.fstat(fd).st_mode))
+            libc_call("mount", f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None)
+            os.close(fd)
+            if read_only:
+                remount_read_only(path)
+        remount_read_only(covered)
+    for path in mounts["read_only"]:
+        libc_call("mount", path.encode(), path.encode(), None, MS_BIND | MS_REC, None)
+        remount_read_only(path)
+    try:
+        os.chdir(os.getcwd())  # by path again: through the new mounts
+    except OSError:
+        pass
+
+
+def make_mount_point(top, path, is_dir):
+    """``path`` (a directory, or an empty file to bind a file on) and the directories down to it
+    from ``top``, each 0755 whatever the umask: the call's uid must pass through them."""
+    parts = os.path.relpath(path, top).split("/")
+    current = top
+    for i, part in enumerate(parts):
+        current = os.path.join(current, part)
+        last = i == len(parts) - 1
+        if os.path.lexists(current):
+            continue
+        if last and not is_dir:
+            os.close(os.open(current, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            os.chmod(current, 0o644)
+        else:
+            os.mkdir(current)
+            os.chmod(current, 0o755)
+
+
+def remount_read_only(path):
+    libc_call("mount", None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+
+
 def set_limits():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NPROC, (CONFIG["max_processes"], CONFIG["max_processes"]))
@@ -501,6 +557,7 @@ def template_main():
 
     faulthandler.enable()
     LIBC = ctypes.CDLL(None, use_errno=True)
+    expose_python(CONFIG.get("mounts"))  # calls' mount namespaces are copies of this one
     prctl(PR_SET_DUMPABLE, 0)  # no ptrace, no /proc/<pid>/mem for a process of the same uid
     warm_imports()
     control = socket.socket(fileno=CONFIG["control_fd"])
@@ -746,6 +803,7 @@ def run_call(uid, workdir, job, out, err, result):
 def spawn_main():
     """One job, then exit (``mode="spawn"``)."""
     faulthandler.enable()  # a crash in C code leaves its Python stack in stderr
+    expose_python(CONFIG.get("mounts"))
     drop_privileges(CONFIG.get("uid"))
     set_limits()
     warm_imports()
