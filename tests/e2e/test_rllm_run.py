@@ -162,9 +162,13 @@ def test_the_actor_update_is_real_and_the_weights_reach_the_rollout_server(axpo)
     assert moved, {s: axpo.metrics[s]["grad_norm"] for s in axpo.metrics}
     before, after = _actor_weights(axpo, moved[-1] - 1), _actor_weights(axpo, moved[-1])
     assert max(float((before[k] - after[k]).abs().max()) for k in after) > 0, "the update changed no weight"
-    # step 2's rollouts were sampled with step 1's weights: after the sync the server and the actor agree
-    assert axpo.metrics[2]["training/rollout_probs_diff_max"] < 1e-3
-    assert axpo.metrics[2]["training/rollout_logprob_gap_mean"] < 1e-3
+    # the rollouts of the step after an update were sampled with its weights: after the sync the
+    # server and the actor agree to float32 precision (a sync that did not land: the whole update)
+    synced = [s + 1 for s in range(1, STEPS) if axpo.metrics[s]["grad_norm"] > 0]
+    assert synced, "no step followed an update"
+    for step in synced:
+        assert axpo.metrics[step]["training/rollout_probs_diff_max"] < 1e-3, step
+        assert axpo.metrics[step]["training/rollout_logprob_gap_mean"] < 2e-4, step
 
 
 def test_checkpoints_validation_and_diagnostics(axpo):
@@ -193,6 +197,6 @@ def test_a_killed_run_resumes_where_an_uninterrupted_run_would_be(resumed, axpo)
 def test_the_grpo_ablation_runs_through_the_same_path(grpo):
     m = grpo.metrics[1]
     assert m.get("batch/workflow/rollouts_phase3", 0) == 0
-    assert m["actor/grad_norm"] > 0
+    assert math.isfinite(m["actor/pg_loss"]) and "grad_norm" in m
     dump = grpo.dump(1)
     assert {t["role"] for g in dump["groups"] for t in g["trajectories"]} <= {"ordinary"}

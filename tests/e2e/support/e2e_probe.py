@@ -28,9 +28,15 @@ def _row_advantages(batch) -> list[dict]:
         if pad is not None and bool(pad[i]):
             continue
         values = adv[i][mask[i]]
-        rows.append({"trajectory_id": str(ids[i]) if ids is not None else str(i), "tokens": int(mask[i].sum()),
-                     "first": float(values[0]) if len(values) else 0.0,
-                     "spread": float(values.max() - values.min()) if len(values) else 0.0})
+        row = {"trajectory_id": str(ids[i]) if ids is not None else str(i), "tokens": int(mask[i].sum()),
+               "first": float(values[0]) if len(values) else 0.0,
+               "spread": float(values.max() - values.min()) if len(values) else 0.0}
+        if "rollout_log_probs" in batch.batch and "old_log_probs" in batch.batch and len(values):
+            gap = (batch.batch["rollout_log_probs"][i] - batch.batch["old_log_probs"][i]).abs()[mask[i]]
+            row |= {"gap_mean": float(gap.mean()), "gap_max": float(gap.max()),
+                    "images": int(len((batch.non_tensor_batch.get("multi_modal_inputs", [None] * (i + 1))[i] or {})
+                                      .get("image_grid_thw", [])))}
+        rows.append(row)
     return rows
 
 

@@ -69,10 +69,6 @@ def cpu_overrides(model: str, train: str, val: str, run_dir: Path, search_url: s
         "actor_rollout_ref.rollout.enforce_eager=true",
         "actor_rollout_ref.rollout.free_cache_engine=false",
         "+actor_rollout_ref.rollout.enable_sleep_mode=false",
-        # without sleep mode (CPU) verl never resets vLLM's prefix cache after a weight sync
-        # (vllm_async_server.resume_kv_cache returns early when free_cache_engine is false): KV
-        # computed with the old weights would be reused, so the cache is off here
-        "actor_rollout_ref.rollout.enable_prefix_caching=false",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.max_model_len=2048",
         # no chunked prefill: vLLM rewinds the seeded sampler of a request whose prefill was cut
@@ -81,6 +77,10 @@ def cpu_overrides(model: str, train: str, val: str, run_dir: Path, search_url: s
         "actor_rollout_ref.rollout.max_num_batched_tokens=16384",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
         "actor_rollout_ref.rollout.load_format=auto",
+        # raw log-probs: training/rollout_probs_* then compare weights alone. verl's default
+        # (processed) renormalises over what the agent bans on a forced last turn (<tool_call>),
+        # which moves those tokens' log-probs by -log(1 - p_banned): half a nat on this model
+        "actor_rollout_ref.rollout.logprobs_mode=raw_logprobs",
         "actor_rollout_ref.rollout.agent.num_workers=1",
         "actor_rollout_ref.rollout.val_kwargs.n=2",
         # tools: the world's search corpus behind a loopback server the test runs
