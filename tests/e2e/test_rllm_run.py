@@ -61,7 +61,10 @@ def prepared(tmp_path_factory) -> dict:
                           timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"\ne2e stack: {_versions()}")
-    return json.loads((out / "prepared.json").read_text())
+    prepared = json.loads((out / "prepared.json").read_text())
+    after = prepared["sft"]["after"]  # first turns sampled after SFT: a policy that can act at all
+    assert after["well_formed"] >= 0.5 and after["tool_call_share"] > 0, prepared["sft"]
+    return prepared
 
 
 @pytest.fixture(scope="module")

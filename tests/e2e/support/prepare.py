@@ -1,7 +1,7 @@
 """What the end-to-end rllm run trains on: a small SFT checkpoint of the tiny Qwen-VL and data files.
 
 The policy must call tools and sometimes answer right, or AXPO has nothing to act on: the main job's
-SFT stage (teacher trajectories of the synthetic world, a few minutes on CPU) is reused with the
+SFT stage (teacher trajectories of the synthetic world, 150 steps: 2-3 minutes on CPU) is reused with the
 tool schemas the launcher's env shows (full descriptions, not the main job's compact ones), so the
 rllm run's prompts are the ones the model was trained on.
 
@@ -13,7 +13,7 @@ The question files (jsonl rows in the public format ``axpo-rllm data`` reads, im
   and a ``crop`` question (mixed outcomes, so advantages are not all zero);
 - val: a ``color`` and a ``code`` question.
 
-Usage: ``python prepare.py OUT_DIR [--sft-minutes M]``; prints a JSON summary (model dir, files).
+Usage: ``python prepare.py OUT_DIR [--sft-steps S]``; prints a JSON summary (model dir, files).
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ IMPOSSIBLE = "-123457"  # the image width times k is positive: no rollout is rig
 KINDS = {"search_qa": "em", "numeric": "numeric"}
 
 
-def sft_overrides(minutes: float) -> list[str]:
-    return ["tools.compact_schemas=false", f"sft.minutes={minutes}", "sft.examples=800", "sft.probe_tasks=16",
-            "model.tokenizer_conversations=120"]
+def sft_overrides(steps: int) -> list[str]:
+    """A fixed number of SFT steps (the main job's budget is wall-clock, which a loaded machine cuts
+    short: 54 steps instead of 95 left a policy that never called a tool)."""
+    return ["tools.compact_schemas=false", "sft.minutes=60", f"sft.max_steps={steps}", "sft.examples=800",
+            "sft.probe_tasks=16", "model.tokenizer_conversations=120"]
 
 
-def build_checkpoint(out: Path, minutes: float) -> dict:
-    cfg = job_config(None, sft_overrides(minutes))
+def build_checkpoint(out: Path, steps: int) -> dict:
+    cfg = job_config(None, sft_overrides(steps))
     with Runtime(cfg, log=lambda msg: print(msg, file=sys.stderr)) as rt:
         launcher_schemas = SharedToolsEnvFactory(TOOLS, {"search": {"base_url": rt.server.url}})().tool_schemas()
         if rt.tool_schemas != launcher_schemas:  # the run's prompts must be the ones SFT trained on
@@ -83,11 +85,11 @@ def write_data(out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--sft-minutes", type=float, default=2.0)
+    parser.add_argument("--sft-steps", type=int, default=150)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = build_checkpoint(out, args.sft_minutes) | write_data(out)
+    summary = build_checkpoint(out, args.sft_steps) | write_data(out)
     (out / "prepared.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
