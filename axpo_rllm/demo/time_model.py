@@ -81,7 +81,8 @@ class StepProfile:
     """t(s, p, c) = decode(s) + p * ``prefill_token_s`` + c * ``context_token_s`` for a step with
     s running sequences, p prompt tokens computed (new requests' uncached tokens) and c tokens of
     context the running sequences attend over. decode(s) is the table, linear between its points
-    and beyond its last two (a compute-bound engine keeps growing)."""
+    and beyond its last two (a compute-bound engine keeps growing); flat below its first point and
+    for a one-point table."""
 
     name: str
     seqs: tuple[int, ...]
@@ -107,7 +108,7 @@ class StepProfile:
     def decode_time(self, seqs: int) -> float:
         xs, ys = self.seqs, self.decode_s
         if seqs <= xs[0] or len(xs) == 1:
-            return ys[0] if seqs <= xs[0] else ys[0] * seqs / xs[0]
+            return ys[0]
         if seqs >= xs[-1]:
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
             return ys[-1] + slope * (seqs - xs[-1])
@@ -429,6 +430,11 @@ class Engine:
             self._plan()
             return
         start, steps, a, b, _ = self._segment
+        if self.clock.now <= start:  # the segment starts now: plan it again with the newcomer
+            self._version += 1
+            self._segment = None
+            self._plan()
+            return
         done = _steps_within(self.clock.now - start, a, b)
         cut = min(steps, done + 1)
         if cut < steps:
@@ -624,8 +630,12 @@ def _group(qid: str, rollouts: Sequence[Rollout]) -> QuestionGroup:
 
 
 def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: int = 8, k: int = 4, r: float = 0.25,
-             seed: int = 0, engines: int = 1) -> StepTiming:
-    """One rollout step in ``mode`` (``MODES``) on ``engines`` replicas of ``profile``."""
+             seed: int = 0, engines: int = 1, draw: Callable[[int, int], Plan] | None = None,
+             draw_cont: Callable[[Plan, str, int], Plan] | None = None) -> StepTiming:
+    """One rollout step in ``mode`` (``MODES``) on ``engines`` replicas of ``profile``. ``draw(q, j)``
+    and ``draw_cont(source, source_id, i)`` replace the workload's draws (hand-made steps)."""
+    draw = draw or (lambda q, j: draw_original(w, seed, q, j))
+    draw_cont = draw_cont or (lambda source, sid, i: draw_continuation(w, source, seed, sid, i))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if engines < 1:
@@ -635,7 +645,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
     pool = [Engine(profile, clock) for _ in range(engines)]
     qids = [f"q{i}" for i in range(questions)]
     prompt = np.zeros(w.prompt_tokens, dtype=np.int64)
-    plans = {f"{q}#{j}": draw_original(w, seed, i, j) for i, q in enumerate(qids) for j in range(n)}
+    plans = {f"{q}#{j}": draw(i, j) for i, q in enumerate(qids) for j in range(n)}
     home = {rid: pool[i % engines] for i, rid in enumerate(plans)}  # a rollout stays on its replica
     graded: dict[str, list[Rollout]] = {q: [] for q in qids}
     state = {"phase1": 0.0, "first": math.nan, "end": 0.0, "left": len(plans)}
@@ -648,7 +658,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
         for job in jobs:
             source = plans[job.source_id]
             episodes = [
-                _Episode(draw_continuation(w, source, seed, job.source_id, i), home[job.source_id], w, None,
+                _Episode(draw_cont(source, job.source_id, i), home[job.source_id], w, None,
                          lambda now: state.__setitem__("end", max(state["end"], now)))
                 for i in range(job.k)
             ]
