@@ -818,3 +818,42 @@ def format_scale(results: Sequence[Comparison], rollout_share: float) -> str:
 def budget_note(questions: int, n: int, k: int, r: float) -> str:
     e = extra_budget(r, questions, n)
     return f"B={questions} N={n} K={k} r={r}: E = {e} continuations ({e // k} prefixes)"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The command line (``axpo-rllm simulate --time PROFILE``).
+# ---------------------------------------------------------------------------------------------
+def bench_workload(profile_path: str, **changes) -> Workload:
+    """``Workload.bench()`` with the token counts the profile benchmark measured on the tiny model."""
+    data = json.loads(Path(profile_path).read_text())
+    tokens = {k: int(v) for k, v in data.get("workload", {}).items()}
+    return Workload.bench(**{**tokens, **changes})
+
+
+def validate(profile_path: str, questions: Sequence[int] = (16, 32, 64), repeats: int = 8, seed: int = 0,
+             **workload_changes) -> list[Comparison]:
+    """The model on ``bench_workflow.py``'s step (its harness, its sizes: N=8, K=4, r=0.25)."""
+    profile = load_profile(profile_path)
+    w = bench_workload(profile_path, **workload_changes)
+    return [compare(w, profile, b, repeats=repeats, seed=seed) for b in questions]
+
+
+SCALE_MODES = ("barrier", "exact", "greedy", "spec-group", "spec-rollout")
+
+
+def run_cli(profile: str, questions: int = 128, n: int = 8, r: float = 0.25, k: int = 4, repeats: int = 3,
+            seed: int = 0, engines: int = 8, rollout_share: float = 0.5) -> int:
+    """Print the validation table (a measured CPU profile) or the scale table (a GPU profile)."""
+    if profile not in GPU_PROFILES:
+        results = validate(profile, repeats=repeats, seed=seed)
+        print(f"Time model vs bench_workflow.py on vLLM-CPU (profile {profile}; model: median of {repeats} "
+              "seeded steps; measured: README)\n")
+        print(format_validation(results))
+        return 0
+    p = load_profile(profile)
+    w = Workload.paper()
+    result = compare(w, p, questions, SCALE_MODES, n, k, r, repeats, seed, engines)
+    print(f"Time model, {profile} ({engines} engines; {budget_note(questions, n, k, r)}); workload 'paper' "
+          f"(docs/time_model.md); median of {repeats} seeded steps\n")
+    print(format_scale([result], rollout_share))
+    return 0

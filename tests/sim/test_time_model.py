@@ -142,3 +142,20 @@ def test_whole_step_weighs_rollout_and_training():
     assert tm.whole_step(1.2, 1.3, 0.5) == pytest.approx(1.25)
     with pytest.raises(ValueError, match="rollout_share"):
         tm.whole_step(1.2, 1.3, 0.0)
+
+
+# -- the command line ----------------------------------------------------------------------------
+def test_cli_prints_the_scale_table(capsys):
+    from axpo_rllm.cli import main
+
+    assert main(["simulate", "--time", "h100-2b", "--questions", "8", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "E = 16 continuations" in out
+    assert all(f"| 8 | {mode}" in " ".join(out.split()) for mode in tm.SCALE_MODES)
+
+
+def test_cli_names_a_bad_profile(capsys):
+    from axpo_rllm.cli import main
+
+    assert main(["simulate", "--time", "no-such-gpu"]) == 2
+    assert "neither one of" in capsys.readouterr().err
