@@ -70,6 +70,12 @@ __all__ = [
     "format_validation",
     "format_scale",
     "load_profile",
+    "Comparison",
+    "budget_note",
+    "bench_workload",
+    "validate",
+    "SCALE_MODES",
+    "run_cli",
 ]
 
 
@@ -237,7 +243,8 @@ class Workload:
     """A tool observation's tokens (chat glue and image included), prefilled by the next request."""
     tool_s: float
     turn_overhead_s: float
-    """The agent's own work after each turn (parse, template), off the engine."""
+    """The agent's own work after each turn (parse, template, grade): on one event-loop thread,
+    beside the engine, one turn at a time."""
     accuracy: float = 0.3
     max_turns: int = 3
     cont_free_rate: float = 0.0
@@ -246,6 +253,9 @@ class Workload:
     error_obs_tokens: int = 0
     cache_hit: float = 0.95
     """Share of a continuation's prompt + prefix, and of a later turn's context, in the prefix cache."""
+    max_episodes: int = 256
+    """Episodes in flight at once (the workflow's ``max_concurrency``, first come first served; 0: no
+    limit); a waiting episode, original or continuation, starts when one ends."""
 
     def __post_init__(self) -> None:
         for name in ("tool_rate", "accuracy", "cont_free_rate", "cache_hit"):
@@ -399,6 +409,40 @@ class _Clock:
             time, _, action = heapq.heappop(self._heap)
             self.now = max(self.now, time)
             action()
+
+
+class _Slots:
+    """The workflow's semaphore on episodes in flight (FIFO, like ``asyncio.Semaphore``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self.queue: deque[Callable[[], None]] = deque()
+
+    def acquire(self, start: Callable[[], None]) -> None:
+        if not self.capacity or self.used < self.capacity:
+            self.used += 1
+            start()
+        else:
+            self.queue.append(start)
+
+    def release(self) -> None:
+        self.used -= 1
+        while self.queue and (not self.capacity or self.used < self.capacity):
+            self.used += 1
+            self.queue.popleft()()
+
+
+class _Agent:
+    """The agents' own work (parse a turn, render the observation, grade) runs on one event-loop
+    thread: ``turn_overhead_s`` per turn, one turn after another."""
+
+    def __init__(self, clock: "_Clock", cost: float) -> None:
+        self.clock, self.cost, self.free_at = clock, cost, 0.0
+
+    def after_turn(self, then: Callable[[float], None]) -> None:
+        self.free_at = max(self.clock.now, self.free_at) + self.cost
+        done = self.free_at
+        self.clock.at(done, lambda: then(done))
 
 
 class Engine:
@@ -556,21 +600,40 @@ class _Episode:
     """A rollout or continuation walking through its turns on one engine."""
 
     def __init__(self, plan: Plan, engine: Engine, w: Workload, on_call: Callable[[float], None] | None,
-                 on_end: Callable[[float], None]) -> None:
+                 on_end: Callable[[float], None], slots: _Slots, agent: _Agent) -> None:
         self.plan, self.engine, self.w = plan, engine, w
-        self.on_call, self.on_end = on_call, on_end
+        self.on_call, self.on_end, self.slots, self.agent = on_call, on_end, slots, agent
         self.turn = 0
         self.cancelled = False
+        self.started = False
+        self.ended = False
         self.request: _Request | None = None
         self.decoded = 0
 
     def start(self) -> None:
+        self.slots.acquire(self._begin)
+
+    def _begin(self) -> None:
+        if self.cancelled:  # cancelled while it waited for a slot
+            self.slots.release()
+            return
+        self.started = True
         self._request()
 
     def cancel(self) -> None:
         self.cancelled = True
         if self.request is not None:
             self.engine.cancel(self.request)
+        if self.started and not self.ended:
+            self.ended = True
+            self.slots.release()
+
+    def _finish(self, now: float) -> None:
+        if self.cancelled:
+            return
+        self.ended = True
+        self.slots.release()
+        self.on_end(now)
 
     def _request(self) -> None:
         turn = self.plan.turns[self.turn]
@@ -583,18 +646,22 @@ class _Episode:
     def _turn_done(self, now: float) -> None:
         if self.cancelled:
             return
-        turn = self.plan.turns[self.turn]
-        self.decoded += turn.decode
+        self.decoded += self.plan.turns[self.turn].decode
         self.request = None
-        clock, after = self.engine.clock, now + self.w.turn_overhead_s
+        self.agent.after_turn(self._parsed)
+
+    def _parsed(self, now: float) -> None:
+        if self.cancelled:
+            return
+        turn = self.plan.turns[self.turn]
         if turn.then == "answer":
-            clock.at(after, lambda: self.cancelled or self.on_end(clock.now))
+            self._finish(now)
             return
         if self.on_call is not None and self.turn == self.plan.call_turn:
-            report = self.on_call
-            clock.at(after, lambda: self.cancelled or report(clock.now))
+            self.on_call(now)
         self.turn += 1
-        clock.at(after + (self.w.tool_s if turn.then == "tool" else 0.0), lambda: self.cancelled or self._request())
+        tool = self.w.tool_s if turn.then == "tool" else 0.0
+        self.engine.clock.at(now + tool, lambda: self.cancelled or self._request())
 
 
 def _call_logprobs(plan: Plan, length: int) -> np.ndarray:
@@ -643,6 +710,8 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
     config = AXPOConfig(r=r, k=k, seed=seed, **MODES[mode])
     clock = _Clock()
     pool = [Engine(profile, clock) for _ in range(engines)]
+    slots = _Slots(w.max_episodes)
+    agent = _Agent(clock, w.turn_overhead_s)
     qids = [f"q{i}" for i in range(questions)]
     prompt = np.zeros(w.prompt_tokens, dtype=np.int64)
     plans = {f"{q}#{j}": draw(i, j) for i, q in enumerate(qids) for j in range(n)}
@@ -659,7 +728,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
             source = plans[job.source_id]
             episodes = [
                 _Episode(draw_cont(source, job.source_id, i), home[job.source_id], w, None,
-                         lambda now: state.__setitem__("end", max(state["end"], now)))
+                         lambda now: state.__setitem__("end", max(state["end"], now)), slots, agent)
                 for i in range(job.k)
             ]
             running[job.job_id] = episodes
@@ -715,11 +784,11 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
             on_call = None
             if planner is not None:
                 on_call = (lambda now, q=q, rid=rid: follow(planner.observe_call(q, rid, _reported_confidence(plans[rid], w.call_tokens))))
-            episode = _Episode(plans[rid], home[rid], w, on_call, lambda now, q=q, rid=rid: graded_one(q, rid, now))
+            episode = _Episode(plans[rid], home[rid], w, on_call, lambda now, q=q, rid=rid: graded_one(q, rid, now), slots, agent)
             clock.at(0.0, episode.start)
     clock.run()
     conts = [e for eps in running.values() for e in eps]  # cancelled jobs were taken out
-    unfinished = [e for e in conts if e.turn < len(e.plan.turns) - 1 or e.request is not None]
+    unfinished = [e for e in conts if not e.ended]
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} continuations did not finish: an event was lost")
     trained = sum(w.prompt_tokens + p.response_tokens for p in plans.values())
