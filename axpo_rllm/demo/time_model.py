@@ -276,9 +276,9 @@ class Workload:
         tool_biased_engine.py (call_rate 0.3 of fresh turns get a whole crop call inserted after 4
         model tokens; body_rate 0.5 of continuations get the call body inserted). Token counts are
         the tiny Qwen-VL's (bench_step_profile.py prints them)."""
-        base = dict(name="bench", prompt_tokens=130, turn_median=24.0, turn_sigma=0.8, turn_min=4, turn_cap=128,
-                    tool_rate=0.3, call_tokens=26, call_decoded=False, call_head_tokens=4, obs_tokens=40,
-                    tool_s=0.002, turn_overhead_s=0.004, accuracy=0.3, cont_free_rate=0.5, error_obs_tokens=30)
+        base = dict(name="bench", prompt_tokens=398, turn_median=24.0, turn_sigma=0.8, turn_min=4, turn_cap=128,
+                    tool_rate=0.3, call_tokens=31, call_decoded=False, call_head_tokens=4, obs_tokens=72,
+                    tool_s=0.002, turn_overhead_s=0.004, accuracy=0.3, cont_free_rate=0.5, error_obs_tokens=37)
         return cls(**{**base, **changes})
 
     @classmethod
