@@ -148,6 +148,15 @@ def simulate(args: argparse.Namespace) -> int:
     """Signal-yield simulator (docs/simulator.md): every strategy on the same simulated steps."""
     from axpo_rllm.demo import simulator as sim  # CLI start-up
 
+    if args.time:
+        from axpo_rllm.demo.time_model import run_cli
+
+        try:
+            return run_cli(args.time, questions=args.questions, n=args.n, r=args.r, k=args.k,
+                           repeats=min(args.steps, 3), seed=args.seed)
+        except ValueError as err:
+            print(f"axpo-rllm simulate --time: {err}", file=sys.stderr)
+            return 2
     try:
         cfg = sim.SimConfig(questions=args.questions, n=args.n, r=args.r, k=args.k, steps=args.steps, seed=args.seed)
     except ValueError as err:
@@ -182,6 +191,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--sweep", action="store_true", help="also vary r, K and N one at a time (a second table)")
     p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep point (default: --steps)")
     p.add_argument("--png", default="axpo-simulator.png", help="where to write the figure ('' for none)")
+    p.add_argument("--time", default="", metavar="PROFILE",
+                   help="wall-clock model instead (docs/time_model.md): a GPU profile (h100-8b, ...) or a step-profile JSON")
     p.set_defaults(func=simulate)
 
 
