@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from axpo_rllm import __version__
+from axpo_rllm.train.tracking import scoped_environ
 
 __all__ = ["main", "build_parser", "quiet_third_party"]
 
@@ -55,18 +56,6 @@ OWN_MODULES = r"axpo_rllm(\.|$)"
 """Warnings raised from these modules still show (they are about the user's data or config)."""
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -106,7 +95,7 @@ def quiet_third_party(verbose: bool = False) -> Iterator[None]:
         yield
         return
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_environ(QUIET_ENV))
+        stack.enter_context(scoped_environ(QUIET_ENV))
         stack.enter_context(_loggers_at_error(QUIET_LOGGERS))
         stack.enter_context(_hf_progress_bars_off())
         stack.enter_context(warnings.catch_warnings())

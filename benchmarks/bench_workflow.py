@@ -50,17 +50,12 @@ import sys
 import time
 from pathlib import Path
 
+from axpo_rllm.demo.time_model import MODES
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-ARMS = {
-    "grpo": dict(enable=False),
-    "barrier": dict(streaming="off"),
-    "exact": dict(streaming="exact"),
-    "greedy": dict(streaming="greedy"),
-    "spec-group": dict(streaming="exact", speculation="group"),
-    "spec-rollout": dict(streaming="exact", speculation="rollout"),
-}
+ARMS = MODES  # the arms are the time model's streaming modes (one table)
 
 
 def make_tasks(b: int, seed: int):

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-__all__ = ["DEFAULT_LOGGER", "StepTracker", "eval_metrics", "tracking_backends", "train_metrics"]
+__all__ = ["DEFAULT_LOGGER", "StepTracker", "eval_metrics", "scoped_environ", "tracking_backends", "train_metrics"]
 
 DEFAULT_LOGGER = ("console", "tensorboard")
 """``trainer.logger`` when a config names none: our step lines + TensorBoard event files."""
@@ -83,8 +83,8 @@ def eval_metrics(metrics: Mapping[str, Any], data_source: str) -> dict[str, floa
 
 
 @contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """verl's adapters read their folders from the environment when built: set, then restore."""
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` inside the block, the previous values (or absence) after it."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -116,7 +116,7 @@ class StepTracker:
         Path(file_path).parent.mkdir(parents=True, exist_ok=True)
         env = {"TENSORBOARD_DIR": str(tensorboard_dir), "VERL_FILE_LOGGER_PATH": str(file_path)}
         # verl's adapters print where they write; the caller reports it once for the whole run.
-        with _environ(env), contextlib.redirect_stdout(io.StringIO()):
+        with scoped_environ(env), contextlib.redirect_stdout(io.StringIO()):
             self._tracking = Tracking(project_name=project, experiment_name=experiment,
                                       default_backend=self.backends, config=dict(config or {}))
 
