@@ -253,22 +253,20 @@ class SpawnBackend(SandboxBackend):
     def close(self) -> None:
         self._closed = True
         self._wanted.release()
+        self._discard_ready()
+        self._filler.join(timeout=10)
+        self._dead.put(None)
+        self._reaper.join(timeout=30)
+        self._discard_ready()  # a worker the filler finished while we were draining
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def _discard_ready(self) -> None:
+        """Kill every ready worker and remove its files."""
         while True:
             try:
                 worker = self._ready.get_nowait()
             except queue.Empty:
-                break
+                return
             worker.kill()
             worker.cleanup()
-        self._filler.join(timeout=10)
-        self._dead.put(None)
-        self._reaper.join(timeout=30)
-        while True:  # a worker the filler finished while we were draining
-            try:
-                worker = self._ready.get_nowait()
-            except queue.Empty:
-                break
-            worker.kill()
-            worker.cleanup()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
