@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, RetrievalServerProcess, make_fact_corpus, write_corpus
+from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, RetrievalServerProcess, write_corpus
 from axpo_rllm.envs.tools.base import ToolContext
 from axpo_rllm.envs.tools.search import SearchTool
+from axpo_rllm.demo.facts import make_fact_corpus
 
 CTX = ToolContext()
 

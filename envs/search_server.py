@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import re
 import select
 import subprocess
@@ -50,7 +49,6 @@ __all__ = [
     "RetrievalServerProcess",
     "read_corpus",
     "write_corpus",
-    "make_fact_corpus",
     "tokenize",
 ]
 
@@ -112,52 +110,6 @@ def read_corpus(path: str | Path) -> list[Document]:
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field, got {line[:80]!r}") from e
     return docs
-
-
-_SYLLABLES = ("zor", "va", "nia", "quel", "port", "ta", "rin", "mo", "bel", "dra", "kos", "lu", "fen", "ga", "sil")
-
-
-def _made_up_name(rng: random.Random) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-
-
-def make_fact_corpus(n_facts: int, seed: int = 0, distractors_per_fact: int = 2) -> tuple[list[Document], list[tuple[str, str]]]:
-    """A synthetic corpus of made-up facts plus the questions it answers.
-
-    Made-up names mean a model can only answer by searching (no prior knowledge leaks in), which
-    is what makes search rewards carry signal in the embedded CPU job. Returns ``(documents,
-    [(question, answer), ...])``.
-    """
-    rng = random.Random(seed)
-    relations = (
-        ("capital", "The capital of {e} is {a}.", "What is the capital of {e}?"),
-        ("founder", "{e} was founded by {a}.", "Who founded {e}?"),
-        ("river", "The longest river in {e} is the {a}.", "What is the longest river in {e}?"),
-    )
-    docs: list[Document] = []
-    qa: list[tuple[str, str]] = []
-    used: set[str] = set()
-    while len(qa) < n_facts:
-        entity = _made_up_name(rng)
-        if entity in used:
-            entity = f"{entity} {len(used)}"
-        used.add(entity)
-        key, fact, question = rng.choice(relations)
-        answer = _made_up_name(rng)
-        docs.append(Document(id=f"fact-{len(qa)}", title=entity, text=fact.format(e=entity, a=answer), url=f"local://fact/{len(qa)}"))
-        qa.append((question.format(e=entity), answer))
-        for j in range(distractors_per_fact):
-            other = _made_up_name(rng)
-            docs.append(
-                Document(
-                    id=f"noise-{len(qa)}-{j}",
-                    title=other,
-                    text=f"{other} is a {rng.choice(('town', 'lake', 'hill', 'poet'))} mentioned near {entity} in old {key} records.",
-                    url=f"local://noise/{len(qa)}/{j}",
-                )
-            )
-    rng.shuffle(docs)
-    return docs, qa
 
 
 # --------------------------------------------------------------------------------------------

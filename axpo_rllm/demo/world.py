@@ -20,7 +20,7 @@ the paper's SFT data (docs/algorithm.md §9). Every task is a :class:`~axpo_rllm
 images, built deterministically from ``(seed, split, index)``; ``metadata["teacher"]`` holds the
 call a teacher would make (tool name and arguments, or None) so that :mod:`axpo_rllm.train.sft` can
 write teacher trajectories. The search facts come from one made-up corpus
-(:func:`~axpo_rllm.envs.search_server.make_fact_corpus`: names no model can know); train and eval
+(:func:`~axpo_rllm.demo.facts.make_fact_corpus`: names no model can know); train and eval
 splits ask about disjoint facts.
 """
 
@@ -32,8 +32,9 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-from axpo_rllm.envs.search_server import Document, make_fact_corpus
+from axpo_rllm.envs.search_server import Document
 from axpo_rllm.core.records import Task
+from axpo_rllm.demo.facts import make_fact_corpus
 
 __all__ = [
     "FAMILIES",

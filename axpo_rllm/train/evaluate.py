@@ -40,7 +40,7 @@ from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, Rollout, Task, Termination
 from axpo_rllm.engines.base import RolloutEngine
-from axpo_rllm.engines.http_engine import HTTPEngine
+from axpo_rllm.engines.factory import ENGINES, build_engine  # noqa: F401 (re-exported for the CLI)
 
 __all__ = [
     "EVAL_STEP",
@@ -522,30 +522,3 @@ def evaluate(
                             agent_config=agent_config, seed=seed, questions_in_flight=chunk, max_concurrency=chunk * k,
                             progress=progress)
     return flat_scores(result.scores)
-
-
-# --------------------------------------------------------------------------------------------
-# Engines by name (the CLI's --engine)
-
-
-ENGINES = ("transformers", "vllm", "http")
-
-
-def build_engine(kind: str, model_dir: str | os.PathLike, *, base_url: str | None = None, **options: Any) -> RolloutEngine:
-    """``transformers`` (CPU), ``vllm`` (in-process) or ``http`` (a vLLM server's token route at ``base_url``).
-
-    ``model_dir`` holds the tokenizer and chat template in every case (the HTTP engine reads its pad ids there).
-    """
-    if kind == "transformers":
-        from axpo_rllm.engines.transformers_engine import TransformersEngine  # torch + transformers: only when chosen
-
-        return TransformersEngine(model_dir, **options)
-    if kind == "vllm":
-        from axpo_rllm.engines.vllm_engine import VLLMEngine  # vLLM lives in its own venv
-
-        return VLLMEngine(model_dir, **options)
-    if kind == "http":
-        if not base_url:
-            raise ValueError("--engine http needs --base-url (a vLLM server started with --enable-scale-out)")
-        return HTTPEngine.for_model(base_url, model_dir, **options)
-    raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")

@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from axpo_rllm.envs.env import EnvStateError, MultimodalToolEnv, run_sync
-from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
+from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 from axpo_rllm.envs.tools.crop import CropTool
 from axpo_rllm.envs.tools.search import SearchTool
 from axpo_rllm.envs.verifiers import Grader, GraderStats
 from axpo_rllm.core.records import Task
+from axpo_rllm.demo.facts import make_fact_corpus
 
 
 class StampTool(Tool):

@@ -682,9 +682,9 @@ def test_a_separate_namespace_init_contains_too(monkeypatch):
     # of the call's namespaces: a separate init does the mounts and reports. Forced here, as root.
     if LEVEL == "rlimits":
         pytest.skip("no per-call namespaces at rlimits")
-    from axpo_rllm.envs.tools import sandbox
+    from axpo_rllm.envs.tools.sandbox import fork
 
-    monkeypatch.setattr(sandbox, "_SEPARATE_INIT", True)
+    monkeypatch.setattr(fork, "_SEPARATE_INIT", True)
     guard = LEVEL != "bwrap"
     pool = SandboxPool(SandboxLimits(timeout_s=1.5, memory_mb=512, python_guard=guard), size=1, start="fork")
     try:

@@ -10,9 +10,10 @@ from PIL import Image
 
 from axpo_rllm.envs.adapters import rllm as rllm_adapter
 from axpo_rllm.envs.adapters.rllm import ParsedCall, parse_action, task_from_dict
-from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
+from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
 from axpo_rllm.envs.tools.base import ToolContext
 from axpo_rllm.core.records import Task
+from axpo_rllm.demo.facts import make_fact_corpus
 
 
 def image(w=200, h=100):

@@ -23,12 +23,12 @@ from axpo_rllm.envs.search_server import (
     Document,
     RetrievalServer,
     RetrievalServerProcess,
-    make_fact_corpus,
     read_corpus,
     write_corpus,
 )
 from axpo_rllm.envs.tools.base import ToolContext
 from axpo_rllm.envs.tools.search import SearchCache, SearchTool, normalize_query
+from axpo_rllm.demo.facts import make_fact_corpus
 
 CTX = ToolContext()
 FAST = {"timeout_s": 0.5, "backoff_base_s": 0.01, "backoff_max_s": 0.02, "max_retries": 2}

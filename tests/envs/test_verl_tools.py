@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from axpo_rllm.envs.search_server import BM25Index, RetrievalServer, make_fact_corpus
+from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
 from axpo_rllm.envs.adapters.verl import AXPOVerlTool, verl_schema
 from axpo_rllm.envs.tools.sandbox import IsolationBelowFloor
+from axpo_rllm.demo.facts import make_fact_corpus
 
 verl_registry = pytest.importorskip("verl.tools.tool_registry")
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse  # noqa: E402

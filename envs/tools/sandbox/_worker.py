@@ -96,7 +96,7 @@ def drop_privileges(uid):
 def expose_python(mounts):
     """At ``unshare``, as root in the worker's own mount namespace and before any drop to the call's
     uid: make the Python trees reachable by that uid and read-only (the trainer's plan,
-    ``_unshare_mounts``). A directory closed to other users above a tree is covered by a tmpfs
+    ``layers.unshare_mounts``). A directory closed to other users above a tree is covered by a tmpfs
     that holds only the way down to the trees, bound back from fds opened before it was covered.
     Nothing on the host changes: the namespace is this worker's (and its calls')."""
     global LIBC
@@ -531,7 +531,7 @@ def exit_status(wait_status):
 
 def kill_uid(uid):
     """SIGKILL every process of ``uid`` (the call's private uid), repeating while new ones appear.
-    (The trainer's ``_kill_uid`` does the same from outside; this source runs with no project file
+    (The trainer's ``uids.kill_uid`` does the same from outside; this source runs with no project file
     visible, so it cannot share that one.)"""
     for _ in range(20):
         found = False
