@@ -585,18 +585,34 @@ def train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"axpo-rllm train: {exc}", file=sys.stderr)
         return 2
-    train_set, val_set = _registered_files(cfg)
-    return launcher.run(cfg, train_set, val_set)
+    from axpo_rllm.core.failures import RolloutPolicyMismatch, StepFailedError
+    from axpo_rllm.data.loaders import DataError
+
+    try:
+        train_set, val_set = _registered_files(cfg, args.skip_bad)
+    except DataError as exc:  # every row is checked (images decoded) before any worker starts
+        print(f"axpo-rllm train: {exc}{_SKIP_HINT}", file=sys.stderr)
+        return 2
+    try:
+        return launcher.run(cfg, train_set, val_set)
+    except (StepFailedError, RolloutPolicyMismatch) as exc:  # the failure policy stopped the run
+        cause = getattr(exc, "cause", None) or exc  # raised in rllm's Ray trainer: the original error
+        print(f"axpo-rllm train: the run stopped before training on the step: {type(cause).__name__}: {cause}",
+              file=sys.stderr)
+        return 3
 
 
-def _registered_files(cfg):
+def _registered_files(cfg, skip_bad: bool = False):
     """``data.train_files`` / ``data.val_files`` (any format ``axpo-rllm data`` reads) registered in
-    rllm's dataset registry as ``axpo-<stem>``; (None, None) when the run names registered datasets."""
+    rllm's dataset registry as ``axpo-<stem>``; (None, None) when the run names registered datasets.
+    Every row is read and its images decoded here: a bad row stops the run naming its file and row
+    (:class:`~axpo_rllm.data.loaders.DataError`), or with ``skip_bad`` is counted, left out and
+    reported."""
 
     from omegaconf import OmegaConf
     from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm
 
-    from axpo_rllm.data.loaders import load_rows
+    from axpo_rllm.data.loaders import LoadReport, load_rows
     from axpo_rllm.data.writers import register_rllm
 
     out = []
@@ -606,9 +622,14 @@ def _registered_files(cfg):
         if not files or not all(Path(str(f)).exists() for f in files):
             out.append(None)
             continue
-        rows, _ = load_rows([str(f) for f in files])
+        report = LoadReport()
+        rows, _ = load_rows([str(f) for f in files], skip_bad=skip_bad, report=report)
         name = "axpo-" + "-".join(Path(str(f)).stem for f in files)[:64]
-        register_rllm(rows, name, split=split)
+        register_rllm(rows, name, split=split, skip_bad=skip_bad, report=report)
+        if report.rows_skipped:
+            print(f"axpo-rllm train: {key}: {report.summary()}", file=sys.stderr)
+            for example in report.examples:
+                print(f"  skipped {example}", file=sys.stderr)
         out.append(DatasetRegistry.load_dataset(name, split))
     return (out[0], out[1]) if out[0] is not None else (None, None)
 
@@ -622,6 +643,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--ablation", default=None, help="grpo, no_prefix_fix, ... (configs/ablation)")
     p.add_argument("--model", default=None, help="a shipped model layer: qwen3_vl_2b_thinking, qwen3_vl_4b_thinking, qwen3_vl_8b_thinking")
     p.add_argument("--dry-run", action="store_true", help="compose and validate the whole config without a GPU, print it")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count, report and leave out bad data rows instead of stopping at the first")
     p.add_argument("overrides", nargs="*", help="key=value (hydra/omegaconf dot-list); '+key=value' adds a key")
     p.set_defaults(func=train)
 

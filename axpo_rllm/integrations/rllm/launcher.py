@@ -179,6 +179,12 @@ def launch_config(
         "rllm.rejection_sample.min_trajs_per_group": 1,
         "rllm.compact_filtering.enable": False,
         "rllm.workflow.n_parallel_tasks": max(parallel, questions),
+        # a question run is retried inside (each rollout: engine_retries, rollout_retries); a second
+        # run of the question would submit it twice to the step's plan, so rllm runs it once and
+        # hands a failed run over as an error episode, which the grouping hook stops the step on
+        # with its reason (rllm's raise_on_error would replace the reason with "failed permanently")
+        "rllm.workflow.retry_limit": 1,
+        "rllm.workflow.raise_on_error": False,
         "axpo_launch.group_size": group_size(cfg),  # N x the ablation's factor (rollout_2x: 2N)
     }
     for key, value in derived.items():
@@ -202,6 +208,10 @@ def check_launch_config(cfg: DictConfig) -> None:
         "rllm.rollout.n": 1,
         "rllm.rejection_sample.filter_uniform_groups": False,
         "rllm.async_training.enable": False,
+        # one run per question and step (a rerun would be planned twice); a failed run reaches the
+        # grouping hook, which stops the step naming its reason
+        "rllm.workflow.retry_limit": 1,
+        "rllm.workflow.raise_on_error": False,
     }
     for key, want in expect.items():
         got = OmegaConf.select(cfg, key, default=want)

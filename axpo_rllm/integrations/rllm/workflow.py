@@ -46,6 +46,7 @@ from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.advantages import group_normalize, original_groups
 from axpo_rllm.core.config import AXPOConfig, std_normalization
+from axpo_rllm.core.failures import StepFailedError
 from axpo_rllm.core.planner import plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
 from axpo_rllm.core.step import finish_step, in_plan_order
@@ -356,6 +357,30 @@ def rollout_to_trajectory(
     )
 
 
+def check_question_runs(episodes: Sequence[RllmEpisode]) -> None:
+    """Stop the step, before anything trains, when a question run did not deliver its episode.
+
+    AXPO's runs never fail for a rollout's fault (a failed rollout is recorded and kept out of the
+    loss); a run fails only when the step cannot go on: the failure share passed its bound, the
+    plan could not be made, the task could not be built, rllm's workflow timeout cut it. rllm then
+    hands over an episode of its own (termination ``error`` or ``timeout``, the exception in
+    ``info["error"]``; the launcher sets ``rllm.workflow.raise_on_error: false`` so that it does,
+    and ``retry_limit: 1`` so that a question is never planned twice). Training on the rest would
+    train on a step whose plan, budget and statistics assumed the missing questions.
+    """
+    broken = [ep for ep in episodes if "axpo_plan" not in (ep.metadata or {})]
+    if not broken:
+        return
+    reasons = []
+    for ep in broken:
+        error = (getattr(ep, "info", None) or {}).get("error") or {}
+        reason = getattr(ep.termination_reason, "value", ep.termination_reason)
+        detail = f"{error.get('error_type', '')}: {error.get('error_message', '')}" if error else "no AXPO episode"
+        reasons.append(f"{ep.id} ({reason}) {detail}")
+    raise StepFailedError(f"{len(broken)} of {len(episodes)} question runs of the step failed, nothing of the step "
+                          f"is trained: " + "; ".join(r[:1500] for r in reasons))
+
+
 def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any = None,
                             compact_filtering_config: Any = None) -> list[TrajectoryGroup]:
     """rllm's ``traj_grouping_hook``: the core's training rows as ``TrajectoryGroup`` s (role ``axpo``).
@@ -365,10 +390,9 @@ def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any =
     core's advantage stored in ``metadata["axpo_advantage"]``. A fully masked row (an over-turn
     rollout under the ``mask`` cap policy) keeps its place in its group with no steps.
     """
+    check_question_runs(episodes)
     by_step: dict[int, list[RllmEpisode]] = {}
     for ep in episodes:
-        if "axpo_plan" not in (ep.metadata or {}):
-            raise ValueError(f"episode {ep.id} was not produced by AXPORllmWorkflow (no axpo_plan in its metadata)")
         by_step.setdefault(ep.metadata["axpo_step"], []).append(ep)
     groups: list[TrajectoryGroup] = []
     for _, eps in sorted(by_step.items(), key=lambda item: str(item[0])):
