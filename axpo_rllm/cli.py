@@ -596,10 +596,26 @@ def train(args: argparse.Namespace) -> int:
     try:
         return launcher.run(cfg, train_set, val_set)
     except (StepFailedError, RolloutPolicyMismatch) as exc:  # the failure policy stopped the run
-        cause = getattr(exc, "cause", None) or exc  # raised in rllm's Ray trainer: the original error
+        where, cause = _root_cause(exc)
         print(f"axpo-rllm train: the run stopped before training on the step: {type(cause).__name__}: {cause}",
               file=sys.stderr)
         return 3
+    except Exception as exc:  # noqa: BLE001 - anything else: the traceback is above, the summary last
+        where, cause = _root_cause(exc)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        print(f"axpo-rllm train: the run failed{f' in {where}' if where else ''}: {type(cause).__name__}: {first}",
+              file=sys.stderr)
+        return 1
+
+
+def _root_cause(exc: BaseException) -> tuple[str, BaseException]:
+    """The innermost error of a chain of Ray task errors (rllm's trainer runs in a Ray actor, verl's
+    workers in others), and the remote function it was raised in ('' when not remote)."""
+    where = ""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        where = str(getattr(exc, "function_name", "") or where)
+        exc = exc.cause
+    return where, exc
 
 
 def _registered_files(cfg, skip_bad: bool = False):

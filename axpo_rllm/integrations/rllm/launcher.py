@@ -185,6 +185,10 @@ def launch_config(
         # with its reason (rllm's raise_on_error would replace the reason with "failed permanently")
         "rllm.workflow.retry_limit": 1,
         "rllm.workflow.raise_on_error": False,
+        # the agent samples every request itself; verl's actor scores the samples (old and reference
+        # log-probs) at the rollout's temperature: one owner, verl's key
+        "agent.temperature": float(OmegaConf.select(cfg, "actor_rollout_ref.rollout.temperature", default=1.0)),
+        "agent.top_p": float(OmegaConf.select(cfg, "actor_rollout_ref.rollout.top_p", default=1.0)),
         "axpo_launch.group_size": group_size(cfg),  # N x the ablation's factor (rollout_2x: 2N)
     }
     for key, value in derived.items():
@@ -229,9 +233,23 @@ def check_launch_config(cfg: DictConfig) -> None:
         raise ValueError(f"rllm.workflow.n_parallel_tasks must be >= the questions per step ({questions}), got {parallel}: "
                          "every question of a step waits at the plan's barrier")
     check_group_size(cfg)
+    check_sampling(cfg)
     check_source_tail(cfg, "the rllm launcher (one advantage per trajectory)")
     if verl_batch is not None:  # B is known (rllm's and verl's base configs set it; a bare AXPO layer does not)
         check_budget(cfg, questions, "data.train_batch_size")
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """The agent samples at the temperature and top-p verl's actor scores the samples with
+    (``actor_rollout_ref.rollout.temperature``/``top_p``): otherwise every importance ratio of the
+    step compares two different distributions."""
+    for key in ("temperature", "top_p"):
+        rollout = OmegaConf.select(cfg, f"actor_rollout_ref.rollout.{key}", default=1.0)  # verl's default
+        agent = OmegaConf.select(cfg, f"agent.{key}", default=None)
+        if agent is not None and float(rollout) != float(agent):
+            raise ValueError(f"agent.{key}={agent} differs from actor_rollout_ref.rollout.{key}={rollout}: the actor "
+                             f"scores the agent's samples at the rollout's {key}; set actor_rollout_ref.rollout.{key} "
+                             "(the agent follows it)")
 
 
 def check_group_size(cfg: DictConfig) -> None:
