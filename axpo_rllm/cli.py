@@ -611,11 +611,17 @@ def train(args: argparse.Namespace) -> int:
 def _root_cause(exc: BaseException) -> tuple[str, BaseException]:
     """The innermost error of a chain of Ray task errors (rllm's trainer runs in a Ray actor, verl's
     workers in others), and the remote function it was raised in ('' when not remote)."""
+    import re
+
     where = ""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        where = str(getattr(exc, "function_name", "") or where)
+    while True:
+        # Ray's error text names each remote frame "ray::Class.method()", outermost first, and
+        # nests the inner task's text (its attributes do not survive Ray's dual exception classes)
+        found = re.findall(r"ray::([\w.]+)\(\)", str(exc))
+        where = found[-1] if found else where
+        if getattr(exc, "cause", None) is None or exc.cause is exc:
+            return where, exc
         exc = exc.cause
-    return where, exc
 
 
 def _registered_files(cfg, skip_bad: bool = False):

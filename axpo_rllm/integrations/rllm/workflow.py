@@ -376,7 +376,8 @@ def check_question_runs(episodes: Sequence[RllmEpisode]) -> None:
         error = (getattr(ep, "info", None) or {}).get("error") or {}
         reason = getattr(ep.termination_reason, "value", ep.termination_reason)
         detail = f"{error.get('error_type', '')}: {error.get('error_message', '')}" if error else "no AXPO episode"
-        reasons.append(f"{ep.id} ({reason}) {detail}")
+        task = ep.task if isinstance(ep.task, dict) else {}
+        reasons.append(f"question {task.get('task_id') or task.get('id') or ep.id} ({reason}) {detail}")
     raise StepFailedError(f"{len(broken)} of {len(episodes)} question runs of the step failed, nothing of the step "
                           f"is trained: " + "; ".join(r[:1500] for r in reasons))
 
