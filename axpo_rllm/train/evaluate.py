@@ -41,7 +41,6 @@ from axpo_rllm.core.config import AXPOConfig
 from axpo_rllm.core.records import QuestionGroup, Rollout, Task
 from axpo_rllm.core.samples import SampleRecord
 from axpo_rllm.engines.base import RolloutEngine
-from axpo_rllm.engines.factory import ENGINES, build_engine  # noqa: F401 (re-exported for the CLI)
 
 __all__ = [
     "EVAL_STEP",
@@ -56,7 +55,6 @@ __all__ = [
     "rollout_messages",
     "evaluate_items",
     "evaluate",
-    "build_engine",
 ]
 
 EVAL_STEP = 10_000
