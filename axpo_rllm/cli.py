@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from axpo_rllm import __version__
+from axpo_rllm.core.config import AXPOConfig  # the defaults of simulate's --r and --k (no heavy imports)
 from axpo_rllm.train.tracking import scoped_environ
 
 __all__ = ["main", "build_parser", "quiet_third_party"]
@@ -172,8 +173,8 @@ def add_simulate_parser(sub) -> None:
                  "axpo-rllm simulate --r 0.25 --k 4 --sweep --png sim.png")
     p.add_argument("--questions", type=int, default=128, help="B, questions per step")
     p.add_argument("--n", type=int, default=8, help="N, rollouts per question")
-    p.add_argument("--r", type=float, default=0.25, help="extra-sample ratio: E = floor(r·B·N)")
-    p.add_argument("--k", type=int, default=4, help="K, continuations per selected prefix")
+    p.add_argument("--r", type=float, default=AXPOConfig.r, help="extra-sample ratio: E = floor(r·B·N)")
+    p.add_argument("--k", type=int, default=AXPOConfig.k, help="K, continuations per selected prefix")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also vary r, K and N one at a time (a second table)")
