@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from .rows import DataError, RowOrigin
 
-__all__ = ["BATCH_ROWS", "iter_records"]
+__all__ = ["BATCH_ROWS", "iter_records", "jsonl_records"]
 
 BATCH_ROWS = 256
 """Rows per record batch read from parquet / Arrow files (the memory a large file costs at once)."""
@@ -94,7 +94,9 @@ def _hf_records(path: Path, split: str | None) -> Iterator[dict]:
         yield from table.to_pylist()
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[RowOrigin, dict | DataError]]:
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[RowOrigin, dict | DataError]]:
+    """Each non-blank line of a JSON-lines file as an object with its origin (``file, line n``); a
+    line that is not a JSON object comes as the :class:`DataError` saying so."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -116,7 +118,7 @@ def _json_records(path: Path) -> Iterator[tuple[RowOrigin, dict | DataError]]:
     with open(path, encoding="utf-8") as f:
         head = f.read(64).lstrip()
     if not head.startswith("["):
-        yield from _jsonl_records(path)
+        yield from jsonl_records(path)
         return
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -151,7 +153,7 @@ def iter_records(path: str | os.PathLike, split: str | None = None) -> Iterator[
             yield from iter_records(shard, split)
         return
     if fmt in ("jsonl", "json"):
-        yield from (_jsonl_records(path) if fmt == "jsonl" else _json_records(path))
+        yield from (jsonl_records(path) if fmt == "jsonl" else _json_records(path))
         return
     records = {
         "parquet": lambda: _parquet_records(path),

@@ -17,7 +17,8 @@ from typing import Mapping
 
 from axpo_rllm.core.samples import SampleRecord
 
-from .loaders import DataError, DataRow, RowOrigin
+from .formats import jsonl_records
+from .rows import DataError, DataRow
 
 __all__ = ["SampleRecord", "Recording", "read_samples", "lookup"]
 
@@ -55,24 +56,18 @@ def read_samples(path: str | os.PathLike) -> Recording:
         raise DataError(str(path), "no such recording (an `axpo-rllm eval` output folder or a samples .jsonl)", "unreadable file")
     samples = []
     seen_index: dict[tuple[str | None, str], int] = defaultdict(int)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            origin = RowOrigin(str(path), n, "line")
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(origin, f"invalid JSON: {e}", "invalid record") from None
-            try:
-                sample = SampleRecord.from_dict(data, origin=str(origin))
-            except ValueError as e:
-                raise DataError(origin, str(e), "invalid record") from None
-            key = (sample.benchmark, sample.task_id)
-            if "sample" not in data:  # recorded elsewhere: the order of the lines is the index
-                sample.sample = seen_index[key]
-            seen_index[key] += 1
-            samples.append(sample)
+    for origin, data in jsonl_records(path):
+        if isinstance(data, DataError):
+            raise data
+        try:
+            sample = SampleRecord.from_dict(data, origin=str(origin))
+        except ValueError as e:
+            raise DataError(origin, str(e), "invalid record") from None
+        key = (sample.benchmark, sample.task_id)
+        if "sample" not in data:  # recorded elsewhere: the order of the lines is the index
+            sample.sample = seen_index[key]
+        seen_index[key] += 1
+        samples.append(sample)
     return Recording(str(path), samples, config, images_dir)
 
 

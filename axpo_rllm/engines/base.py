@@ -7,15 +7,8 @@ modules behind it are free to move.
 from __future__ import annotations
 
 from .batching import BatchingExecutor, InProcessEngine
-from .contract import (
-    BackendContractError,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    RolloutEngine,
-    check_image_pads,
-    checked_result,
-)
+from .contract import BackendContractError, EngineError, GenerationRequest, GenerationResult
+from .contract import RolloutEngine, check_image_pads, checked_result
 from .stepping import SteppingBackend, SteppingExecutor
 
 __all__ = [
