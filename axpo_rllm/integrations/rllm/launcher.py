@@ -39,10 +39,8 @@ from axpo_rllm.configs.loader import (
     axpo_config,
     check_budget,
     check_source_tail,
-    config_text,
     group_size,
     load_config,
-    model_config,
 )
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
@@ -132,31 +130,22 @@ def launch_config(
     the command line wins over the value derived here. The AXPO layer is validated
     (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before any GPU is touched.
     """
-    axpo = load_config(ablation)
-    if model is not None:  # the model layer, then the ablation file again (its switches win over a model's)
-        layers = [axpo, model_config(model)] + ([OmegaConf.create(config_text(f"ablation/{ablation}.yaml"))] if ablation else [])
-        axpo = OmegaConf.merge(*layers)
-    launcher = OmegaConf.create(
-        {
-            "axpo_launch": {
-                "ablation": ablation or "axpo",
-                "model": model or "",
-                "workflow_class": DEFAULT_WORKFLOW,
-                "backend": "verl",
-                "tools": ["crop", "python", "search"],
-                "tool_configs": {},
-                "barrier_timeout_s": 600.0,
-                "allow_untested_versions": False,
-                # mean |Δ log p| rollout engine vs actor over a step's response tokens above which the run
-                # stops (core/failures.py); fp32 on CPU gives ~1e-5, bf16 on GPUs ~1e-2
-                "max_logprob_gap": 0.5,
-            },
-        }
-    )
-    base_cfg = OmegaConf.create(base or {})
-    OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
-    # hydra's '+key=value' (add a key) is a plain key to omegaconf
-    cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist([o.removeprefix("+") for o in overrides]))
+    launcher = {
+        "axpo_launch": {
+            "ablation": ablation or "axpo",
+            "model": model or "",
+            "workflow_class": DEFAULT_WORKFLOW,
+            "backend": "verl",
+            "tools": ["crop", "python", "search"],
+            "tool_configs": {},
+            "barrier_timeout_s": 600.0,
+            "allow_untested_versions": False,
+            # mean |Δ log p| rollout engine vs actor over a step's response tokens above which the run
+            # stops (core/failures.py); fp32 on CPU gives ~1e-5, bf16 on GPUs ~1e-2
+            "max_logprob_gap": 0.5,
+        },
+    }
+    cfg = load_config(ablation, overrides, base=base or {}, model=model, settings=[launcher])
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if "rllm.rollout.n" in given:
         raise ValueError(
