@@ -44,10 +44,12 @@ PYTHON_FAULTS = {
     "wide": "from PIL import Image\ndisplay(Image.new('RGB', (40000, 1)))",
     "empty": "from PIL import Image\ndisplay(Image.new('RGB', (0, 0)))",
     "corrupt": "open('plot.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + b'junk' * 64)\nprint('saved')",
-    "template_kill": None,
 }
 PYTHON_CALLS = dict(zip(RNG.sample(sorted(PYTHON_FAULTS), len(PYTHON_FAULTS)), range(1, 1 + len(PYTHON_FAULTS))))
-"""Fault -> the python call it hits (1..5 in a seeded order)."""
+"""Fault -> the python call whose code it replaces (1..4 in a seeded order); the sandbox's templates
+are killed before the first call that starts after these four answered."""
+DEV_FULL = Path("/dev/full")
+"""Linux's always-full device: every write to it fails with ENOSPC."""
 SEARCH = {1: "down", 2: "down", 3: "garbage", 4: "garbage", 5: "wrong_shape", 6: "wrong_shape"}
 """What the search backend answers per request (the tool retries once: two requests per call)."""
 
@@ -111,12 +113,13 @@ def faulty_search(search_url):
 def faults(prepared, faulty_search, tmp_path_factory) -> Run:
     run_dir = tmp_path_factory.mktemp("faults")
     train, _ = _with_bad_row(prepared, run_dir, _tool_questions(run_dir))
-    full = run_dir / "checkpoints" / "global_step_3" / "actor"
-    full.mkdir(parents=True)
-    (full / "model_world_size_1_rank_0.pt").symlink_to("/dev/full")
+    if DEV_FULL.is_char_device():
+        full = run_dir / "checkpoints" / "global_step_3" / "actor"
+        full.mkdir(parents=True)
+        (full / "model_world_size_1_rank_0.pt").symlink_to(DEV_FULL)
     plan = [{"kind": "engine_hang", "request": HANG_REQUEST, "times": HANG_TIMES}]
-    plan += [{"kind": "python_template_kill", "call": PYTHON_CALLS["template_kill"]}]
-    plan += [{"kind": "python_code", "call": PYTHON_CALLS[k], "code": c} for k, c in PYTHON_FAULTS.items() if c]
+    plan += [{"kind": "python_template_kill"}]
+    plan += [{"kind": "python_code", "call": PYTHON_CALLS[k], "code": c} for k, c in PYTHON_FAULTS.items()]
     args = ["--skip-bad", *_fault_args(prepared, run_dir, faulty_search.url, 3, "faults", str(train), 0.3)]
     return run_e2e(args, run_dir, RUN_TIMEOUT_S, modules=("e2e_probe", "faults"),
                    env=_fault_env(run_dir, plan, prepared))
@@ -191,15 +194,19 @@ def test_a_request_that_never_answers_is_retried_then_counted(faults):
 def test_python_faults_are_error_observations_and_later_calls_work(faults):
     calls = {r["call"]: r for r in _python_calls(faults)}
     assert len(calls) > max(PYTHON_CALLS.values()), f"only {len(calls)} python calls: not every fault fired"
-    assert "timed out" in calls[PYTHON_CALLS["hang"]]["error"] or "wall" in calls[PYTHON_CALLS["hang"]]["error"]
-    assert "40000x1 px" in calls[PYTHON_CALLS["wide"]]["error"]
-    assert "0x0" in calls[PYTHON_CALLS["empty"]]["error"]
-    assert "plot.png: not returned" in calls[PYTHON_CALLS["corrupt"]]["text"]
-    assert calls[PYTHON_CALLS["template_kill"]]["templates_killed"], "no template was running to kill"
-    later = [c for n, c in calls.items() if n > max(PYTHON_CALLS.values()) and not c["error"]]
-    assert later, "no python call after the faults worked"
+    assert "wall-clock limit" in calls[PYTHON_CALLS["hang"]]["error"], calls[PYTHON_CALLS["hang"]]
+    assert "40000x1 px" in calls[PYTHON_CALLS["wide"]]["error"], calls[PYTHON_CALLS["wide"]]
+    assert "0x0" in calls[PYTHON_CALLS["empty"]]["error"], calls[PYTHON_CALLS["empty"]]
+    assert "plot.png: not returned" in calls[PYTHON_CALLS["corrupt"]]["text"], calls[PYTHON_CALLS["corrupt"]]
+    (kill,) = [r for r in read_log(faults.run_dir / "faults.jsonl") if r["kind"] == "python_template_kill"]
+    assert kill["killed"], "no sandbox template was running to kill"
+    # a call in flight when its template died is an error observation; calls after it work
+    lost = [c for c in calls.values() if "template serving this call died" in c["error"]]
+    later = [c for c in calls.values() if c["t"] > kill["t"] and not c["error"]]
+    assert later, f"no python call after the templates were killed worked (lost in flight: {len(lost)})"
 
 
+@pytest.mark.skipif(not DEV_FULL.is_char_device(), reason="no /dev/full on this machine")
 def test_a_full_disk_stops_the_run_at_the_checkpoint_it_cannot_write(faults):
     assert faults.result.returncode != 0 and not faults.result.timed_out, faults.result.tail()
     latest = faults.run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"

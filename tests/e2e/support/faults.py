@@ -18,8 +18,9 @@ Plan entries (``AXPO_E2E_FAULTS`` = JSON list):
   engine process (``VLLM::EngineCore``) is killed;
 - ``{"kind": "python_code", "call": n, "code": "..."}``: the n-th python tool call runs this code
   instead of the model's;
-- ``{"kind": "python_template_kill", "call": n}``: before the n-th python tool call, the sandbox's
-  template processes are killed.
+- ``{"kind": "python_template_kill"}``: once every ``python_code`` fault has answered, the
+  sandbox's template processes are killed (a killed template loses every call in flight from it,
+  so the substituted calls are left to finish first).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import wrapt
 
 _LOCK = threading.Lock()
-_COUNTS = {"requests": 0, "answered": 0, "python": 0}
+_COUNTS = {"requests": 0, "answered": 0, "python": 0, "code_faults_done": 0}
 _HANGING: dict[str, int] = {}
 
 
@@ -135,15 +136,18 @@ def _wrap_env(module) -> None:
             _COUNTS["python"] += 1
             number = _COUNTS["python"]
         record = {"kind": "python_call", "call": number}
-        for fault in kills:
-            if number == fault["call"]:
-                tool = self.tools["python"]
-                await asyncio.to_thread(getattr, tool, "pool")  # an earlier call may still be starting it
-                record["templates_killed"] = _kill_templates(tool)
+        substituted = False
         for fault in codes:
             if number == fault["call"]:
-                arguments, record["code"] = {"code": fault["code"]}, fault["code"]
+                arguments, record["code"], substituted = {"code": fault["code"]}, fault["code"], True
         result = self._checked_images(await original(self, name, arguments, context))
+        if substituted:
+            with _LOCK:
+                _COUNTS["code_faults_done"] += 1
+                kill = bool(kills) and _COUNTS["code_faults_done"] == len(codes)
+            if kill:
+                _log({"kind": "python_template_kill", "after_call": number,
+                      "killed": _kill_templates(self.tools["python"])})
         record |= {"error": result.error[:300], "images": [list(im.size) for im in result.images],
                    "text": result.text[:200]}
         _log(record)
