@@ -73,7 +73,7 @@ def kill_engine_processes() -> list[int]:
     return killed
 
 
-@wrapt.when_imported("axpo_rllm.integrations.rllm.workflow")
+@wrapt.when_imported("axpo_rllm.integrations.rllm.engine_adapters")
 def _wrap_engine(module) -> None:
     hangs, kills = _faults("engine_hang"), _faults("engine_kill")
     if not (hangs or kills):
