@@ -16,7 +16,7 @@ import pytest
 
 _MISSING = [m for m in ("rllm", "vllm", "verl", "ray") if importlib.util.find_spec(m) is None]
 SUPPORT = Path(__file__).parent / "support"
-sys.path.insert(0, str(SUPPORT))
+"""The e2e helpers (on pytest's ``pythonpath``; the trainer's processes get it on ``PYTHONPATH``)."""
 
 
 def pytest_collection_modifyitems(config, items):
