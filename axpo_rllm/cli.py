@@ -56,8 +56,6 @@ OWN_MODULES = r"axpo_rllm(\.|$)"
 """Warnings raised from these modules still show (they are about the user's data or config)."""
 
 
-
-
 @contextlib.contextmanager
 def _loggers_at_error(roots: Sequence[str]) -> Iterator[None]:
     """``roots`` and every descendant logger that exists now at ERROR; levels restored after."""
@@ -485,12 +483,10 @@ def train(args: argparse.Namespace) -> int:
                 print(f"# checked: {note}", file=sys.stderr)
             return 0
         cfg = launcher.launch_config(args.ablation, args.overrides, base=launcher.compose_rllm_base(), model=args.model)
-    except launcher.RllmMissing as exc:
-        print(f"axpo-rllm train: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"axpo-rllm train: {exc}", file=sys.stderr)
-        return 2
+    except (launcher.RllmMissing, ValueError) as exc:
+        return _fail("train", exc)
+    from rich.console import Console
+
     from axpo_rllm.core.failures import RolloutPolicyMismatch, StepFailedError
     from axpo_rllm.data.loaders import DataError
     from axpo_rllm.data.writers import register_run_files
@@ -499,13 +495,10 @@ def train(args: argparse.Namespace) -> int:
     try:
         train_set, val_set = register_run_files(cfg, args.skip_bad, reports)
     except DataError as exc:  # every row is checked (images decoded) before any worker starts
-        print(f"axpo-rllm train: {exc}{_SKIP_HINT}", file=sys.stderr)
-        return 2
+        return _fail("train", exc, _SKIP_HINT)
     for key, report in reports.items():
         if report.rows_skipped:
-            print(f"axpo-rllm train: {key}: {report.summary()}", file=sys.stderr)
-            for example in report.examples:
-                print(f"  skipped {example}", file=sys.stderr)
+            _print_report(Console(stderr=True, soft_wrap=True), report, title=f"axpo-rllm train: {key}")
     try:
         return launcher.run(cfg, train_set, val_set)
     except (StepFailedError, RolloutPolicyMismatch) as exc:  # the failure policy stopped the run
