@@ -48,6 +48,8 @@ PYTHON_FAULTS = {
 PYTHON_CALLS = dict(zip(RNG.sample(sorted(PYTHON_FAULTS), len(PYTHON_FAULTS)), range(1, 1 + len(PYTHON_FAULTS))))
 """Fault -> the python call whose code it replaces (1..4 in a seeded order); the sandbox's templates
 are killed before the first call that starts after these four answered."""
+BAD_ROW = "bad-row"
+"""The id of the row whose image is missing."""
 DEV_FULL = Path("/dev/full")
 """Linux's always-full device: every write to it fails with ENOSPC."""
 SEARCH = {1: "down", 2: "down", 3: "garbage", 4: "garbage", 5: "wrong_shape", 6: "wrong_shape"}
@@ -74,14 +76,14 @@ def _tool_questions(out: Path) -> list[dict]:
     return [_row(task, out) for task in made]
 
 
-def _with_bad_row(prepared, out: Path, rows: list[dict] | None = None) -> tuple[Path, str]:
+def _with_bad_row(prepared, out: Path, rows: list[dict] | None = None) -> Path:
     """A train file with a row whose image is missing, in the middle (line 3)."""
     rows = list(rows) if rows is not None else [json.loads(line) for line in
                                                  Path(prepared["files"]["train"]).read_text().splitlines()]
-    rows.insert(2, dict(rows[2], id="bad-row", images=[str(out / "gone" / "missing.png")]))
+    rows.insert(2, dict(rows[2], id=BAD_ROW, images=[str(out / "gone" / "missing.png")]))
     path = out / "train_bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, "bad-row"
+    return path
 
 
 def _fault_args(prepared, run_dir: Path, search_url: str, steps: int, experiment: str, train: str,
@@ -112,7 +114,7 @@ def faulty_search(search_url):
 @pytest.fixture(scope="module")
 def faults(prepared, faulty_search, tmp_path_factory) -> Run:
     run_dir = tmp_path_factory.mktemp("faults")
-    train, _ = _with_bad_row(prepared, run_dir, _tool_questions(run_dir))
+    train = _with_bad_row(prepared, run_dir, _tool_questions(run_dir))
     if DEV_FULL.is_char_device():
         full = run_dir / "checkpoints" / "global_step_3" / "actor"
         full.mkdir(parents=True)
@@ -149,7 +151,7 @@ def _python_calls(run: Run) -> list[dict]:
 
 
 def test_the_bad_row_is_refused_naming_file_and_row_without_skip_bad(prepared, search_url, tmp_path):
-    train, _ = _with_bad_row(prepared, tmp_path)
+    train = _with_bad_row(prepared, tmp_path)
     run = run_e2e(run_args(prepared, tmp_path, search_url, 1, "refused", train=str(train)), tmp_path, 600,
                   modules=("e2e_probe",))
     log = run.result.log.read_text()
@@ -162,7 +164,7 @@ def test_faults_the_run_survives_are_counted_and_never_trained_on(faults, faulty
     log = faults.result.log.read_text()
     # the bad row: counted and skipped, never drawn
     assert "1 skipped (1 missing image)" in log and "line 3" in log, faults.result.tail()
-    assert all("bad-row" not in faults.dump(s)["questions"] for s in faults.dumped_steps())
+    assert all(BAD_ROW not in faults.dump(s)["questions"] for s in faults.dumped_steps())
     # steps 1 and 2 trained and were saved; every batch row's image pads match its images' features
     assert {1, 2} <= set(faults.metrics) and all("actor/pg_loss" in faults.metrics[s] for s in (1, 2))
     failed = 0
