@@ -136,7 +136,7 @@ def simulate(args: argparse.Namespace) -> int:
     from axpo_rllm.demo import simulator as sim  # CLI start-up
 
     if args.time:
-        from axpo_rllm.demo.time_model import run_cli
+        from axpo_rllm.demo.time_tables import run_cli
 
         try:
             return run_cli(args.time, questions=args.questions, n=args.n, r=args.r, k=args.k,

@@ -18,6 +18,10 @@ Arms (``--arms``):
   spec-group  AXPO, exact + speculation on complete questions: likely prefixes start early, the plan decides
   spec-rollout AXPO, exact + speculation on graded rollouts of questions still running
 
+Each repeat runs GRPO first, then the AXPO arms in an order rotated by one per repeat (recorded
+as ``order``): on a shared machine the speed drifts within a repeat, and a fixed order would hand
+that drift to one arm.
+
 Reports per repeat and as medians: step wall time and its ratio to GRPO (target <= 1.15 at
 r = 0.25), phase 1 / time after phase 1, when the first continuation started, prefixes started
 early, extra samples used / E, extra generated tokens / GRPO tokens, the continuations'
@@ -70,6 +74,14 @@ def make_tasks(b: int, seed: int):
              images=(Image.fromarray(rng.integers(0, 256, size=(112, 168, 3), dtype=np.uint8), "RGB"),))
         for i in range(b)
     ]
+
+
+def arm_order(arms: list[str], repeat: int) -> list[str]:
+    """GRPO first (every ratio's denominator), then the AXPO arms rotated by one per repeat: the
+    machine's speed drifts within a repeat, and a fixed order would hand that drift to one arm."""
+    axpo = [a for a in arms if a != "grpo"]
+    k = repeat % len(axpo) if axpo else 0
+    return ["grpo", *axpo[k:], *axpo[:k]]
 
 
 def tokens_of(rollouts) -> dict[str, tuple]:
@@ -131,10 +143,11 @@ def main() -> None:
     step("exact", 0)  # warm-up (first-call compilation, allocator)
     rows = []
     for rep in range(args.repeats):
-        results = {arm: step(arm, rep + 1) for arm in arms}
+        order = arm_order(arms, rep)
+        results = {arm: step(arm, rep + 1) for arm in order}
         grpo = results["grpo"]
         base = tokens_of(r for g in grpo.groups for r in g.rollouts)
-        row: dict = {"grpo_step_s": grpo.metrics["workflow/step_s"],
+        row: dict = {"order": order, "grpo_step_s": grpo.metrics["workflow/step_s"],
                      "grpo_tokens": grpo.metrics["workflow/generated_tokens_phase1"],
                      "tool_use_rate": grpo.metrics["axpo/tool_use_rate"],
                      "all_wrong_rate": grpo.metrics["axpo/all_wrong_rate"],

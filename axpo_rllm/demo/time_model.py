@@ -23,6 +23,9 @@ with the events a real step produces. Read it top to bottom:
 5. ``compare``       AXPO / GRPO per streaming mode, medians over seeded repeats; ``whole_step``
    adds the training phase (its cost taken as proportional to the tokens trained).
 
+The tables (model vs ``bench_workflow.py``, GPU scale) and ``axpo-rllm simulate --time`` are in
+:mod:`axpo_rllm.demo.time_tables`.
+
 A rollout's shape (turn lengths, tool use, correctness) is drawn from a stream keyed by its
 question and index, and a continuation's by its source and index, never by its start time: every
 mode sees the same phase 1 and the same continuations, as the benchmark checks for the real step.
@@ -47,7 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from axpo_rllm.core.config import AXPOConfig
-from axpo_rllm.core.planner import extra_budget, mean_probability, plan_resampling
+from axpo_rllm.core.planner import mean_probability, plan_resampling
 from axpo_rllm.core.records import QuestionGroup, ResampleJob, Rollout, Termination, ToolCallSpan
 from axpo_rllm.core.streaming import StreamingPlanner
 
@@ -66,16 +69,8 @@ __all__ = [
     "MODES",
     "compare",
     "whole_step",
-    "MEASURED_CPU",
-    "format_validation",
-    "format_scale",
     "load_profile",
     "Comparison",
-    "budget_note",
-    "bench_workload",
-    "validate",
-    "SCALE_MODES",
-    "run_cli",
 ]
 
 
@@ -594,6 +589,8 @@ class StepTiming:
     speculated: int = 0
     wasted: int = 0
     engine_busy: float = 0.0
+    jobs_early: int = 0
+    """Jobs started before phase 1 ended (the workflow's ``jobs_early``)."""
 
 
 class _Episode:
@@ -717,7 +714,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
     plans = {f"{q}#{j}": draw(i, j) for i, q in enumerate(qids) for j in range(n)}
     home = {rid: pool[i % engines] for i, rid in enumerate(plans)}  # a rollout stays on its replica
     graded: dict[str, list[Rollout]] = {q: [] for q in qids}
-    state = {"phase1": 0.0, "first": math.nan, "end": 0.0, "left": len(plans)}
+    state = {"phase1": 0.0, "first": math.nan, "end": 0.0, "left": len(plans), "early": 0}
     running: dict[str, list[_Episode]] = {}
     wasted_tokens = [0]
 
@@ -764,6 +761,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
 
     def end_of_phase1(now: float) -> None:
         state["phase1"] = now
+        state["early"] = len(running)
         if not config.enable:
             return
         groups = [_group(q, graded[q]) for q in qids]
@@ -798,7 +796,7 @@ def run_step(w: Workload, profile: StepProfile, mode: str, questions: int, n: in
         decoded_phase1=sum(p.decoded for p in plans.values()), decoded_extra=sum(e.plan.decoded for e in conts),
         decoded_wasted=wasted_tokens[0], trained_tokens=trained, continuations=len(conts),
         speculated=planner.speculated if planner is not None else 0, wasted=planner.wasted if planner is not None else 0,
-        engine_busy=sum(e.busy_s for e in pool),
+        engine_busy=sum(e.busy_s for e in pool), jobs_early=state["early"],
     )
 
 
@@ -811,7 +809,9 @@ class Comparison:
     modes: dict[str, dict[str, float]]
     """Per mode: medians over repeats of ``ratio`` (step / GRPO step), ``step_s``, ``phase1_s``,
     ``extra_tokens`` (continuations' tokens / GRPO's), ``trained`` (trained tokens / GRPO's),
-    ``wasted_tokens`` (cancelled work / GRPO's tokens)."""
+    ``wasted_tokens`` (cancelled work / GRPO's tokens), ``first_release_s``; and, each over the
+    same seed's GRPO step, ``phase1``, ``after_phase1``, ``first_release`` (the first job's start;
+    the barrier's is the end of phase 1), with ``jobs_early`` (jobs started before phase 1 ended)."""
     grpo_step_s: float
 
 
@@ -831,6 +831,9 @@ def compare(w: Workload, profile: StepProfile, questions: int, modes: Sequence[s
                 "ratio": t.step_s / grpo.step_s, "step_s": t.step_s, "phase1_s": t.phase1_s,
                 "extra_tokens": t.decoded_extra / grpo.decoded_phase1, "trained": t.trained_tokens / grpo.trained_tokens,
                 "wasted_tokens": t.decoded_wasted / grpo.decoded_phase1, "first_release_s": t.first_release_s,
+                # per GRPO step of the same seed, as the benchmark's per-repeat figures are compared
+                "phase1": t.phase1_s / grpo.step_s, "after_phase1": (t.step_s - t.phase1_s) / grpo.step_s,
+                "first_release": t.first_release_s / grpo.step_s, "jobs_early": float(t.jobs_early),
             })
     med = {m: {key: statistics.median(row[key] for row in rows[m]) for key in rows[m][0]} for m in modes}
     return Comparison(questions, med, statistics.median(grpo_steps))
@@ -842,87 +845,3 @@ def whole_step(rollout_ratio: float, trained_ratio: float, rollout_share: float)
     if not 0.0 < rollout_share <= 1.0:
         raise ValueError(f"rollout_share must be in (0, 1], got {rollout_share}")
     return rollout_share * rollout_ratio + (1.0 - rollout_share) * trained_ratio
-
-
-MEASURED_CPU: dict[int, dict[str, float]] = {
-    16: {"barrier": 1.62, "exact": 1.62, "greedy": 1.63},
-    32: {"barrier": 1.62, "exact": 1.47, "greedy": 1.38},
-    64: {"barrier": 1.32, "exact": 1.35, "greedy": 1.25},
-}
-"""``bench_workflow.py``'s medians (README, measured on the 2-core VM while it was quiet)."""
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(wd) for c, wd in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (wd + 2) for wd in widths) + "|", *(line(r) for r in rows)])
-
-
-def format_validation(results: Sequence[Comparison], measured: dict[int, dict[str, float]] = MEASURED_CPU,
-                      tolerance: float = 0.08) -> str:
-    header = ["B", "mode", "model", "measured", "diff", "within"]
-    rows = []
-    for c in results:
-        for mode, m in c.modes.items():
-            got = measured.get(c.questions, {}).get(mode)
-            diff = "-" if got is None else f"{m['ratio'] - got:+.2f}"
-            ok = "-" if got is None else ("yes" if abs(m["ratio"] - got) <= tolerance else "NO")
-            rows.append([str(c.questions), mode, f"{m['ratio']:.2f}", "-" if got is None else f"{got:.2f}", diff, ok])
-    return _markdown(header, rows)
-
-
-def format_scale(results: Sequence[Comparison], rollout_share: float) -> str:
-    header = ["B", "mode", "rollout AXPO/GRPO", f"whole step (rollout {rollout_share:.0%})", "phase 1 / GRPO",
-              "extra tokens", "wasted tokens", "GRPO rollout s"]
-    rows = []
-    for c in results:
-        for mode, m in c.modes.items():
-            rows.append([str(c.questions), mode, f"{m['ratio']:.3f}",
-                         f"{whole_step(m['ratio'], m['trained'], rollout_share):.3f}",
-                         f"{m['phase1_s'] / c.grpo_step_s:.3f}", f"{m['extra_tokens']:.3f}",
-                         f"{m['wasted_tokens']:.3f}", f"{c.grpo_step_s:.1f}"])
-    return _markdown(header, rows)
-
-
-def budget_note(questions: int, n: int, k: int, r: float) -> str:
-    e = extra_budget(r, questions, n)
-    return f"B={questions} N={n} K={k} r={r}: E = {e} continuations ({e // k} prefixes)"
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. The command line (``axpo-rllm simulate --time PROFILE``).
-# ---------------------------------------------------------------------------------------------
-def bench_workload(profile_path: str, **changes) -> Workload:
-    """``Workload.bench()`` with the token counts the profile benchmark measured on the tiny model."""
-    data = json.loads(Path(profile_path).read_text())
-    tokens = {k: int(v) for k, v in data.get("workload", {}).items()}
-    return Workload.bench(**{**tokens, **changes})
-
-
-def validate(profile_path: str, questions: Sequence[int] = (16, 32, 64), repeats: int = 8, seed: int = 0,
-             **workload_changes) -> list[Comparison]:
-    """The model on ``bench_workflow.py``'s step (its harness, its sizes: N=8, K=4, r=0.25)."""
-    profile = load_profile(profile_path)
-    w = bench_workload(profile_path, **workload_changes)
-    return [compare(w, profile, b, repeats=repeats, seed=seed) for b in questions]
-
-
-SCALE_MODES = ("barrier", "exact", "greedy", "spec-group", "spec-rollout")
-
-
-def run_cli(profile: str, questions: int = 128, n: int = 8, r: float = 0.25, k: int = 4, repeats: int = 3,
-            seed: int = 0, engines: int = 8, rollout_share: float = 0.5) -> int:
-    """Print the validation table (a measured CPU profile) or the scale table (a GPU profile)."""
-    if profile not in GPU_PROFILES:
-        results = validate(profile, repeats=repeats, seed=seed)
-        print(f"Time model vs bench_workflow.py on vLLM-CPU (profile {profile}; model: median of {repeats} "
-              "seeded steps; measured: README)\n")
-        print(format_validation(results))
-        return 0
-    p = load_profile(profile)
-    w = Workload.paper()
-    result = compare(w, p, questions, SCALE_MODES, n, k, r, repeats, seed, engines)
-    print(f"Time model, {profile} ({engines} engines; {budget_note(questions, n, k, r)}); workload 'paper' "
-          f"(docs/time_model.md); median of {repeats} seeded steps\n")
-    print(format_scale([result], rollout_share))
-    return 0

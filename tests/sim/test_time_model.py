@@ -7,6 +7,7 @@ import json
 import pytest
 
 from axpo_rllm.demo import time_model as tm
+from axpo_rllm.demo import time_tables as tt
 from axpo_rllm.demo.time_model import Plan, StepProfile, Turn, Workload
 
 TICK = 0.01
@@ -101,6 +102,7 @@ def test_exact_starts_the_certain_prefix_inside_phase_1():
     assert exact.first_release_s == pytest.approx(20 * TICK)
     assert exact.step_s == pytest.approx(100 * TICK)
     assert exact.decoded_extra == 20
+    assert (exact.jobs_early, hand_step("barrier").jobs_early) == (1, 0)  # started before q1 ended
 
 
 def test_every_mode_sees_the_same_phase_1_and_continuations():
@@ -109,6 +111,18 @@ def test_every_mode_sees_the_same_phase_1_and_continuations():
     assert len({t.decoded_phase1 for t in runs.values()}) == 1
     assert runs["barrier"].decoded_extra == runs["exact"].decoded_extra > 0  # same plan, same continuations
     assert runs["barrier"].phase1_s == pytest.approx(runs["grpo"].step_s)
+
+
+def test_phase_table_puts_model_and_measured_side_by_side():
+    modes = {"barrier": {"phase1": 1.0, "after_phase1": 0.5, "first_release": 1.0, "jobs_early": 0.0},
+             "exact": {"phase1": 1.154, "after_phase1": 0.3, "first_release": 0.77, "jobs_early": 16.0}}
+    measured = {32: {"barrier": {"phase1": 1.02, "after_phase1": 0.52, "first_release": float("nan"), "jobs_early": 0},
+                     "exact": {"phase1": 1.36, "after_phase1": 0.24, "first_release": 0.8, "jobs_early": 16}}}
+    table = tt.format_phases([tm.Comparison(32, modes, 2.6)], measured).splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    assert cells(table[2]) == ["32", "barrier", "1.00 / 1.02", "0.50 / 0.52", "- / -", "0 / 0"]
+    assert cells(table[3]) == ["32", "exact", "1.15 / 1.36", "0.30 / 0.24", "0.77 / 0.80", "16 / 16"]
+    assert cells(tt.format_phases([tm.Comparison(16, modes, 2.6)], measured).splitlines()[3])[2] == "1.15 / -"
 
 
 # -- profiles ------------------------------------------------------------------------------------
@@ -151,7 +165,7 @@ def test_cli_prints_the_scale_table(capsys):
     assert main(["simulate", "--time", "h100-2b", "--questions", "8", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "E = 16 continuations" in out
-    assert all(f"| 8 | {mode}" in " ".join(out.split()) for mode in tm.SCALE_MODES)
+    assert all(f"| 8 | {mode}" in " ".join(out.split()) for mode in tt.SCALE_MODES)
 
 
 def test_cli_names_a_bad_profile(capsys):
