@@ -8,7 +8,7 @@ import random
 
 from axpo_rllm.envs.search_server import Document
 
-__all__ = ["make_fact_corpus"]
+__all__ = ["make_fact_corpus", "make_flag_corpus"]
 
 _SYLLABLES = ("zor", "va", "nia", "quel", "port", "ta", "rin", "mo", "bel", "dra", "kos", "lu", "fen", "ga", "sil")
 
@@ -54,3 +54,30 @@ def make_fact_corpus(n_facts: int, seed: int = 0, distractors_per_fact: int = 2)
             )
     rng.shuffle(docs)
     return docs, qa
+
+
+def make_flag_corpus(
+    n_blocks: int, per_block: int, colors: tuple[str, ...] = ("red", "green", "blue", "yellow"), seed: int = 0
+) -> tuple[list[Document], list[list[tuple[str, str]]]]:
+    """Made-up countries and their flags' colours, in blocks of ``per_block`` countries whose
+    colours all differ (one question names a block: a query for the wrong country shows another
+    colour). Returns ``(documents, [[(country, colour), ...], ...])``; one document a country,
+    "The flag of X is C.", and no other document names it."""
+    if per_block > len(colors):
+        raise ValueError(f"per_block={per_block} needs as many colours, got {list(colors)}")
+    rng = random.Random(f"flags/{seed}")
+    used: set[str] = set()
+    docs: list[Document] = []
+    blocks: list[list[tuple[str, str]]] = []
+    for b in range(n_blocks):
+        block = []
+        for color in rng.sample(list(colors), per_block):
+            name = _made_up_name(rng)
+            while name.lower() in used:
+                name = _made_up_name(rng)
+            used.add(name.lower())
+            docs.append(Document(id=f"flag-{len(docs)}", title=name, text=f"The flag of {name} is {color}.",
+                                 url=f"local://flag/{len(docs)}"))
+            block.append((name, color))
+        blocks.append(block)
+    return docs, blocks

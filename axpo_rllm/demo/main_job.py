@@ -62,7 +62,8 @@ from axpo_rllm.demo.report import (
 )
 from axpo_rllm.demo.teacher import teacher_trajectories
 from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
-from axpo_rllm.demo.world import SyntheticWorld
+from axpo_rllm.demo.gap_world import make_world
+from axpo_rllm.demo.world import FAMILIES
 from axpo_rllm.engines.transformers_engine import TransformersEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
 from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
@@ -112,6 +113,12 @@ def job_config(
     return cfg
 
 
+def world_of(cfg: DictConfig, **kwargs):
+    """The job's task world (``tasks.world``: ``gap`` or the earlier ``synthetic``)."""
+    return make_world(str(cfg.tasks.get("world", "synthetic")), seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts),
+                      **kwargs)
+
+
 def _agent_config(cfg: DictConfig) -> AgentConfig:
     return dataclass_from_mapping(AgentConfig, OmegaConf.to_container(cfg.agent, resolve=True), "agent config",
                                   system_prompt=SYSTEM_PROMPT)
@@ -140,7 +147,7 @@ class Runtime:
 
     def __enter__(self) -> "Runtime":
         cfg = self.cfg
-        self.world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts))
+        self.world = world_of(cfg)
         self.server = RetrievalServer(BM25Index(self.world.corpus)).start()
         names = list(cfg.tools.names)
         configs = {"search": {"backend": "local", "base_url": self.server.url, "top_k": int(cfg.tools.search_top_k)}} if "search" in names else {}
@@ -179,13 +186,18 @@ class Runtime:
         base = tiny_model_dir(family, seed)
         chat0 = ChatFormat(AutoTokenizer.from_pretrained(base))
         tasks = self.world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
-        corpus = tokenizer_corpus(teacher_trajectories(tasks, self.env(), self.direct_share), chat0, self.tool_schemas, SYSTEM_PROMPT)
+        corpus = tokenizer_corpus(self.teacher(tasks), chat0, self.tool_schemas, SYSTEM_PROMPT)
         self.model_dir = tiny_model_dir(family, seed, corpus_texts=corpus)
         return self.model_dir
 
     @property
     def direct_share(self) -> float:
         return float(self.cfg.tasks.get("teacher_direct_share", 0.0))
+
+    def teacher(self, tasks) -> list:
+        """Teacher trajectories of ``tasks`` with the job's ``tasks.teacher_*`` shares."""
+        return teacher_trajectories(tasks, self.env(), self.direct_share,
+                                    float(self.cfg.tasks.get("teacher_right_call_share", 1.0)))
 
     def load(self, model_dir: Path) -> None:
         """Engine + policy on one shared module (the engine samples what the actor trains)."""
@@ -228,9 +240,9 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
 
     rt.load(rt.model_dir)
     t0 = time.perf_counter()
-    trajs = teacher_trajectories(rt.world.tasks(sft_cfg.examples, "train"), rt.env(), rt.direct_share)
+    trajs = rt.teacher(rt.world.tasks(sft_cfg.examples, "train"))
     examples = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in trajs]
-    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in teacher_trajectories(probe, rt.env(), rt.direct_share)]
+    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in rt.teacher(probe)]
     log(f"SFT: {len(examples)} teacher trajectories ({sum(e.uses_tool for e in examples) / len(examples):.0%} with a tool call) "
         f"in {time.perf_counter() - t0:.1f}s")
     before = rt.first_turn_stats(probe)
@@ -285,10 +297,15 @@ def check_arm_config(cfg: DictConfig) -> None:
     check_budget(cfg, int(cfg.rl.batch_questions), "rl.batch_questions")
 
 
+def eval_tasks_of(world, cfg: DictConfig) -> list:
+    """The held-out questions: ``eval.tasks`` of the eval split, every family in turn."""
+    return world.tasks(int(cfg.eval.tasks), "eval", families=FAMILIES)
+
+
 def rl_pool(cfg: DictConfig, seed_index: int) -> list:
     """The RL questions of seed ``seed_index``: the same for every arm, disjoint across seeds, train split only."""
     rl = rl_config_from(cfg.rl)
-    world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts), mix=dict(cfg.tasks.rl_mix))
+    world = world_of(cfg, mix=dict(cfg.tasks.rl_mix))
     per_seed = max(rl.steps * rl.batch_questions, 1)
     return world.tasks(per_seed * (seed_index + 1), "train")[per_seed * seed_index :]
 
@@ -430,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"SFT: well-formed {sft['before']['well_formed']:.2f} -> {sft['after']['well_formed']:.2f}, "
             f"tool calls {sft['before']['tool_call_share']:.2f} -> {sft['after']['tool_call_share']:.2f}")
         sft_state = {k: v.detach().clone() for k, v in rt.policy.model.state_dict().items()}
-        eval_tasks = rt.world.tasks(int(cfg.eval.tasks), "eval")
+        eval_tasks = eval_tasks_of(rt.world, cfg)
         before_path = run_dir / "eval_before.json"
         if before_path.exists():
             eval_before = json.loads(before_path.read_text())
