@@ -665,6 +665,8 @@ def add_main_parser(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run in RUN_DIR with its own arguments")
     p.add_argument("--steps", type=int, default=None, help="RL steps (rl.steps)")
+    p.add_argument("--preset", default=None, choices=["evidence"],
+                   help="evidence: the README's run (configs/main_evidence.yaml: more seeds, the same arms)")
     p.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
     p.add_argument("overrides", nargs="*",
                    help="key=value config overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5 trainer.logger=[console]")

@@ -91,14 +91,24 @@ COMPACT_SCHEMAS: dict[str, tuple[str, dict]] = {
 """Short tool descriptions for the tiny model: the full ones are ~400 prompt tokens of 500."""
 
 
+PRESETS = ("evidence",)
+"""``--preset NAME``: ``configs/main_NAME.yaml`` merged over main_cpu.yaml (before ``--smoke``)."""
+
+
 def job_config(
     ablation: str | None = None,
     overrides: Sequence[str] = (),
     smoke: bool = False,
     steps: int | None = None,
+    preset: str | None = None,
 ) -> DictConfig:
-    """axpo.yaml (+ ablation) + main_cpu.yaml (+ main_smoke.yaml) + ``--steps`` + overrides, validated."""
+    """axpo.yaml (+ ablation) + main_cpu.yaml (+ main_PRESET.yaml) (+ main_smoke.yaml) + ``--steps``
+    + overrides, validated."""
     layers = [load_config(ablation), OmegaConf.create(config_text("main_cpu.yaml"))]
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
+        layers.append(OmegaConf.create(config_text(f"main_{preset}.yaml")))
     if smoke:
         layers.append(OmegaConf.create(config_text("main_smoke.yaml")))
         base_n = int(layers[0].actor_rollout_ref.rollout.n)
@@ -282,10 +292,11 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
     return stats
 
 
-def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None) -> DictConfig:
+def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None,
+               preset: str | None = None) -> DictConfig:
     """An arm's config: ``axpo`` (the defaults) or any ``configs/ablation`` name (``grpo``, ...),
     refused here (before any stage runs) when the CPU job could not train it."""
-    cfg = job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps)
+    cfg = job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps, preset=preset)
     check_arm_config(cfg)
     return cfg
 
@@ -396,18 +407,22 @@ def run(args: argparse.Namespace) -> int:
             "overrides": list(getattr(args, "overrides", None) or ()),
             "smoke": bool(getattr(args, "smoke", False)),
             "steps": getattr(args, "steps", None),
+            "preset": getattr(args, "preset", None),
         }
-    cfg = job_config(None, job["overrides"], smoke=job["smoke"], steps=job["steps"])
+    preset = job.get("preset")
+    cfg = job_config(None, job["overrides"], smoke=job["smoke"], steps=job["steps"], preset=preset)
     arms = job["arms"] or list(cfg.job.arms)
     seeds = int(job["seeds"] or cfg.job.seeds)
-    arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"]) for arm in arms}
+    arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"], preset=preset)
+                for arm in arms}
     backends, tracking_notes = tracking_backends(OmegaConf.select(cfg, "trainer.logger", default=None))
     torch.set_num_threads(int(cfg.job.threads))
     torch.manual_seed(int(cfg.job.seed))
     if not resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = "-".join(arms) if len(arms) <= 3 else f"{len(arms)}arms"
-        run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{name}{'-smoke' if cfg.job.smoke else ''}"
+        tag = f"-{preset}" if preset else ""
+        run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{name}{tag}{'-smoke' if cfg.job.smoke else ''}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.json").write_text(json.dumps({**job, "arms": arms, "seeds": seeds}, indent=2))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

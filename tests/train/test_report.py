@@ -55,11 +55,15 @@ def test_step_lines_fit_100_columns_with_the_widest_values():
 
 def test_compact_table_fits_100_columns_and_keeps_the_means():
     hs = {arm: [_history([0.3] * 6, [0.6] * 6, [0.25] * 6)] for arm in ("axpo", "no_tool_resampling")}
-    evals = {arm: [{"eval/pass@1": 0.5, "eval/pass@4": 0.7, "eval/tool_use_rate": 0.3}] for arm in hs}
+    evals = {arm: [{"eval/pass@1": 0.5, "eval/pass@4": 0.7, "eval/tool_use_rate": 0.3,
+                    "eval/code/pass@1": 0.2, "eval/code/questions": 3.0,
+                    "eval/crop/pass@1": 0.6, "eval/crop/questions": 1.0}] for arm in hs}
     lines = compact_table(measured_figures(hs, evals, 4), {"eval/pass@1": 0.45, "eval/pass@4": 0.6}, 4)
     assert all(len(line) <= LINE_WIDTH for line in lines), [len(x) for x in lines]
-    assert _columns(lines[1]) == ["axpo", "1", "0.300", "→", "0.300", "0.600", "→", "0.600", "0.250", "0.500", "0.700"]
-    assert _columns(lines[-1])[-2:] == ["0.450", "0.600"] and lines[-1].startswith("SFT (before RL)")
+    # tool P@1: the tool families' Pass@1 weighted by their questions, (3 * 0.2 + 0.6) / 4
+    assert _columns(lines[1]) == ["axpo", "1", "0.300", "→", "0.300", "0.600", "→", "0.600", "0.250", "0.300",
+                                  "0.500", "0.700"]
+    assert _columns(lines[-1])[-3:] == ["—", "0.450", "0.600"] and lines[-1].startswith("SFT (before RL)")
 
 
 def test_windows_are_thirds_per_seed_then_mean_and_spread_over_seeds():
@@ -81,7 +85,24 @@ def test_figures_note_and_plots(tmp_path):
     assert figs["grpo"]["first_third/all_wrong"][0] == pytest.approx(0.6)
     before = {"eval/pass@1": 0.45, "eval/pass@4": 0.6, "eval/tool_use_rate": 0.3}
     note = closing_note(figs, before, 4)
-    assert "| axpo | 1 |" in note and "all-wrong -0.200" in note and "does not separate" in note
+    assert "| axpo | 1 |" in note and "AXPO − grpo:" in note and "last-third all-wrong -0.200 (one seed: no spread)" in note
     pytest.importorskip("matplotlib")
     assert plot_curves(hs, tmp_path / "c.png").stat().st_size > 1000
     assert plot_eval(before, evals, 4, tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_gaps_are_read_against_twice_their_seed_standard_error():
+    """With 3 seeds the spread is the standard error of the mean (sample std / sqrt(n)); a gap
+    counts only beyond twice the standard error of the difference."""
+    evals_a = [{"eval/pass@1": v, "eval/pass@4": v, "eval/tool_use_rate": 0.5, "eval/crop/pass@1": v,
+                "eval/crop/questions": 8.0} for v in (0.60, 0.62, 0.64)]
+    evals_g = [{**e, "eval/crop/pass@1": e["eval/crop/pass@1"] - d} for e, d in zip(evals_a, (0.01, 0.02, 0.03))]
+    hs = {arm: [_history([0.3] * 3, [0.5] * 3)] * 3 for arm in ("axpo", "grpo")}
+    figs = measured_figures(hs, {"axpo": evals_a, "grpo": evals_g}, 4)
+    mu, se = figs["axpo"]["after/eval/tool/pass@1"]
+    assert mu == pytest.approx(0.62) and se == pytest.approx(0.02 / math.sqrt(3))
+    lines = closing_note(figs, {"eval/pass@1": 0.5, "eval/pass@4": 0.6}, 4)
+    # gap 0.02; SE of the difference sqrt(0.01155^2 + 0.00577^2) = 0.0129: within 2 SE
+    assert "tool-family Pass@1 +0.020 (within 2 SE (0.026))" in lines
+    far = measured_figures(hs, {"axpo": evals_a, "grpo": [{**e, "eval/crop/pass@1": 0.3} for e in evals_g]}, 4)
+    assert "tool-family Pass@1 +0.320 (> 2 SE (0.023))" in closing_note(far, {}, 4)
