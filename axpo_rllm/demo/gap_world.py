@@ -53,6 +53,7 @@ SQUARE = 48
 """Side of each coloured square in pixels (about 5% of the image, about 18% of a quadrant's crop)."""
 JITTER = 8
 """A square's centre moves up to this many pixels from its quadrant's centre."""
+MAX_FLAG_BLOCKS = 28
 _PIXEL_CALL = re.compile(r"getpixel\(\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*\)")
 
 
@@ -66,7 +67,11 @@ class GapWorld(SyntheticWorld):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.flag_documents, self.flag_blocks = make_flag_corpus(max(2, self.n_facts // SLOTS), SLOTS, seed=self.seed)
+        # Short names (two syllables: a tiny model can copy them into a query), one block of SLOTS
+        # countries per question group: n_facts // 8 blocks, at most 28 (the two-syllable names
+        # run out), half of them train, half eval.
+        blocks = max(2, min(self.n_facts // (2 * SLOTS), MAX_FLAG_BLOCKS))
+        self.flag_documents, self.flag_blocks = make_flag_corpus(blocks, SLOTS, seed=self.seed, syllables=2)
 
     @property
     def corpus(self) -> list[Document]:

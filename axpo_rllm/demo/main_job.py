@@ -148,6 +148,7 @@ class Runtime:
     cfg: DictConfig
     log: Any = print
     world: Any = None
+    sft_world: Any = None
     server: Any = None
     tools: dict = field(default_factory=dict)
     model_dir: Path | None = None
@@ -158,6 +159,9 @@ class Runtime:
     def __enter__(self) -> "Runtime":
         cfg = self.cfg
         self.world = world_of(cfg)
+        # SFT data (and the tokenizer's corpus) follow tasks.sft_mix when it is set
+        sft_mix = OmegaConf.select(cfg, "tasks.sft_mix", default=None)
+        self.sft_world = world_of(cfg, mix=dict(sft_mix)) if sft_mix else self.world
         self.server = RetrievalServer(BM25Index(self.world.corpus)).start()
         names = list(cfg.tools.names)
         configs = {"search": {"backend": "local", "base_url": self.server.url, "top_k": int(cfg.tools.search_top_k)}} if "search" in names else {}
@@ -195,7 +199,7 @@ class Runtime:
         family, seed = str(self.cfg.model.family), int(self.cfg.model.seed)
         base = tiny_model_dir(family, seed)
         chat0 = ChatFormat(AutoTokenizer.from_pretrained(base))
-        tasks = self.world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
+        tasks = self.sft_world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
         corpus = tokenizer_corpus(self.teacher(tasks), chat0, self.tool_schemas, SYSTEM_PROMPT)
         self.model_dir = tiny_model_dir(family, seed, corpus_texts=corpus)
         return self.model_dir
@@ -250,7 +254,7 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
 
     rt.load(rt.model_dir)
     t0 = time.perf_counter()
-    trajs = rt.teacher(rt.world.tasks(sft_cfg.examples, "train"))
+    trajs = rt.teacher(rt.sft_world.tasks(sft_cfg.examples, "train"))
     examples = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in trajs]
     held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in rt.teacher(probe)]
     log(f"SFT: {len(examples)} teacher trajectories ({sum(e.uses_tool for e in examples) / len(examples):.0%} with a tool call) "
