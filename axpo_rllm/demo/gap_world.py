@@ -51,15 +51,18 @@ SLOTS = 4
 IMAGE_SIDE = 224
 SQUARE = 48
 """Side of each coloured square in pixels (about 5% of the image, about 18% of a quadrant's crop)."""
-JITTER = 8
-"""A square's centre moves up to this many pixels from its quadrant's centre."""
+JITTER = 6
+"""A square's centre moves up to this many pixels from its nominal centre (it stays in its quadrant)."""
 MAX_FLAG_BLOCKS = 28
 _PIXEL_CALL = re.compile(r"getpixel\(\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*\)")
 
 
 def _quadrant_center(where: str) -> tuple[int, int]:
-    x1, y1, x2, y2 = QUADRANTS[where]
-    return (x1 + x2) * IMAGE_SIDE // 2000, (y1 + y2) * IMAGE_SIDE // 2000
+    """Where a quadrant's square is centred: 60 or 160 px on each axis. Numbers are one token a
+    digit for the tokenizer, so the four candidate pixels differ only by a leading 1 ("60" vs
+    "160"): a choice a tiny model can write without garbling the digits."""
+    x1, y1, _, _ = QUADRANTS[where]
+    return (60 if x1 == 0 else 160), (60 if y1 == 0 else 160)
 
 
 class GapWorld(SyntheticWorld):
