@@ -1,15 +1,17 @@
 """The embedded CPU job: a tiny Qwen-VL built offline, synthetic visual tasks, SFT once, then RL arms.
 
-    axpo-rllm main [--smoke] [--arms axpo,grpo] [--seeds S] [--steps N] [--resume RUN_DIR] [key=value ...]
+    axpo-rllm main [--smoke] [--preset evidence] [--arms axpo,grpo,no_prefix_fix] [--seeds S] [--steps N]
+                   [--resume RUN_DIR] [key=value ...]
 
 Stages, in order (nothing is downloaded; no GPU)::
 
     model   tiny Qwen2.5-VL built offline, its BPE retrained on rendered teacher conversations (cached)
-    tasks   synthetic visual tasks (colour / position / size direct; code / search / crop with or without a tool)
+    tasks   the gap world (demo/gap_world.py): colour / position / size direct; code / search / crop
+            with four candidate calls, one right, or a direct guess
     tools   crop, sandboxed python, search against a local BM25 server over a made-up fact corpus
     SFT     teacher trajectories (tool use a choice, call content varied); well-formed / tool-call rates
     eval    Pass@1 / Pass@4 and tool-use rate on held-out tasks (after SFT), once
-    RL      every arm (axpo, grpo, any ablation) x seed from the same SFT weights and seeds;
+    RL      every arm (axpo, grpo, no_prefix_fix, any ablation) x seed from the same SFT weights and seeds;
             per-step lines, metrics.jsonl, a checkpoint every job.checkpoint_every steps
     eval    the same held-out tasks after each arm; plots/curves.png, plots/eval.png, summary.json/.md
 
@@ -19,7 +21,8 @@ checkpoint.pt (the latest), result.json}``, ``tensorboard/<arm>/seed<i>/`` (verl
 ``trainer.logger``), ``plots/``, ``summary.json``, ``summary.md`` (the full table; a compact one
 is printed).
 
-Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` + ``--smoke``
+Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` (+ ``--preset
+evidence``: ``configs/main_evidence.yaml``, 3 seeds) + ``--smoke``
 (``configs/main_smoke.yaml``) + overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
 """
 

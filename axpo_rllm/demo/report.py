@@ -227,6 +227,12 @@ def compact_table(figures: Mapping[str, Mapping], eval_before: Mapping[str, floa
     return lines
 
 
+def arm_colors(arms) -> dict[str, str]:
+    """One colour per arm for every panel: an arm with nothing to plot on a panel (GRPO's recovery)
+    must not hand its colour to the next arm."""
+    return {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+
+
 def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str | Path, title: str = "") -> Path:
     """One panel per :data:`CURVES` entry, one line per arm (mean over seeds, band = min..max)."""
     import matplotlib  # optional dependency (the `plot` extra): only the job's figures need it
@@ -235,6 +241,7 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    colors = arm_colors(histories)
     for ax, (key, name) in zip(axes.flat, CURVES):
         for arm, hs in histories.items():
             steps = max((len(h) for h in hs), default=0)
@@ -248,7 +255,8 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str 
                     lo.append(min(vals))
                     hi.append(max(vals))
             if xs:
-                (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{arm} ({len(hs)} seed{'s' if len(hs) != 1 else ''})")
+                (line,) = ax.plot(xs, mean, marker="o", ms=3, color=colors[arm],
+                                  label=f"{arm} ({len(hs)} seed{'s' if len(hs) != 1 else ''})")
                 if len(hs) > 1:
                     ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
         ax.set_title(name)

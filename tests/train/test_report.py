@@ -106,3 +106,30 @@ def test_gaps_are_read_against_twice_their_seed_standard_error():
     assert "tool-family Pass@1 +0.020 (within 2 SE (0.026))" in lines
     far = measured_figures(hs, {"axpo": evals_a, "grpo": [{**e, "eval/crop/pass@1": 0.3} for e in evals_g]}, 4)
     assert "tool-family Pass@1 +0.320 (> 2 SE (0.023))" in closing_note(far, {}, 4)
+
+
+def test_an_arm_keeps_its_colour_on_panels_where_another_arm_has_nothing(tmp_path):
+    """GRPO has no recovery rate: no_prefix_fix must not take GRPO's colour on that panel."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    hs = {"axpo": [_history([0.3] * 3, [0.4] * 3, [0.5] * 3)], "grpo": [_history([0.3] * 3, [0.6] * 3)],
+          "no_prefix_fix": [_history([0.2] * 3, [0.5] * 3, [0.25] * 3)]}
+    seen = []
+    original = plt.Axes.plot
+
+    def spy(ax, *args, **kwargs):
+        lines = original(ax, *args, **kwargs)
+        seen.append((ax.get_title() or len(seen), kwargs.get("label", "").split(" ")[0], lines[0].get_color()))
+        return lines
+
+    plt.Axes.plot = spy
+    try:
+        plot_curves(hs, tmp_path / "c.png")
+    finally:
+        plt.Axes.plot = original
+    colors = {}
+    for _, arm, color in seen:
+        colors.setdefault(arm, set()).add(color)
+    assert all(len(c) == 1 for c in colors.values()), colors
+    assert len({next(iter(c)) for c in colors.values()}) == 3
