@@ -79,6 +79,10 @@ class AgentConfig:
     final_turn_hint: str = "This is your last turn: give the final answer now, without calling a tool."
     engine_retries: int = 2
     """Retries of one failed generation request before the rollout is recorded as an error."""
+    request_timeout_s: float | None = 600.0
+    """One generation request still unanswered after this many seconds is a failed request
+    (``EngineError``, retried like any other): a request a server lost must not hold its step
+    until the episode's timeout. ``None``: wait as long as the episode may."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -87,6 +91,8 @@ class AgentConfig:
             raise ValueError(f"AgentConfig.cap_policy must be force_answer|mask, got {self.cap_policy!r}")
         if self.max_tokens_per_turn < 1 or self.max_response_tokens < 1:
             raise ValueError("AgentConfig token limits must be >= 1")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"AgentConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
 def derive_seed(*parts: Any) -> int:
@@ -360,12 +366,22 @@ class Agent:
             out.append((obs.model_text, tuple(obs.images)))
         return out
 
+    async def _request(self, request: GenerationRequest) -> GenerationResult:
+        """One request to the engine under ``request_timeout_s`` (a timeout is an ``EngineError``)."""
+        timeout = self.config.request_timeout_s
+        if timeout is None:
+            return await self.engine.generate(request)
+        try:
+            return await asyncio.wait_for(self.engine.generate(request), timeout)
+        except asyncio.TimeoutError:
+            raise EngineError(f"no answer within request_timeout_s={timeout:g}s", request.request_id) from None
+
     async def _generate(self, request: GenerationRequest, stats: EpisodeStats, prompt_tokens: int) -> GenerationResult:
         """``prompt_tokens``: the request's prompt as the engine counts it (images expanded)."""
         attempt = 0
         while True:
             try:
-                result = await self.engine.generate(request)
+                result = await self._request(request)
             except EngineError:
                 if attempt >= self.config.engine_retries:
                     raise

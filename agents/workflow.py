@@ -209,12 +209,15 @@ class AXPOWorkflow:
             reported.append(c)
             on_first_call(question_id, rollout_id, c)
 
+        spent = 0  # engine retries of failed attempts: counted with the episode that is kept
         async with limit:
             for attempt in range(cfg.rollout_retries + 1):
                 episode = await self._attempt(task, rollout_id, question_id, derive_seed(seed, attempt), job,
                                               first_call if on_first_call is not None else None)
+                episode.stats.engine_retries += spent
                 if episode.rollout.termination is not Termination.ERROR:
                     return episode
+                spent = episode.stats.engine_retries
                 counters[f"failure/{episode.rollout.error.split(':', 1)[0]}"] += 1
                 if reported:  # the planner may rely on this rollout's call: a retry would be another rollout
                     counters["retries_skipped_after_call"] += 1

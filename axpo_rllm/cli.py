@@ -11,14 +11,14 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from axpo_rllm import __version__
+from axpo_rllm.core.config import AXPOConfig  # the defaults of simulate's --r and --k (no heavy imports)
 from axpo_rllm.train.tracking import scoped_environ
 
 __all__ = ["main", "build_parser", "quiet_third_party"]
@@ -54,8 +54,6 @@ QUIET_LOGGERS = ("verl", "transformers", "torch", "vllm", "huggingface_hub", "da
 
 OWN_MODULES = r"axpo_rllm(\.|$)"
 """Warnings raised from these modules still show (they are about the user's data or config)."""
-
-
 
 
 @contextlib.contextmanager
@@ -173,8 +171,8 @@ def add_simulate_parser(sub) -> None:
                  "axpo-rllm simulate --r 0.25 --k 4 --sweep --png sim.png")
     p.add_argument("--questions", type=int, default=128, help="B, questions per step")
     p.add_argument("--n", type=int, default=8, help="N, rollouts per question")
-    p.add_argument("--r", type=float, default=0.25, help="extra-sample ratio: E = floor(r·B·N)")
-    p.add_argument("--k", type=int, default=4, help="K, continuations per selected prefix")
+    p.add_argument("--r", type=float, default=AXPOConfig.r, help="extra-sample ratio: E = floor(r·B·N)")
+    p.add_argument("--k", type=int, default=AXPOConfig.k, help="K, continuations per selected prefix")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also vary r, K and N one at a time (a second table)")
@@ -210,73 +208,38 @@ def _print_report(console, report, title: str = "rows") -> None:
         console.print(f"  [yellow]skipped[/yellow] {example}", highlight=False)
 
 
-def _percentiles(values: list[int]) -> str:
-    import numpy as np
-
-    if not values:
-        return "—"
-    lo, mid, hi = np.percentile(values, [0, 50, 100])
-    return f"{int(lo)} / {int(mid)} / {int(hi)}"
-
-
 def data_inspect(args: argparse.Namespace) -> int:
     """Rows, sources and their verifiers, answer kinds, image sizes; bad rows named (or counted)."""
-
     from rich.console import Console
     from rich.table import Table
 
+    from axpo_rllm.data.inspection import inspect_rows, percentiles
     from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
 
     console = Console(soft_wrap=True)  # long paths and messages stay whole lines (greppable)
     report = LoadReport()
-    per_source: dict[str, Counter] = defaultdict(Counter)
-    how: dict[str, Counter] = defaultdict(Counter)
-    kinds: Counter = Counter()
-    images_per_row: Counter = Counter()
-    widths, heights, formats = [], [], Counter()
-    decode_failures = 0
     try:
-        for row in read_rows(args.files, report=report, **_load_kwargs(args)):
-            per_source[row.source][row.kind] += 1
-            how[row.source][row.kind_how] += 1
-            kinds[row.kind] += 1
-            images_per_row[len(row.images)] += 1
-            for info in row.image_info:
-                widths.append(info.width)
-                heights.append(info.height)
-                formats[info.format] += 1
-            if args.decode:
-                try:
-                    row.task()
-                except DataError as e:
-                    if not args.skip_bad:
-                        raise
-                    report.reject(e)
-                    decode_failures += 1
+        seen = inspect_rows(read_rows(args.files, report=report, **_load_kwargs(args)), decode=args.decode,
+                            skip_bad=args.skip_bad, report=report)
     except (DataError, ValueError) as e:
         return _fail("data inspect", e, _SKIP_HINT if isinstance(e, DataError) else "")
     table = Table(title=f"{', '.join(map(str, args.files))}: {report.rows_ok} rows")
     for col in ("data_source", "rows", "answer kinds", "verifier resolved by"):
         table.add_column(col)
-    for source in sorted(per_source):
-        table.add_row(source, str(sum(per_source[source].values())),
-                      ", ".join(f"{k} {n}" for k, n in per_source[source].most_common()),
-                      ", ".join(f"{k} ({n})" for k, n in how[source].most_common()))
+    for source in sorted(seen.per_source):
+        table.add_row(source, str(sum(seen.per_source[source].values())),
+                      ", ".join(f"{k} {n}" for k, n in seen.per_source[source].most_common()),
+                      ", ".join(f"{k} ({n})" for k, n in seen.how[source].most_common()))
     console.print(table)
-    console.print("answer kinds: " + (", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "—"))
-    console.print("images per row: " + (", ".join(f"{k}: {n} rows" for k, n in sorted(images_per_row.items())) or "—"))
-    console.print(f"image width min/median/max: {_percentiles(widths)}; height: {_percentiles(heights)}; formats: "
-                  + (", ".join(f"{k} {n}" for k, n in formats.most_common()) or "—")
+    console.print("answer kinds: " + (", ".join(f"{k} {n}" for k, n in seen.kinds.most_common()) or "—"))
+    console.print("images per row: " + (", ".join(f"{k}: {n} rows" for k, n in sorted(seen.images_per_row.items())) or "—"))
+    console.print(f"image width min/median/max: {percentiles(seen.widths)}; height: {percentiles(seen.heights)}; formats: "
+                  + (", ".join(f"{k} {n}" for k, n in seen.formats.most_common()) or "—")
                   + ("" if args.decode else " (headers only; --decode decodes every image)"))
     _print_report(console, report)
     if args.json:
-        summary = {"report": report.as_dict(), "sources": {s: dict(c) for s, c in per_source.items()},
-                   "verifier_resolution": {s: dict(c) for s, c in how.items()}, "answer_kinds": dict(kinds),
-                   "images_per_row": {str(k): v for k, v in images_per_row.items()},
-                   "image_width": widths and [min(widths), max(widths)], "image_height": heights and [min(heights), max(heights)],
-                   "image_formats": dict(formats), "decode_failures": decode_failures}
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(seen.as_dict(report), f, indent=2)
     return 0
 
 
@@ -358,50 +321,16 @@ def data_sft_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_stamp(path: str) -> dict:
-
-    p = os.path.abspath(path)
-    st = os.stat(p)
-    return {"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _json_safe(value):
-    """NaN (a rate with nothing to count) as null: strict JSON readers reject NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _tool_configs(text: str | None) -> dict:
-
-    if not text:
-        return {}
-    raw = Path(text[1:]).read_text() if text.startswith("@") else text
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--tool-config must be JSON ({{\"search\": {{\"base_url\": ...}}}}) or @FILE: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("--tool-config must be a JSON object mapping tool names to their settings")
-    return value
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Pass@1 / Pass@k per benchmark on data files, resumable, with a markdown table and JSON."""
-
     from rich.console import Console
 
     from axpo_rllm.agents.agent import AgentConfig
-    from axpo_rllm.agents.chat_format import ChatFormat
     from axpo_rllm.data.loaders import DataError, LoadReport, read_rows
     from axpo_rllm.engines.base import EngineError
-    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
     from axpo_rllm.envs.tools.registry import ToolDiscoveryError
-    from axpo_rllm.train.evaluate import EvalItem, build_engine, evaluate_items, markdown_table
+    from axpo_rllm.train.eval_run import file_stamp, run_evaluation, tool_configs, write_results
+    from axpo_rllm.train.evaluate import EvalItem
 
     console = Console(soft_wrap=True)
     out = Path(args.out)
@@ -420,32 +349,20 @@ def run_eval(args: argparse.Namespace) -> int:
             items.append(EvalItem(row.source, row.task_id, row.task))
         if not items:
             raise ValueError(f"no questions to evaluate ({report.summary()})")
-        tool_names = [t for t in args.tools.split(",") if t] if args.tools else []
-        tools = build_tools(tool_names, _tool_configs(args.tool_config))
-    except (DataError, ValueError, ToolDiscoveryError) as e:
+        tools = [t for t in args.tools.split(",") if t] if args.tools else []
+        tool_config = tool_configs(args.tool_config)
+    except (DataError, ValueError) as e:
         return _fail("eval", e, _SKIP_HINT if isinstance(e, DataError) else "")
     console.print(f"{len(items)} questions of {len(per_source)} benchmarks ({report.summary()}); engine {args.engine}, "
                   f"n={args.n}, k={args.k}, output {out}")
-    engine = None
+    data = {"files": [file_stamp(f) for f in args.files], "source": args.source, "verifier": sorted(args.verifier),
+            "split": args.split, "limit": args.limit}
     try:
-        options = {"threads": args.threads} if args.engine == "transformers" and args.threads else {}
-        engine = build_engine(args.engine, args.model_dir, base_url=args.base_url, **options)
-        from transformers import AutoTokenizer  # the chat template lives with the model (every engine)
-
-        chat = ChatFormat(getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(args.model_dir))
-
-        def env():
-            return MultimodalToolEnv(tools=tools)
-
-        schemas = env().tool_schemas()
-        fingerprint = {"model_dir": str(Path(args.model_dir).resolve()), "engine": args.engine, "base_url": args.base_url,
-                       "files": [_file_stamp(f) for f in args.files], "source": args.source, "verifier": sorted(args.verifier),
-                       "split": args.split, "limit": args.limit, "tools": tool_names, "tool_schemas": schemas,
-                       "tool_config": _tool_configs(args.tool_config), "skip_bad": args.skip_bad}
-        result = evaluate_items(engine, chat, env, items, n=args.n, k=args.k, agent_config=agent, seed=args.seed, out_dir=out,
-                                fingerprint=fingerprint, fresh=args.fresh, record=args.record, skip_bad=args.skip_bad,
-                                progress=not args.no_progress, max_concurrency=args.max_concurrency)
-    except (EngineError, OSError) as e:  # no vLLM here, no server there, no model folder
+        result = run_evaluation(items, out, model_dir=args.model_dir, engine=args.engine, base_url=args.base_url,
+                                threads=args.threads, tools=tools, tool_config=tool_config, agent=agent, data=data,
+                                skip_bad=args.skip_bad, n=args.n, k=args.k, seed=args.seed, fresh=args.fresh,
+                                record=args.record, progress=not args.no_progress, max_concurrency=args.max_concurrency)
+    except (EngineError, OSError, ToolDiscoveryError) as e:  # no vLLM here, no server there, no model folder
         return _fail("eval", e)
     except KeyboardInterrupt:
         print(f"\naxpo-rllm eval: interrupted; finished samples are kept in {out / 'samples.jsonl'}: "
@@ -453,19 +370,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return 130
     except (DataError, ValueError) as e:
         return _fail("eval", e, _SKIP_HINT if isinstance(e, DataError) else "")
-    finally:
-        if engine is not None:
-            engine.close()
-        for tool in tools.values():
-            try:
-                run_sync(tool.aclose())
-            except Exception:  # noqa: BLE001 - a tool's teardown must not hide the result
-                pass
-    table = markdown_table(result.scores)
-    (out / "results.md").write_text(table)
-    payload = {"scores": result.scores, "load_report": report.as_dict(), "skipped_questions": result.skipped,
-               "resumed_samples": result.resumed, "samples": len(result.samples)}
-    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2))
+    table = write_results(out, result, report.as_dict())
     print(table)
     console.print(f"{result.resumed} samples resumed from the cache, {len(result.samples) - result.resumed} run; "
                   f"{len(result.skipped)} questions skipped; results in {out / 'results.md'} and {out / 'results.json'}")
@@ -577,40 +482,52 @@ def train(args: argparse.Namespace) -> int:
             for note in notes:
                 print(f"# checked: {note}", file=sys.stderr)
             return 0
-        launcher._import_rllm()
         cfg = launcher.launch_config(args.ablation, args.overrides, base=launcher.compose_rllm_base(), model=args.model)
-    except launcher.RllmMissing as exc:
-        print(f"axpo-rllm train: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"axpo-rllm train: {exc}", file=sys.stderr)
-        return 2
-    train_set, val_set = _registered_files(cfg)
-    return launcher.run(cfg, train_set, val_set)
+    except (launcher.RllmMissing, ValueError) as exc:
+        return _fail("train", exc)
+    from rich.console import Console
+
+    from axpo_rllm.core.failures import RolloutPolicyMismatch, StepFailedError
+    from axpo_rllm.data.loaders import DataError
+    from axpo_rllm.data.writers import register_run_files
+
+    reports: dict = {}
+    try:
+        train_set, val_set = register_run_files(cfg, args.skip_bad, reports)
+    except DataError as exc:  # every row is checked (images decoded) before any worker starts
+        return _fail("train", exc, _SKIP_HINT)
+    for key, report in reports.items():
+        if report.rows_skipped:
+            _print_report(Console(stderr=True, soft_wrap=True), report, title=f"axpo-rllm train: {key}")
+    try:
+        return launcher.run(cfg, train_set, val_set)
+    except (StepFailedError, RolloutPolicyMismatch) as exc:  # the failure policy stopped the run
+        where, cause = _root_cause(exc)
+        print(f"axpo-rllm train: the run stopped before training on the step: {type(cause).__name__}: {cause}",
+              file=sys.stderr)
+        return 3
+    except Exception as exc:  # noqa: BLE001 - anything else: the traceback is above, the summary last
+        where, cause = _root_cause(exc)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        print(f"axpo-rllm train: the run failed{f' in {where}' if where else ''}: {type(cause).__name__}: {first}",
+              file=sys.stderr)
+        return 1
 
 
-def _registered_files(cfg):
-    """``data.train_files`` / ``data.val_files`` (any format ``axpo-rllm data`` reads) registered in
-    rllm's dataset registry as ``axpo-<stem>``; (None, None) when the run names registered datasets."""
+def _root_cause(exc: BaseException) -> tuple[str, BaseException]:
+    """The innermost error of a chain of Ray task errors (rllm's trainer runs in a Ray actor, verl's
+    workers in others), and the remote function it was raised in ('' when not remote)."""
+    import re
 
-    from omegaconf import OmegaConf
-    from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm
-
-    from axpo_rllm.data.loaders import load_rows
-    from axpo_rllm.data.writers import register_rllm
-
-    out = []
-    for key, split in (("data.train_files", "train"), ("data.val_files", "test")):
-        files = OmegaConf.select(cfg, key, default=None)
-        files = [files] if isinstance(files, str) else list(files or [])
-        if not files or not all(Path(str(f)).exists() for f in files):
-            out.append(None)
-            continue
-        rows, _ = load_rows([str(f) for f in files])
-        name = "axpo-" + "-".join(Path(str(f)).stem for f in files)[:64]
-        register_rllm(rows, name, split=split)
-        out.append(DatasetRegistry.load_dataset(name, split))
-    return (out[0], out[1]) if out[0] is not None else (None, None)
+    where = ""
+    while True:
+        # Ray's error text names each remote frame "ray::Class.method()", outermost first, and
+        # nests the inner task's text (its attributes do not survive Ray's dual exception classes)
+        found = re.findall(r"ray::([\w.]+)\(\)", str(exc))
+        where = found[-1] if found else where
+        if getattr(exc, "cause", None) is None or exc.cause is exc:
+            return where, exc
+        exc = exc.cause
 
 
 def add_train_parser(sub) -> None:
@@ -622,6 +539,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--ablation", default=None, help="grpo, no_prefix_fix, ... (configs/ablation)")
     p.add_argument("--model", default=None, help="a shipped model layer: qwen3_vl_2b_thinking, qwen3_vl_4b_thinking, qwen3_vl_8b_thinking")
     p.add_argument("--dry-run", action="store_true", help="compose and validate the whole config without a GPU, print it")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count, report and leave out bad data rows instead of stopping at the first")
     p.add_argument("overrides", nargs="*", help="key=value (hydra/omegaconf dot-list); '+key=value' adds a key")
     p.set_defaults(func=train)
 

@@ -1,10 +1,11 @@
-"""The shipped yaml (package data), merged the way users of verl expect: defaults, then one
-ablation file, then ``key=value`` dot-list overrides."""
+"""The shipped yaml (package data) and :func:`load_config`, the one composition every entry point
+calls (``axpo-rllm plan-demo``, the embedded CPU job, the rllm launcher): the merge order is
+written there, once."""
 
 from __future__ import annotations
 
 from importlib.resources import files
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,15 +33,50 @@ def model_config(name: str) -> DictConfig:
     return OmegaConf.create(config_text(f"models/{name}.yaml"))
 
 
-def load_config(ablation: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+def _layer(node: DictConfig | Mapping[str, Any]) -> DictConfig:
+    return node if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
+
+
+def load_config(
+    ablation: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: DictConfig | Mapping[str, Any] | None = None,
+    model: str | None = None,
+    layers: Sequence[DictConfig | Mapping[str, Any]] = (),
+    settings: Sequence[DictConfig | Mapping[str, Any]] = (),
+) -> DictConfig:
+    """The run's config, validated (a typo in ``algorithm.axpo.*`` fails here, not mid-run).
+
+    Merge order, each layer winning over the ones before it:
+
+    1. ``base``: the framework's own config (rllm's hydra config for the launcher), made
+       non-struct so AXPO can add its keys;
+    2. ``axpo.yaml``: the AXPO defaults;
+    3. ``model``: a shipped model layer (``models/NAME.yaml``);
+    4. ``layers``: the entry point's own files (the CPU job's ``main_cpu.yaml``, ``main_smoke.yaml``);
+    5. the ``ablation`` file (``ablation/NAME.yaml``): its switches win over a model's or a job's;
+    6. ``settings``: what the entry point derives from its own flags (``--steps``, launcher keys);
+    7. ``overrides``: ``key=value`` dot-list from the command line (hydra's ``+key=value``, add a
+       key, is the plain key here).
+    """
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    layers = [OmegaConf.create(config_text("axpo.yaml"))]
+    stack = []
+    if base is not None:
+        base_cfg = OmegaConf.create(base)
+        OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
+        stack.append(base_cfg)
+    stack.append(OmegaConf.create(config_text("axpo.yaml")))
+    if model is not None:
+        stack.append(model_config(model))
+    stack += [_layer(layer) for layer in layers]
     if ablation:
-        layers.append(OmegaConf.create(config_text(f"ablation/{ablation}.yaml")))
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
-    cfg = OmegaConf.merge(*layers)
-    axpo_config(cfg)  # validate early: a typo in an override fails here, not mid-run
+        stack.append(OmegaConf.create(config_text(f"ablation/{ablation}.yaml")))
+    stack += [_layer(layer) for layer in settings]
+    stack.append(OmegaConf.from_dotlist([o.removeprefix("+") for o in overrides]))
+    cfg = OmegaConf.merge(*stack)
+    axpo_config(cfg)
     return cfg
 
 

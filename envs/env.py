@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Coroutine, Iterable, Mapping, Sequence, TypeVar
 
+from axpo_rllm.envs.images import MAX_ASPECT_RATIO, model_image_problem
 from axpo_rllm.envs.tools.base import Tool, ToolContext, ToolResult
 from axpo_rllm.envs.tools.registry import call_tool, discover_tools
 from axpo_rllm.envs.verifiers import Grader, VerifyResult
@@ -172,6 +173,9 @@ class MultimodalToolEnv:
         tool_configs: ``{name: constructor kwargs}`` for the tools built here.
         grader: a :class:`Grader` (default: one with the process-wide stats).
         call_timeout_s: a tool call still running after this many seconds becomes an error observation.
+        max_image_aspect_ratio: a returned image whose long side passes this multiple of its short
+            side (or with a side of 0 px, or undecodable) makes the call an error observation: the
+            model's processor would refuse it and fail the next request.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class MultimodalToolEnv:
         tool_configs: Mapping[str, Mapping] | None = None,
         grader: Grader | None = None,
         call_timeout_s: float = 120.0,
+        max_image_aspect_ratio: float = MAX_ASPECT_RATIO,
     ) -> None:
         if isinstance(tools, Mapping):
             if tool_configs:
@@ -192,6 +197,7 @@ class MultimodalToolEnv:
             self._owns_tools = True
         self.grader = grader if grader is not None else Grader()
         self.call_timeout_s = call_timeout_s
+        self.max_image_aspect_ratio = max_image_aspect_ratio
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._images: list[Any] = []
@@ -301,7 +307,17 @@ class MultimodalToolEnv:
         except asyncio.TimeoutError:
             return ToolResult.fail(f"{name} timed out after {self.call_timeout_s:g}s")
 
+    def _checked_images(self, result: ToolResult) -> ToolResult:
+        """``result``, or an error result naming the first image the model could not take."""
+        for i, image in enumerate(() if result.is_error else result.images):
+            problem = model_image_problem(image, self.max_image_aspect_ratio)
+            if problem:
+                return ToolResult(text=result.text, error=f"returned image {i} cannot be shown to the model: {problem}",
+                                  metadata=dict(result.metadata))
+        return result
+
     def _record(self, name: str, result: ToolResult) -> Observation:
+        result = self._checked_images(result)
         with self._lock:
             self._require_open()  # finish() may have won a race with this call
             self._calls[name] += 1

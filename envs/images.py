@@ -25,7 +25,8 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["ImageError", "ImageInfo", "is_image_ref", "probe_image", "open_image", "image_bytes"]
+__all__ = ["ImageError", "ImageInfo", "is_image_ref", "probe_image", "open_image", "image_bytes",
+           "MAX_ASPECT_RATIO", "model_image_problem"]
 
 
 class ImageError(ValueError):
@@ -155,3 +156,27 @@ def image_bytes(ref: Any, root: str | os.PathLike | None = None) -> bytes:
     buffer = io.BytesIO()
     value.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+MAX_ASPECT_RATIO = 200.0
+"""The longest side over the shortest that Qwen2/2.5/3-VL's image processors accept (their
+``smart_resize`` raises above it): an image past it would fail the request that carries it."""
+
+
+def model_image_problem(image: Any, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> str:
+    """Why an image a tool returned cannot be shown to the model ('' when it can): not a decoded
+    image, a side of 0 px, an aspect ratio the processor refuses, or pixels that do not decode.
+    Checked where a tool's result enters the episode, so a bad image is the tool's error
+    observation, never a failed request (or a batch whose image tokens miss their features)."""
+    if not isinstance(image, _pil().Image):
+        return f"a {type(image).__name__}, not an image"
+    w, h = image.size
+    if w < 1 or h < 1:
+        return f"{w}x{h} px: an image needs at least one pixel per side"
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        return f"{w}x{h} px: aspect ratio {max(w, h) / min(w, h):.0f}, above the {max_aspect_ratio:g} the model's processor takes"
+    try:
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the image unusable
+        return f"{w}x{h} px that do not decode ({type(exc).__name__}: {str(exc)[:120]})"
+    return ""

@@ -1,8 +1,9 @@
 """Fixtures every suite shares: one tiny Qwen-VL build and one transformers engine per session.
 
 Also the in-process vLLM settings, before any suite imports vLLM: start in ~3 s instead of ~15 s,
-with no engine-core subprocess to leak, and a 1 GiB KV cache; and ``tests/support`` on sys.path
-(test helpers that do not ship in the wheel: ``synthetic_rollouts``, ``tool_biased_engine``).
+with no engine-core subprocess to leak, and a 1 GiB KV cache. Test helpers that do not ship in the
+wheel (``synthetic_rollouts``, ``tool_biased_engine``, ...) live in ``tests/support``, on sys.path
+through pytest's ``pythonpath`` setting (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
-
-# --import-mode=importlib puts no test folder on sys.path.
-sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -48,7 +48,7 @@ def _images(row: DataRow, sample, recording: Recording) -> list[dict]:
             out.append({"bytes": image_bytes(ref, row.image_root), "path": None})
         except ImageError as e:
             raise DataError(row.origin, f"image {i}: {e}", "missing image") from None
-    for name in sample.tool_images:
+    for name in sample.tool_images or ():
         path = (recording.images_dir / name) if recording.images_dir is not None else None
         if path is None or not path.is_file():
             raise DataError(sample.origin, f"tool image {name!r} is missing from {recording.images_dir}", "missing image")

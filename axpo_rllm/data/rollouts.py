@@ -1,11 +1,9 @@
 """Recorded rollouts: the ``samples.jsonl`` that ``axpo-rllm eval`` writes (or any jsonl like it).
 
-One JSON object per line, at least ``task_id`` and ``correct``; ``benchmark`` (the row's
-``data_source``) and ``sample`` (its index among the question's samples) when known; ``messages``
-and ``tool_images`` when the evaluation ran with ``--record``. A folder is read as an ``eval``
-output folder: ``samples.jsonl`` beside ``eval_config.json`` (tool schemas, system prompt) and
-``images/`` (the images tools returned). The writer is ``axpo_rllm.train.evaluate.SampleRecord``;
-this reader only relies on the fields above, so rollouts recorded elsewhere work too.
+One :class:`~axpo_rllm.core.samples.SampleRecord` per line (the record and its rules live there:
+at least ``task_id`` and ``correct``; ``messages`` and ``tool_images`` when the evaluation ran
+with ``--record``). A folder is read as an ``eval`` output folder: ``samples.jsonl`` beside
+``eval_config.json`` (tool schemas, system prompt) and ``images/`` (the images tools returned).
 """
 
 from __future__ import annotations
@@ -17,22 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .loaders import DataError, DataRow, RowOrigin
+from axpo_rllm.core.samples import SampleRecord
 
-__all__ = ["RecordedSample", "Recording", "read_samples", "lookup"]
+from .formats import jsonl_records
+from .rows import DataError, DataRow
 
-
-@dataclass(frozen=True)
-class RecordedSample:
-    task_id: str
-    correct: bool
-    benchmark: str | None
-    sample: int
-    origin: RowOrigin
-    termination: str = ""
-    malformed_calls: int = 0
-    messages: tuple[dict, ...] | None = None
-    tool_images: tuple[str, ...] = ()
+__all__ = ["SampleRecord", "Recording", "read_samples", "lookup"]
 
 
 @dataclass
@@ -40,13 +28,13 @@ class Recording:
     """The samples of one file or eval folder, by question."""
 
     path: str
-    samples: list[RecordedSample]
+    samples: list[SampleRecord]
     config: dict = field(default_factory=dict)
     """``eval_config.json`` (empty for a bare jsonl)."""
     images_dir: Path | None = None
 
-    def by_question(self) -> dict[tuple[str | None, str], list[RecordedSample]]:
-        out: dict[tuple[str | None, str], list[RecordedSample]] = defaultdict(list)
+    def by_question(self) -> dict[tuple[str | None, str], list[SampleRecord]]:
+        out: dict[tuple[str | None, str], list[SampleRecord]] = defaultdict(list)
         for s in self.samples:
             out[(s.benchmark, s.task_id)].append(s)
         for group in out.values():
@@ -68,32 +56,22 @@ def read_samples(path: str | os.PathLike) -> Recording:
         raise DataError(str(path), "no such recording (an `axpo-rllm eval` output folder or a samples .jsonl)", "unreadable file")
     samples = []
     seen_index: dict[tuple[str | None, str], int] = defaultdict(int)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            origin = RowOrigin(str(path), n, "line")
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(origin, f"invalid JSON: {e}", "invalid record") from None
-            if not isinstance(data, dict) or "task_id" not in data or not isinstance(data.get("correct"), bool):
-                raise DataError(origin, "a recorded sample needs `task_id` and a boolean `correct`", "invalid record")
-            bench = str(data["benchmark"]) if data.get("benchmark") is not None else None
-            key = (bench, str(data["task_id"]))
-            index = int(data.get("sample", seen_index[key]))
-            seen_index[key] += 1
-            messages = data.get("messages")
-            samples.append(RecordedSample(
-                task_id=str(data["task_id"]), correct=data["correct"], benchmark=bench, sample=index, origin=origin,
-                termination=str(data.get("termination", "")), malformed_calls=int(data.get("malformed_calls", 0) or 0),
-                messages=tuple(messages) if isinstance(messages, list) else None,
-                tool_images=tuple(data.get("tool_images") or ()),
-            ))
+    for origin, data in jsonl_records(path):
+        if isinstance(data, DataError):
+            raise data
+        try:
+            sample = SampleRecord.from_dict(data, origin=str(origin))
+        except ValueError as e:
+            raise DataError(origin, str(e), "invalid record") from None
+        key = (sample.benchmark, sample.task_id)
+        if "sample" not in data:  # recorded elsewhere: the order of the lines is the index
+            sample.sample = seen_index[key]
+        seen_index[key] += 1
+        samples.append(sample)
     return Recording(str(path), samples, config, images_dir)
 
 
-def lookup(groups: Mapping[tuple[str | None, str], list[RecordedSample]], row: DataRow) -> list[RecordedSample] | None:
+def lookup(groups: Mapping[tuple[str | None, str], list[SampleRecord]], row: DataRow) -> list[SampleRecord] | None:
     """The samples recorded for ``row``: by ``(benchmark, task_id)``, else by ``task_id`` for recordings without benchmarks."""
     found = groups.get((row.source, row.task_id))
     return found if found is not None else groups.get((None, row.task_id))

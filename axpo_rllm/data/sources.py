@@ -13,8 +13,10 @@ f1       token F1 as reward, exact match as correct    ``search_qa`` + ``reward:
 ======== ============================================= ==================================
 
 Any name registered with :func:`axpo_rllm.envs.verifiers.register_verifier` is accepted as a kind
-too (graded by that verifier). :data:`BENCHMARKS` maps the data sets of the paper to their kind by
-normalised name (``"HR-Bench 8K"`` -> ``hrbench8k``, matched by the known prefix ``hrbench``).
+too (graded by that verifier). The tables (kind -> grader, benchmark -> kind, alias -> verifier)
+are ``axpo_rllm.envs.verifiers.registry``'s; this module resolves a row with them.
+:data:`BENCHMARKS` maps the data sets of the paper to their kind by normalised name
+(``"HR-Bench 8K"`` -> ``hrbench8k``, matched by the known prefix ``hrbench``).
 A row may name its own kind (``answer_type``: DynaMath's ``multiple choice`` / ``float`` /
 ``free-form``, MathVista's ``question_type`` ...), and a row with options is a choice row.
 Precedence, first wins: the user's override for the source, the row's own answer type, options
@@ -27,7 +29,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from axpo_rllm.envs.verifiers import VERIFIERS, get_verifier, verify_choice, verify_math, verify_numeric, verify_search_qa
+from axpo_rllm.envs.verifiers import VERIFIERS, get_verifier
+from axpo_rllm.envs.verifiers.registry import ANSWER_KINDS, BENCHMARKS, kind_of_verifier
 
 __all__ = [
     "KINDS",
@@ -40,27 +43,7 @@ __all__ = [
     "parse_overrides",
 ]
 
-KINDS = ("math", "choice", "numeric", "em", "f1")
-
-_GRADER_OF_KIND = {"math": "math", "choice": "choice", "numeric": "numeric", "em": "search_qa", "f1": "search_qa"}
-_KIND_OF_FN = {verify_math: "math", verify_choice: "choice", verify_numeric: "numeric", verify_search_qa: "em"}
-
-BENCHMARKS: Mapping[str, str] = {
-    # RL / SFT training sets the paper draws from
-    "virl": "math",  # ViRL39K: boxed answers (letters for its choice questions, which math-verify compares too)
-    "fvqa": "em",  # FVQA (MMSearch-R1's search training set): short facts, exact match
-    "pyvision": "math",  # PyVision-RL
-    "mmfinereason": "math",
-    # benchmarks
-    "mathvision": "math",  # choice rows carry `options` and become choice rows
-    "dynamath": "math",  # rows carry answer_type: multiple choice / float / free-form
-    "mathvr": "math",
-    "vstar": "choice",  # V*: options in the question, letter answers
-    "visualprobe": "em",
-    "hrbench": "choice",  # HR-Bench 4K / 8K: A-D columns
-    "mmsearch": "f1",
-}
-"""Normalised benchmark name (or prefix) -> answer kind. Extend with ``--verifier NAME=KIND``."""
+KINDS = tuple(ANSWER_KINDS)
 
 ANSWER_TYPES: Mapping[str, str | None] = {
     "multiple_choice": "choice", "multi_choice": "choice", "multichoice": "choice", "choice": "choice", "mcq": "choice", "mc": "choice",
@@ -88,7 +71,7 @@ def normalize_source(name: str) -> str:
 
 def grader_source(kind: str) -> str:
     """The ``data_source`` :class:`~axpo_rllm.envs.verifiers.Grader` grades a ``kind`` under."""
-    return _GRADER_OF_KIND.get(kind, kind)
+    return ANSWER_KINDS.get(kind, kind)
 
 
 def _check_kind(kind: str, where: str) -> str:
@@ -148,7 +131,7 @@ class VerifierMap:
                 f"unknown data_source {source!r}: not a benchmark of the paper ({', '.join(sorted(BENCHMARKS))}) nor a "
                 f"registered verifier; map it with --verifier {source}=KIND (KIND: {', '.join(KINDS)})"
             ) from None
-        return Resolution(source, _KIND_OF_FN.get(spec.fn, str(source).lower()), "registered verifier")
+        return Resolution(source, kind_of_verifier(spec) or str(source).lower(), "registered verifier")
 
     def row_kind(self, source: str, answer_type: str | None, has_choices: bool) -> tuple[str, str]:
         """``(kind, how)`` for one row (the module docstring's precedence)."""

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from axpo_rllm.envs.images import ImageError, image_bytes, open_image
 
-from .loaders import BATCH_ROWS, DataError, DataRow, LoadReport, reject_or_raise
+from .loaders import BATCH_ROWS, DataError, DataRow, LoadReport, load_rows, reject_or_raise
 
-__all__ = ["verl_row", "write_verl_parquet", "rllm_row", "register_rllm", "SFT_COLUMNS", "write_sft_parquet", "read_sft_parquet"]
+__all__ = ["verl_row", "write_verl_parquet", "rllm_row", "register_rllm", "register_run_files", "SFT_COLUMNS", "write_sft_parquet", "read_sft_parquet"]
 
 
 def _verl_schema():
@@ -184,6 +184,35 @@ def register_rllm(
         raise ValueError(f"no rows to register as rllm dataset {name!r}")
     DatasetRegistry.register_dataset(name, data, split=split, source="axpo-rllm data convert", description=description)
     return len(data)
+
+
+def register_run_files(cfg: Any, skip_bad: bool = False,
+                       reports: dict[str, LoadReport] | None = None) -> tuple[Any, Any]:
+    """A run config's ``data.train_files`` / ``data.val_files`` (any format this package reads)
+    registered in rllm's dataset registry as ``axpo-<stem>`` and loaded back as rllm datasets;
+    (None, None) when the run names registered datasets instead (no such files on disk).
+
+    Every row is read and its images decoded here, before any worker starts: a bad row raises
+    :class:`DataError` naming its file and line, or with ``skip_bad`` is counted and left out
+    (``reports[key]``: each file list's :class:`LoadReport`)."""
+    from omegaconf import OmegaConf
+    from rllm.data.dataset import DatasetRegistry  # type: ignore[import-not-found]  # needs rllm
+
+    out = []
+    for key, split in (("data.train_files", "train"), ("data.val_files", "test")):
+        files = OmegaConf.select(cfg, key, default=None)
+        files = [files] if isinstance(files, str) else list(files or [])
+        if not files or not all(Path(str(f)).exists() for f in files):
+            out.append(None)
+            continue
+        report = LoadReport()
+        rows, _ = load_rows([str(f) for f in files], skip_bad=skip_bad, report=report)
+        name = "axpo-" + "-".join(Path(str(f)).stem for f in files)[:64]
+        register_rllm(rows, name, split=split, skip_bad=skip_bad, report=report)
+        if reports is not None:
+            reports[key] = report
+        out.append(DatasetRegistry.load_dataset(name, split))
+    return (out[0], out[1]) if out[0] is not None else (None, None)
 
 
 SFT_COLUMNS = ("messages", "images", "tools", "data_source", "task_id", "sample")

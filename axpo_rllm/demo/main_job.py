@@ -105,24 +105,24 @@ def job_config(
     steps: int | None = None,
     preset: str | None = None,
 ) -> DictConfig:
-    """axpo.yaml (+ ablation) + main_cpu.yaml (+ main_PRESET.yaml) (+ main_smoke.yaml) + ``--steps``
-    + overrides, validated."""
-    layers = [load_config(ablation), OmegaConf.create(config_text("main_cpu.yaml"))]
+    """:func:`~axpo_rllm.configs.loader.load_config` with the job's files (``main_cpu.yaml``, +
+    ``main_PRESET.yaml``, + ``main_smoke.yaml``), the smoke's halved N and ``--steps`` as settings,
+    then the overrides."""
+    layers = [OmegaConf.create(config_text("main_cpu.yaml"))]
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
         layers.append(OmegaConf.create(config_text(f"main_{preset}.yaml")))
+    settings = []
     if smoke:
         layers.append(OmegaConf.create(config_text("main_smoke.yaml")))
-        base_n = int(layers[0].actor_rollout_ref.rollout.n)
-        layers.append(OmegaConf.create({"actor_rollout_ref": {"rollout": {"n": max(4, base_n // 2)}}}))
+        base_n = int(load_config(ablation).actor_rollout_ref.rollout.n)
+        settings.append({"actor_rollout_ref": {"rollout": {"n": max(4, base_n // 2)}}})
     if steps is not None:
-        layers.append(OmegaConf.create({"rl": {"steps": int(steps)}}))
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
-    cfg = OmegaConf.merge(*layers)
+        settings.append({"rl": {"steps": int(steps)}})
+    cfg = load_config(ablation, overrides, layers=layers, settings=settings)
     OmegaConf.update(cfg, "job.ablation", ablation or "axpo", force_add=True)
     OmegaConf.update(cfg, "job.smoke", bool(smoke), force_add=True)
-    axpo_config(cfg)
     return cfg
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import RolloutEngine
+from .contract import RolloutEngine
 
 __all__ = ["ENGINES", "build_engine"]
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from .base import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads, checked_result
+from .contract import EngineError, GenerationRequest, GenerationResult, RolloutEngine, check_image_pads, checked_result
 from .vision import ban_logit_bias
 
 __all__ = ["HTTPEngine", "VLLMServer", "image_to_data_url"]

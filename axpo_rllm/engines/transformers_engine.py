@@ -15,11 +15,11 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
-from .base import (
+from .batching import InProcessEngine
+from .contract import (
     EngineError,
     GenerationRequest,
     GenerationResult,
-    InProcessEngine,
     check_image_pads,
 )
 from .vision import banned_ids, expand_image_pads, load_image_processor, reset_rope_state, vision_inputs

@@ -2,7 +2,7 @@
 
 Why offline ``LLM`` rather than ``AsyncLLM``: in-process start takes ~2-3 s on CPU (docs/upstream.md
 §1) and the engine stays thread-confined. Scheduling is continuous, as in vLLM's server: one
-worker thread (:class:`~axpo_rllm.engines.base.SteppingExecutor`) adds each request with
+worker thread (:class:`~axpo_rllm.engines.stepping.SteppingExecutor`) adds each request with
 ``llm.enqueue`` the moment it arrives and drives ``llm.llm_engine.step()``, so a request joins the
 running batch at the next step (an agent's next turn, or an AXPO continuation released while phase
 1 still runs, never waits for the slowest member of a batch). ``scheduling="batch"`` keeps the
@@ -20,15 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import (
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    InProcessEngine,
-    SteppingExecutor,
-    check_image_pads,
-    checked_result,
-)
+from .batching import InProcessEngine
+from .contract import EngineError, GenerationRequest, GenerationResult, check_image_pads, checked_result
+from .stepping import SteppingExecutor
 from .vision import ban_logit_bias
 
 __all__ = ["VLLMEngine"]
@@ -197,7 +191,7 @@ class VLLMEngine(InProcessEngine):
 
 
 class _LLMSteps:
-    """``vllm.LLM`` as a :class:`~axpo_rllm.engines.base.SteppingBackend` (worker thread only).
+    """``vllm.LLM`` as a :class:`~axpo_rllm.engines.stepping.SteppingBackend` (worker thread only).
 
     ``llm.enqueue`` returns vLLM's internal request id (``<external>-<8 random chars>``) while
     ``step()`` reports the external one: work is keyed by the external id, aborts use the internal.

@@ -7,7 +7,7 @@ phase 1 with AXPO off, rollout sampling parameters), so evaluation sees exactly 
 sees. Every number is reported per benchmark (``Task.metadata["benchmark"]``, or the synthetic
 tasks' ``family``), over all questions, and averaged over benchmarks (the paper's "Avg").
 
-One sample is one :class:`SampleRecord`. With an output folder each finished sample is appended to
+One sample is one :class:`~axpo_rllm.core.samples.SampleRecord`. With an output folder each finished sample is appended to
 ``samples.jsonl`` at once, so an interrupted evaluation resumes where it stopped: the same
 ``(seed, task, sample index)`` gives the same seed, so a resumed run equals an uninterrupted one.
 A sample that ended in an engine/env error is scored (wrong, counted) but not cached: a resume
@@ -38,9 +38,9 @@ from axpo_rllm.agents.agent import AgentConfig, Episode
 from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
 from axpo_rllm.core.config import AXPOConfig
-from axpo_rllm.core.records import QuestionGroup, Rollout, Task, Termination
+from axpo_rllm.core.records import QuestionGroup, Rollout, Task
+from axpo_rllm.core.samples import SampleRecord
 from axpo_rllm.engines.base import RolloutEngine
-from axpo_rllm.engines.factory import ENGINES, build_engine  # noqa: F401 (re-exported for the CLI)
 
 __all__ = [
     "EVAL_STEP",
@@ -55,7 +55,6 @@ __all__ = [
     "rollout_messages",
     "evaluate_items",
     "evaluate",
-    "build_engine",
 ]
 
 EVAL_STEP = 10_000
@@ -75,51 +74,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Records
-
-
-@dataclass
-class SampleRecord:
-    """One evaluated episode (a line of ``samples.jsonl``)."""
-
-    benchmark: str
-    task_id: str
-    sample: int
-    """Index of the sample among the question's n (its seed derives from it)."""
-    correct: bool
-    reward: float
-    tool_calls: int
-    """Calls the model attempted (valid and malformed)."""
-    malformed_calls: int
-    turns: int
-    termination: str
-    error: str = ""
-    response: str = ""
-    """The last assistant turn's text (truncated), for reading results."""
-    messages: list | None = None
-    """With recording on: the assistant/tool turns after the prompt (``<image>`` placeholders)."""
-    tool_images: list | None = None
-    """With recording on: file names (in the run's ``images/``) of the images tools returned, in order."""
-
-    @property
-    def used_tool(self) -> bool:
-        return self.tool_calls > 0
-
-    @property
-    def failed(self) -> bool:
-        return self.termination == Termination.ERROR.value
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.benchmark, self.task_id, self.sample)
-
-    def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, line: str) -> "SampleRecord":
-        data = json.loads(line)
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -342,8 +296,8 @@ class SampleCache:
             if not line.strip():
                 continue
             try:
-                record = SampleRecord.from_json(line)
-            except (json.JSONDecodeError, TypeError) as e:
+                record = SampleRecord.from_json(line, origin=f"{self.path}, line {n}")
+            except ValueError as e:
                 raise ValueError(f"{self.path}, line {n}: not a sample record ({e}); use --fresh to start over") from None
             self.done[record.key] = record
 

@@ -1,4 +1,10 @@
-"""The data_source -> verifier table: which verifier grades a row of each data source."""
+"""Which verifier grades which data source: the one table, for the graders and the data layer.
+
+Three parts: :data:`VERIFIERS` (a registered name or dataset alias -> its verifier),
+:data:`ANSWER_KINDS` (an answer kind -> the registered verifier grading it) and
+:data:`BENCHMARKS` (the paper's data sets, by normalised name or prefix -> their answer kind).
+``axpo_rllm.data.sources`` resolves a row's kind from these (overrides and row labels first).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,41 @@ register_verifier("math", "gsm8k", "math500", "aime", "geo3k", "geometry3k", "hi
 register_verifier("choice", "multiple_choice", "mcq")(verify_choice)
 register_verifier("numeric", "number", "chartqa")(verify_numeric)
 register_verifier("search_qa", "qa", "nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "popqa")(verify_search_qa)
+
+
+ANSWER_KINDS: Mapping[str, str] = {
+    "math": "math",  # symbolic equivalence (math-verify)
+    "choice": "choice",  # the option letter (or the option's text)
+    "numeric": "numeric",  # a number within tolerance
+    "em": "search_qa",  # normalised exact match against any alias
+    "f1": "search_qa",  # the same grader, token F1 as reward (``reward: f1`` in the metadata)
+}
+"""Answer kind -> the registered verifier that grades it."""
+
+BENCHMARKS: Mapping[str, str] = {
+    # RL / SFT training sets the paper draws from
+    "virl": "math",  # ViRL39K: boxed answers (letters for its choice questions, which math-verify compares too)
+    "fvqa": "em",  # FVQA (MMSearch-R1's search training set): short facts, exact match
+    "pyvision": "math",  # PyVision-RL
+    "mmfinereason": "math",
+    # benchmarks
+    "mathvision": "math",  # choice rows carry `options` and become choice rows
+    "dynamath": "math",  # rows carry answer_type: multiple choice / float / free-form
+    "mathvr": "math",
+    "vstar": "choice",  # V*: options in the question, letter answers
+    "visualprobe": "em",
+    "hrbench": "choice",  # HR-Bench 4K / 8K: A-D columns
+    "mmsearch": "f1",
+}
+"""Normalised benchmark name (or prefix) -> answer kind; a user adds one with ``--verifier NAME=KIND``."""
+
+
+def kind_of_verifier(spec: VerifierSpec) -> str | None:
+    """The first answer kind graded by ``spec``'s function (``search_qa`` -> ``em``), or None."""
+    for kind, name in ANSWER_KINDS.items():
+        if VERIFIERS[name].fn is spec.fn:
+            return kind
+    return None
 
 
 def get_verifier(data_source: str) -> VerifierSpec:

@@ -9,16 +9,12 @@ model's own sample, so the token-exactness checks are real.
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
-# --import-mode=importlib puts no test folder on sys.path: make agent_helpers importable.
-sys.path.insert(0, str(Path(__file__).parent))
-from agent_helpers import AlwaysWrongGrader, FakeEngine, biased  # noqa: E402
+from agent_helpers import AlwaysWrongGrader, FakeEngine, biased
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from agent_helpers import CALL_TEXT, ScriptedEngine, make_tasks
+from agent_helpers import CALL_TEXT, HANG, ScriptedEngine, make_tasks
 
 from axpo_rllm.agents.agent import Agent, AgentConfig
 from axpo_rllm.engines.base import EngineError
@@ -146,6 +146,20 @@ def test_engine_failures_are_retried_then_recorded(chat, env, task):
     assert episode.rollout.termination is Termination.ANSWER and episode.stats.engine_retries == 1
     episode, _ = run(chat, [EngineError("down")] * 3, env, task, AgentConfig(engine_retries=2))
     assert episode.rollout.termination is Termination.ERROR and "down" in episode.rollout.error
+
+
+def test_a_request_that_never_answers_times_out_and_is_retried(chat, env, task):
+    ok = chat.encode("\\boxed{A}<|im_end|>")
+    config = AgentConfig(request_timeout_s=0.2, engine_retries=2)
+    episode, requests = run(chat, [HANG, ok], env, task, config)
+    assert episode.rollout.termination is Termination.ANSWER and episode.stats.engine_retries == 1
+    assert len(requests) == 2 and requests[0].request_id == requests[1].request_id  # the same request again
+    # every try hangs: the rollout fails with the timeout as its reason, after its retries
+    episode, requests = run(chat, [HANG] * 3, env, task, config)
+    assert episode.rollout.termination is Termination.ERROR and len(requests) == 3
+    assert episode.rollout.error.startswith("EngineError") and "request_timeout_s=0.2" in episode.rollout.error
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        AgentConfig(request_timeout_s=0)
 
 
 def test_token_budget_ends_the_rollout(chat, env, task):

@@ -39,7 +39,7 @@ def task_dicts(tasks):
              "images": list(t.images), "choices": t.metadata["choices"]} for t in tasks]
 
 
-def run_rllm_step(chat, engine, env_factory, config=CONFIG):
+def run_rllm_step(chat, engine, env_factory, config=CONFIG, retry_limit=1, raise_on_error=True):
     from rllm.engine.unified_workflow_engine import UnifiedWorkflowEngine
 
     coordinator = AXPOStepCoordinator(B, config.axpo, barrier_timeout_s=60)
@@ -47,7 +47,7 @@ def run_rllm_step(chat, engine, env_factory, config=CONFIG):
         AXPORllmWorkflow,
         {"coordinator": coordinator, "chat": chat, "env_factory": env_factory, "config": config},
         AxpoRllmEngine(engine, chat),
-        n_parallel_tasks=B, retry_limit=1, raise_on_error=True,
+        n_parallel_tasks=B, retry_limit=retry_limit, raise_on_error=raise_on_error,
     )
     # Text-only tasks: unexpanded ids here; the image path (expanded ids, every image's features)
     # is tests/integrations/test_rllm_multimodal.py.
@@ -113,6 +113,25 @@ def test_axpo_step_through_rllm_matches_the_framework_free_workflow(chat, chat_w
             seen += 1
     assert seen == sum(1 for r in direct.rows if r.segments)
     assert sum(len(g.trajectories) for g in groups) == len(direct.rows)
+
+
+def test_a_step_past_its_failure_bound_stops_in_the_hook_with_its_reason(chat, chat_words, env_factory):
+    """With the launcher's rllm settings (one run per question, a failed run handed over): every
+    request of question q1 fails, the step's last run finds the share past max_failed_share, rllm
+    turns that run into an error episode, and the grouping hook (on the trainer's path, before any
+    advantage or update) stops the step with the failure policy's own message."""
+    from rllm.trainer.algorithms.config import TransformConfig
+    from rllm.trainer.algorithms.transform import transform_episodes_to_trajectory_groups
+
+    from axpo_rllm.core.failures import StepFailedError
+
+    engine = FakeEngine(chat, chat_words, fail_ids=("q1#",))
+    episodes, coordinator = run_rllm_step(chat, engine, env_factory, raise_on_error=False)
+    assert len(episodes) == B and coordinator.step == 1, "each question ran once: nothing was planned twice"
+    failed = [ep for ep in episodes if "axpo_plan" not in ep.metadata]
+    assert len(failed) == 1 and failed[0].info["error"]["error_type"] == "StepFailedError"
+    with pytest.raises(StepFailedError, match=r"1 of 4 question runs .* StepFailedError: \d+ of \d+ rollouts failed .*EngineError x"):
+        transform_episodes_to_trajectory_groups(episodes, TransformConfig(), None, traj_grouping_hook=axpo_traj_grouping_hook)
 
 
 def test_rllm_token_engine_routes_a_prefix_family_to_one_server(chat):

@@ -124,6 +124,9 @@ def test_failed_rollouts_are_retried_then_recorded_and_the_budget_stays_exact(ch
     assert m["workflow/failed_rollouts"] == len(failed) and m["axpo/failed_rollouts"] == len(failed)
     assert m["workflow/rollout_retries"] == len(failed)  # one retry each before recording
     assert m["workflow/failure/EngineError"] == 2 * len(failed)
+    # every attempt spent its engine retries (2 by default): the failed first attempts' count too
+    retries = wf.agent.config.engine_retries
+    assert m["workflow/engine_retries"] == 2 * retries * len(failed)
     assert "q0#1" not in {j.source_id for j in res.plan.jobs}  # a failed episode is never a source
 
 

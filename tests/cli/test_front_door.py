@@ -128,3 +128,25 @@ def test_a_fresh_process_hears_verl_and_hf_bars_only_when_verbose(mode):
         assert "progress bars False" in proc.stdout and "Warning" not in proc.stderr, proc.stderr[-2000:]
     else:
         assert "progress bars True" in proc.stdout and "UserWarning: megatron engine is not available" in proc.stderr
+
+
+class _RemoteError(Exception):
+    """What a Ray task error looks like to the driver: its text opens with the remote function, its
+    ``cause`` is the remote exception (Ray's dual exception classes keep no other attribute)."""
+
+    def __init__(self, text: str, cause: BaseException) -> None:
+        super().__init__(text)
+        self.cause = cause
+
+
+def test_a_failed_run_is_summed_up_by_its_innermost_remote_function_and_cause():
+    disk = RuntimeError("basic_ios::clear: iostream error")
+    worker = _RemoteError("\x1b[36mray::WorkerDict.actor_rollout_ref_save_checkpoint()\x1b[39m (pid=1)", disk)
+    trainer = _RemoteError("\x1b[36mray::VerlTaskRunner.run()\x1b[39m (pid=2)", worker)
+    assert cli._root_cause(trainer) == ("WorkerDict.actor_rollout_ref_save_checkpoint", disk)
+    # as it reaches the driver: the trainer's text nests the worker's, the cause is the bare error
+    flat = _RemoteError("\x1b[36mray::VerlTaskRunner.run()\x1b[39m (pid=2)\n  ...\nRayTaskError(RuntimeError): "
+                        "\x1b[36mray::WorkerDict.actor_rollout_ref_save_checkpoint()\x1b[39m (pid=1)", disk)
+    assert cli._root_cause(flat) == ("WorkerDict.actor_rollout_ref_save_checkpoint", disk)
+    local = ValueError("no remote frame")
+    assert cli._root_cause(local) == ("", local)

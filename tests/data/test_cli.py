@@ -56,7 +56,7 @@ EVAL = ["--n", "4", "--k", "4", "--max-tokens-per-turn", "12", "--max-turns", "2
 
 
 def test_eval_the_tiny_model_on_three_benchmarks_interrupted_then_resumed(files, model_dir, tmp_path, monkeypatch, capsys):
-    import axpo_rllm.train.evaluate as evaluate
+    import axpo_rllm.train.eval_run as eval_run
 
     args = ["eval", *files, "--source", "MathVision", "--model-dir", str(model_dir), *EVAL]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
@@ -67,13 +67,13 @@ def test_eval_the_tiny_model_on_three_benchmarks_interrupted_then_resumed(files,
     assert all(f"| {name} | 3 |" in table for name in ("fvqa", "vstar", "MathVision")) and "| all questions | 9 |" in table
     assert capsys.readouterr().out.count("| MathVision | 3 |") == 1
 
-    real = evaluate.build_engine
-    monkeypatch.setattr(evaluate, "build_engine", lambda *a, **kw: Interrupting(real(*a, **kw), after=14))
+    real = eval_run.build_engine
+    monkeypatch.setattr(eval_run, "build_engine", lambda *a, **kw: Interrupting(real(*a, **kw), after=14))
     assert main(args + ["--out", str(tmp_path / "cut")]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     kept = (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()
     assert 0 < len(kept) < 36
-    monkeypatch.setattr(evaluate, "build_engine", real)
+    monkeypatch.setattr(eval_run, "build_engine", real)
     assert main(args + ["--out", str(tmp_path / "cut")]) == 0
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert resumed["resumed_samples"] == len(kept) and resumed["scores"]["by_benchmark"] == whole["scores"]["by_benchmark"]
@@ -85,10 +85,10 @@ def test_eval_the_tiny_model_on_three_benchmarks_interrupted_then_resumed(files,
 
 
 def test_record_then_sft_export_and_filter(files, model_dir, tokenizer, tmp_path, monkeypatch, capsys):
-    import axpo_rllm.train.evaluate as evaluate
+    import axpo_rllm.train.eval_run as eval_run
     from axpo_rllm.data.writers import read_sft_parquet
 
-    monkeypatch.setattr(evaluate, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
+    monkeypatch.setattr(eval_run, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
     rec = tmp_path / "rec"
     assert main(["eval", *files, "--source", "MathVision", "--model-dir", str(model_dir), "--out", str(rec), "--record", *EVAL,
                  "--max-tokens-per-turn", "64"]) == 0  # room for the whole crop call
@@ -157,7 +157,7 @@ def test_eval_refuses_bad_settings_and_counts_questions_that_cannot_load(suite, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import axpo_rllm.train.evaluate as evaluate
+    import axpo_rllm.train.eval_run as eval_run
 
     rows = [{"data_source": "vstar", "question": f"What is the color of the box {i}?", "answer": "A", "id": str(i),
              "images": [{"bytes": data, "path": None}]} for i, data in enumerate((sd.png(), sd.truncated_png()))]
@@ -169,7 +169,7 @@ def test_eval_refuses_bad_settings_and_counts_questions_that_cannot_load(suite, 
     assert main(["eval", str(path), "--model-dir", str(tmp_path / "no-model"), "--out", str(tmp_path / "e1"), *EVAL]) == 2
     capsys.readouterr()
 
-    monkeypatch.setattr(evaluate, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
+    monkeypatch.setattr(eval_run, "build_engine", lambda *a, **kw: ScriptedEngine(tokenizer, suite_reply))
     assert main(base + ["--out", str(tmp_path / "e2")]) == 2  # the header reads; the body does not
     assert "half.parquet, row 1: image 0: image bytes cannot be decoded" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "e3"), "--skip-bad"]) == 0

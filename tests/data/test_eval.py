@@ -172,3 +172,17 @@ def test_an_interrupted_eval_of_the_tiny_model_resumes_to_the_uninterrupted_resu
         with TransformersEngine(model_dir) as engine:
             evaluate_items(engine, ChatFormat(engine.tokenizer), crop_env, items, n=5, k=4, agent_config=agent, seed=3,
                            out_dir=tmp_path / "cut", fingerprint={"m": 1})
+
+
+def test_a_recording_from_elsewhere_reads_with_line_order_as_index_and_bad_lines_named(tmp_path):
+    from axpo_rllm.data.loaders import DataError
+
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"task_id": "q", "correct": true}\n\n{"task_id": "q", "correct": false}\n')
+    samples = read_samples(path).samples
+    assert [(s.benchmark, s.sample, s.correct, s.origin) for s in samples] == [
+        (None, 0, True, f"{path}, line 1"), (None, 1, False, f"{path}, line 3")]
+    for bad, why in (('{"task_id": "q"}', "boolean `correct`"), ("[1]", "JSON object"), ("{nope", "invalid JSON")):
+        path.write_text('{"task_id": "q", "correct": true}\n' + bad + "\n")
+        with pytest.raises(DataError, match=f"line 2: .*{why}"):
+            read_samples(path)

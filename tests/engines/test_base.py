@@ -276,3 +276,12 @@ def test_a_result_the_converter_cannot_read_fails_its_request_alone_and_calls_ru
     executor.shutdown()
     with pytest.raises(EngineError, match="closed"):
         asyncio.run(executor.submit(("late", 1), lambda o: o))
+
+
+def test_base_names_the_contract_and_both_executors_from_their_modules():
+    from axpo_rllm.engines import base, batching, contract, stepping
+
+    owners = {"RolloutEngine": contract, "GenerationRequest": contract, "EngineError": contract,
+              "BatchingExecutor": batching, "InProcessEngine": batching, "SteppingExecutor": stepping}
+    assert all(getattr(base, name) is getattr(owner, name) for name, owner in owners.items())
+    assert set(base.__all__) <= set(dir(base))

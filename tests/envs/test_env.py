@@ -213,3 +213,53 @@ def test_one_turns_calls_get_indices_in_call_order(grader):
     assert (slow.image_indices, fast.image_indices, bad.image_indices) == ((1,), (2,), ())
     assert slow.text == fast.text == "saw 1"  # both saw the images as they were before the turn
     assert [im.size[0] for im in env.images[1:]] == [11, 22] and bad.is_error
+
+
+class ImageOfTool(Tool):
+    """Returns the image its arguments describe: a size, or the first bytes of a PNG file."""
+
+    name = "image_of"
+    description = "test tool"
+    parameters = {"type": "object", "properties": {}}
+
+    async def call(self, arguments: dict, context: ToolContext) -> ToolResult:
+        import io
+
+        if arguments.get("truncated"):
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, "PNG")
+            image = Image.open(io.BytesIO(buffer.getvalue()[:80]))  # a header, then nothing: opens lazily
+            return ToolResult(text="made", images=(image,))
+        return ToolResult(text="made", images=(Image.new("RGB", tuple(arguments["size"])),))
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    ({"size": [0, 0]}, "0x0 px"),
+    ({"size": [40000, 1]}, "aspect ratio 40000"),
+    ({"size": [3, 30000]}, "aspect ratio 10000"),
+    ({"truncated": True}, "do not decode"),
+])
+def test_an_image_the_model_cannot_take_is_the_tools_error(arguments, problem):
+    env = MultimodalToolEnv(task=make_task(), tools={"image_of": ImageOfTool()})
+    obs = env.call_tool("image_of", arguments)
+    assert obs.is_error and problem in obs.error and "cannot be shown to the model" in obs.error
+    assert obs.images == () and len(env.images) == 1, "nothing of the bad result enters the episode"
+    assert env.stats()["errors_by_tool"] == {"image_of": 1}
+    ok = env.call_tool("image_of", {"size": [400, 2]})  # an aspect ratio of 200 is still taken
+    assert not ok.is_error and ok.image_indices == (1,)
+
+
+def test_the_python_tools_extreme_images_become_error_observations():
+    """Through the sandbox for real: a 40000x1 image comes back (the sandbox shrinks only by pixel
+    count), and the env refuses it before it can reach the model's processor."""
+    env = MultimodalToolEnv(task=make_task(n_images=0), tools=["python"],
+                            tool_configs={"python": {"min_isolation": "rlimits"}})
+    try:
+        obs = env.call_tool("python", {"code": "from PIL import Image\ndisplay(Image.new('RGB', (40000, 1)))"})
+        assert obs.is_error and "40000x1 px" in obs.error, obs
+        zero = env.call_tool("python", {"code": "from PIL import Image\ndisplay(Image.new('RGB', (0, 0)))"})
+        assert zero.is_error and "0x0" in zero.error, zero
+        fine = env.call_tool("python", {"code": "from PIL import Image\ndisplay(Image.new('RGB', (64, 32)))"})
+        assert not fine.is_error and fine.image_indices == (0,)
+    finally:
+        env.close()

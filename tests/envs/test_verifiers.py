@@ -338,3 +338,12 @@ def test_verl_compute_score_in_executor_threads():
     assert [s["score"] for s in scores] == [1.0, 1.0, 1.0, 0.0]
     assert [s["grader_failure"] for s in scores] == [0.0, 0.0, 0.0, 1.0]
     assert all(set(s) == {"score", "acc", "grader_failure"} for s in scores)
+
+
+def test_every_answer_kind_and_benchmark_is_graded_by_a_registered_verifier():
+    from axpo_rllm.envs.verifiers.registry import ANSWER_KINDS, BENCHMARKS, kind_of_verifier
+
+    assert set(BENCHMARKS.values()) <= set(ANSWER_KINDS)
+    assert {kind: get_verifier(name).fn for kind, name in ANSWER_KINDS.items()}["f1"] is V.verify_search_qa
+    kinds = [kind_of_verifier(get_verifier(s)) for s in ("gsm8k", "mcq", "chartqa", "nq")]
+    assert kinds == ["math", "choice", "numeric", "em"]

@@ -85,6 +85,9 @@ def test_the_axpo_layer_is_written_into_rllms_own_keys():
     assert rllm.data.train_batch_size == 32 and rllm.rollout.n == 1 and cfg.axpo_launch.group_size == 8
     assert rllm.rejection_sample.filter_uniform_groups is False and rllm.rejection_sample.min_trajs_per_group == 1
     assert rllm.compact_filtering.enable is False
+    assert rllm.workflow.retry_limit == 1 and rllm.workflow.raise_on_error is False
+    sampled = launch_config(None, ["data.train_batch_size=32", "actor_rollout_ref.rollout.temperature=0.7"])
+    assert workflow_config(sampled).agent.temperature == 0.7, "the agent samples at the rollout's temperature"
     assert workflow_config(cfg).n == 8, "N is read from axpo_launch.group_size (rllm syncs rollout.n to 1)"
 
 
@@ -94,6 +97,9 @@ def test_the_axpo_layer_is_written_into_rllms_own_keys():
     ("rllm.rejection_sample.min_trajs_per_group=2", "min_trajs_per_group must be 1"),
     ("rllm.data.train_batch_size=64", r"rllm.data.train_batch_size \(64\) must equal data.train_batch_size \(32\)"),
     ("rllm.workflow.n_parallel_tasks=8", "n_parallel_tasks must be >= the questions per step"),
+    ("rllm.workflow.retry_limit=3", "retry_limit must be 1"),
+    ("rllm.workflow.raise_on_error=true", "raise_on_error must be False"),
+    ("agent.temperature=0.7", r"agent.temperature=0.7 differs from actor_rollout_ref.rollout.temperature=1.0"),
 ])
 def test_modes_that_bypass_axpo_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):

@@ -39,10 +39,8 @@ from axpo_rllm.configs.loader import (
     axpo_config,
     check_budget,
     check_source_tail,
-    config_text,
     group_size,
     load_config,
-    model_config,
 )
 from axpo_rllm.core.config import dataclass_from_mapping
 from axpo_rllm.envs.env import SharedToolsEnvFactory
@@ -132,31 +130,22 @@ def launch_config(
     the command line wins over the value derived here. The AXPO layer is validated
     (``axpo_config``) so a typo in ``algorithm.axpo.*`` fails before any GPU is touched.
     """
-    axpo = load_config(ablation)
-    if model is not None:  # the model layer, then the ablation file again (its switches win over a model's)
-        layers = [axpo, model_config(model)] + ([OmegaConf.create(config_text(f"ablation/{ablation}.yaml"))] if ablation else [])
-        axpo = OmegaConf.merge(*layers)
-    launcher = OmegaConf.create(
-        {
-            "axpo_launch": {
-                "ablation": ablation or "axpo",
-                "model": model or "",
-                "workflow_class": DEFAULT_WORKFLOW,
-                "backend": "verl",
-                "tools": ["crop", "python", "search"],
-                "tool_configs": {},
-                "barrier_timeout_s": 600.0,
-                "allow_untested_versions": False,
-                # mean |Δ log p| rollout engine vs actor over a step's response tokens above which the run
-                # stops (core/failures.py); fp32 on CPU gives ~1e-5, bf16 on GPUs ~1e-2
-                "max_logprob_gap": 0.5,
-            },
-        }
-    )
-    base_cfg = OmegaConf.create(base or {})
-    OmegaConf.set_struct(base_cfg, False)  # rllm's hydra config is struct: AXPO adds its own keys
-    # hydra's '+key=value' (add a key) is a plain key to omegaconf
-    cfg = OmegaConf.merge(base_cfg, axpo, launcher, OmegaConf.from_dotlist([o.removeprefix("+") for o in overrides]))
+    launcher = {
+        "axpo_launch": {
+            "ablation": ablation or "axpo",
+            "model": model or "",
+            "workflow_class": DEFAULT_WORKFLOW,
+            "backend": "verl",
+            "tools": ["crop", "python", "search"],
+            "tool_configs": {},
+            "barrier_timeout_s": 600.0,
+            "allow_untested_versions": False,
+            # mean |Δ log p| rollout engine vs actor over a step's response tokens above which the run
+            # stops (core/failures.py); fp32 on CPU gives ~1e-5, bf16 on GPUs ~1e-2
+            "max_logprob_gap": 0.5,
+        },
+    }
+    cfg = load_config(ablation, overrides, base=base or {}, model=model, settings=[launcher])
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if "rllm.rollout.n" in given:
         raise ValueError(
@@ -179,6 +168,16 @@ def launch_config(
         "rllm.rejection_sample.min_trajs_per_group": 1,
         "rllm.compact_filtering.enable": False,
         "rllm.workflow.n_parallel_tasks": max(parallel, questions),
+        # a question run is retried inside (each rollout: engine_retries, rollout_retries); a second
+        # run of the question would submit it twice to the step's plan, so rllm runs it once and
+        # hands a failed run over as an error episode, which the grouping hook stops the step on
+        # with its reason (rllm's raise_on_error would replace the reason with "failed permanently")
+        "rllm.workflow.retry_limit": 1,
+        "rllm.workflow.raise_on_error": False,
+        # the agent samples every request itself; verl's actor scores the samples (old and reference
+        # log-probs) at the rollout's temperature: one owner, verl's key
+        "agent.temperature": float(OmegaConf.select(cfg, "actor_rollout_ref.rollout.temperature", default=1.0)),
+        "agent.top_p": float(OmegaConf.select(cfg, "actor_rollout_ref.rollout.top_p", default=1.0)),
         "axpo_launch.group_size": group_size(cfg),  # N x the ablation's factor (rollout_2x: 2N)
     }
     for key, value in derived.items():
@@ -202,6 +201,10 @@ def check_launch_config(cfg: DictConfig) -> None:
         "rllm.rollout.n": 1,
         "rllm.rejection_sample.filter_uniform_groups": False,
         "rllm.async_training.enable": False,
+        # one run per question and step (a rerun would be planned twice); a failed run reaches the
+        # grouping hook, which stops the step naming its reason
+        "rllm.workflow.retry_limit": 1,
+        "rllm.workflow.raise_on_error": False,
     }
     for key, want in expect.items():
         got = OmegaConf.select(cfg, key, default=want)
@@ -219,9 +222,23 @@ def check_launch_config(cfg: DictConfig) -> None:
         raise ValueError(f"rllm.workflow.n_parallel_tasks must be >= the questions per step ({questions}), got {parallel}: "
                          "every question of a step waits at the plan's barrier")
     check_group_size(cfg)
+    check_sampling(cfg)
     check_source_tail(cfg, "the rllm launcher (one advantage per trajectory)")
     if verl_batch is not None:  # B is known (rllm's and verl's base configs set it; a bare AXPO layer does not)
         check_budget(cfg, questions, "data.train_batch_size")
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """The agent samples at the temperature and top-p verl's actor scores the samples with
+    (``actor_rollout_ref.rollout.temperature``/``top_p``): otherwise every importance ratio of the
+    step compares two different distributions."""
+    for key in ("temperature", "top_p"):
+        rollout = OmegaConf.select(cfg, f"actor_rollout_ref.rollout.{key}", default=1.0)  # verl's default
+        agent = OmegaConf.select(cfg, f"agent.{key}", default=None)
+        if agent is not None and float(rollout) != float(agent):
+            raise ValueError(f"agent.{key}={agent} differs from actor_rollout_ref.rollout.{key}={rollout}: the actor "
+                             f"scores the agent's samples at the rollout's {key}; set actor_rollout_ref.rollout.{key} "
+                             "(the agent follows it)")
 
 
 def check_group_size(cfg: DictConfig) -> None:

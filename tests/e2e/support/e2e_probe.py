@@ -11,11 +11,32 @@ in what the trainer does.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import wrapt
+
+
+def _digest(batch, i: int) -> str:
+    """The row's tokens (prompt and response, padding left out), hashed."""
+    ids = batch.batch["input_ids"][i][batch.batch["attention_mask"][i].bool()]
+    return hashlib.sha1(ids.cpu().numpy().astype("int64").tobytes()).hexdigest()
+
+
+def _image_tokens(batch, i: int) -> dict:
+    """The row's image pads beside the features its images give (``AXPO_E2E_IMAGE_PAD``: the pad
+    id; each image gives t·h·w / merge² features): equal, or the model's forward fails."""
+    pad = os.environ.get("AXPO_E2E_IMAGE_PAD")
+    if not pad:
+        return {}
+    merge = int(os.environ.get("AXPO_E2E_MERGE", "2"))
+    ids = batch.batch["input_ids"][i][batch.batch["attention_mask"][i].bool()]
+    inputs = (batch.non_tensor_batch.get("multi_modal_inputs", [None] * (i + 1))[i] or {})
+    grid = inputs.get("image_grid_thw")
+    features = int(sum(int(t) * int(h) * int(w) for t, h, w in grid.tolist()) // merge**2) if grid is not None else 0
+    return {"image_pads": int((ids == int(pad)).sum()), "image_features": features}
 
 
 def _row_advantages(batch) -> list[dict]:
@@ -30,7 +51,8 @@ def _row_advantages(batch) -> list[dict]:
         values = adv[i][mask[i]]
         row = {"trajectory_id": str(ids[i]) if ids is not None else str(i), "tokens": int(mask[i].sum()),
                "first": float(values[0]) if len(values) else 0.0,
-               "spread": float(values.max() - values.min()) if len(values) else 0.0}
+               "spread": float(values.max() - values.min()) if len(values) else 0.0,
+               "digest": _digest(batch, i)} | _image_tokens(batch, i)
         if "rollout_log_probs" in batch.batch and "old_log_probs" in batch.batch and len(values):
             gap = (batch.batch["rollout_log_probs"][i] - batch.batch["old_log_probs"][i]).abs()[mask[i]]
             row |= {"gap_mean": float(gap.mean()), "gap_max": float(gap.max()),
@@ -40,11 +62,17 @@ def _row_advantages(batch) -> list[dict]:
     return rows
 
 
+def _rollout(trajectory):
+    return (trajectory.metadata or {}).get("axpo_rollout")
+
+
 def _groups(groups) -> list[dict]:
     out = []
     for g in groups or []:
         out.append({"group_id": g.group_id, "trajectories": [
             {"uid": t.uid, "steps": len(t.steps), "role": (t.metadata or {}).get("axpo_role"),
+             "failed": _rollout(t) is not None and _rollout(t).termination.value == "error",
+             "error": _rollout(t).error[:300] if _rollout(t) is not None else "",
              "advantage": (t.metadata or {}).get("axpo_advantage"), "reward": float(t.reward or 0.0)}
             for t in g.trajectories]})
     return out

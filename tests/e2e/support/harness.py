@@ -183,3 +183,37 @@ def read_metrics(folder: Path) -> dict[int, dict[str, float]]:
         for event in events.Scalars(tag):
             steps.setdefault(int(event.step), {})[tag] = float(event.value)
     return steps
+
+
+@dataclass
+class Run:
+    """One invocation's outcome, its folder and the metrics it logged (``{step: {tag: value}}``)."""
+
+    result: RunResult
+    run_dir: Path
+    metrics: dict[int, dict[str, float]]
+
+    def dump(self, step: int) -> dict:
+        return json.loads((self.run_dir / "dump" / f"step_{step}.json").read_text())
+
+    def dumped_steps(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in (self.run_dir / "dump").glob("step_*.json"))
+
+    def check_ok(self) -> None:
+        assert self.result.returncode == 0 and not self.result.timed_out, self.result.tail()
+
+
+def run_args(prepared: dict, run_dir: Path, search_url: str, steps: int, experiment: str, questions: int = 2,
+             train: str | None = None) -> list[str]:
+    files = prepared["files"]
+    return cpu_overrides(prepared["model"], train or files["train"], files["val"], run_dir, search_url, steps,
+                         questions=questions, experiment=experiment)
+
+
+def run_e2e(args: Sequence[str], run_dir: Path, timeout_s: float, tag: str = "", stop_when=None,
+            modules: Sequence[str] = ("e2e_probe",), env: dict[str, str] | None = None) -> Run:
+    """``axpo-rllm train ARGS`` with the probe (and ``modules``), its metrics read back."""
+    metrics = f"tensorboard{tag}"
+    run_env = cpu_env(run_dir, modules, metrics=metrics) | dict(env or {})
+    result = run_train(args, run_dir, timeout_s, env=run_env, log_name=f"train{tag}.log", stop_when=stop_when)
+    return Run(result, run_dir, read_metrics(run_dir / metrics))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 CALL_TEXT = '<tool_call>\n{"name": "crop", "arguments": {"bbox": [0, 0, 500, 500]}}\n</tool_call>'
 
 
@@ -64,8 +66,13 @@ def biased(engine, chat, **kw):
     return ToolBiasedEngine(engine, turn_start_ids=chat.encode("<|im_start|>assistant\n"), call_ids=chat.encode(CALL_TEXT), **kw)
 
 
+HANG = "hang"
+"""A scripted item: the request never gets an answer (a server that lost it)."""
+
+
 class ScriptedEngine:
-    """Answers each request with the next scripted item: token ids (logprob -0.5 each) or an exception."""
+    """Answers each request with the next scripted item: token ids (logprob -0.5 each), an
+    exception, or :data:`HANG` (never answers)."""
 
     def __init__(self, script) -> None:
         self.script = list(script)
@@ -78,6 +85,8 @@ class ScriptedEngine:
         item = self.script.pop(0)
         if isinstance(item, BaseException):
             raise item
+        if item == HANG:
+            await asyncio.Event().wait()
         return GenerationResult(token_ids=item, logprobs=[-0.5] * len(item), finish_reason="stop", request_id=request.request_id)
 
     async def generate_many(self, requests):
