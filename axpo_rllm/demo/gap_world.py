@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -65,11 +66,22 @@ def _quadrant_center(where: str) -> tuple[int, int]:
     return (60 if x1 == 0 else 160), (60 if y1 == 0 else 160)
 
 
+@dataclass
 class GapWorld(SyntheticWorld):
-    """:class:`SyntheticWorld` with the tool families above (same API, same determinism)."""
+    """:class:`SyntheticWorld` with the tool families above (same API, same determinism).
+
+    ``asked``: the quadrants the crop and code questions ask about (default: all four, drawn per
+    question). With one quadrant the right call is the same for every question, so RL finds it
+    from the rewards alone; with four it must also learn which call answers which question.
+    """
+
+    asked: Sequence[str] = tuple(QUADRANTS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.asked = tuple(self.asked)
+        if not self.asked or any(q not in QUADRANTS for q in self.asked):
+            raise ValueError(f"asked must list quadrants of {list(QUADRANTS)}, got {list(self.asked)}")
         # Short names (two syllables: a tiny model can copy them into a query), one block of SLOTS
         # countries per question group: n_facts // 8 blocks, at most 28 (the two-syllable names
         # run out), half of them train, half eval.
@@ -97,7 +109,7 @@ class GapWorld(SyntheticWorld):
 
     def _crop(self, rng: random.Random, split: str, index: int):
         image, colors, centers = self._squares(rng)
-        where = rng.choice(list(QUADRANTS))
+        where = rng.choice(self.asked)
         calls = [{"name": "crop", "arguments": {"image_index": 0, "bbox": list(box)}} for box in QUADRANTS.values()]
         meta = self._slots(calls, [colors[q] for q in QUADRANTS], list(QUADRANTS).index(where))
         meta["centers"] = [list(centers[q]) for q in QUADRANTS]
@@ -105,7 +117,7 @@ class GapWorld(SyntheticWorld):
 
     def _code(self, rng: random.Random, split: str, index: int):
         image, colors, centers = self._squares(rng)
-        where = rng.choice(list(QUADRANTS))
+        where = rng.choice(self.asked)
         # The candidate code reads the quadrant's centre pixel, inside its square whatever the jitter.
         calls = [{"name": "python", "arguments": {"code": "print(images[0].getpixel((%d, %d)))" % _quadrant_center(q)}}
                  for q in QUADRANTS]

@@ -128,6 +128,9 @@ def job_config(
 
 def world_of(cfg: DictConfig, **kwargs):
     """The job's task world (``tasks.world``: ``gap`` or the earlier ``synthetic``)."""
+    asked = OmegaConf.select(cfg, "tasks.asked", default=None)
+    if asked:  # the gap world's quadrants to ask about
+        kwargs["asked"] = list(asked)
     return make_world(str(cfg.tasks.get("world", "synthetic")), seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts),
                       **kwargs)
 
@@ -246,7 +249,7 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
     node = OmegaConf.to_container(cfg.sft, resolve=True)
     probe_n = int(node.pop("probe_tasks"))
     sft_cfg = dataclass_from_mapping(SFTConfig, node, "sft config", seed=int(cfg.job.seed))
-    probe = rt.world.tasks(probe_n, "eval")
+    probe = rt.world.tasks(probe_n, "eval", families=eval_families(cfg))
     key = _digest(str(rt.model_dir), node, OmegaConf.to_container(cfg.tasks), OmegaConf.to_container(cfg.tools),
                   OmegaConf.to_container(cfg.agent), int(cfg.job.seed))
     cached = cache_root() / f"sft-{key}"
@@ -316,8 +319,15 @@ def check_arm_config(cfg: DictConfig) -> None:
 
 
 def eval_tasks_of(world, cfg: DictConfig) -> list:
-    """The held-out questions: ``eval.tasks`` of the eval split, every family in turn."""
-    return world.tasks(int(cfg.eval.tasks), "eval", families=FAMILIES)
+    """The held-out questions: ``eval.tasks`` of the eval split, the families of ``eval.families``
+    in turn (every family when it is unset; a family listed twice gets twice the questions)."""
+    return world.tasks(int(cfg.eval.tasks), "eval", families=eval_families(cfg))
+
+
+def eval_families(cfg: DictConfig) -> list[str]:
+    """``eval.families`` (the held-out questions' families, in turn), or every family."""
+    families = OmegaConf.select(cfg, "eval.families", default=None)
+    return list(families) if families else list(FAMILIES)
 
 
 def rl_pool(cfg: DictConfig, seed_index: int) -> list:

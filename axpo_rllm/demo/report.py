@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "verdicts", "tool_family_scores", "window_mean", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
+__all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "verdicts", "tool_family_scores", "window_mean", "window_per_seed", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
 
 CURVES: tuple[tuple[str, str], ...] = (
     ("axpo/tool_use_rate", "tool-use rate"),
@@ -76,16 +76,22 @@ def _mean(values: Sequence[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def window_mean(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> tuple[float, float, int]:
-    """Mean over ``window`` (``first`` / ``last`` third of steps, or ``all``) per seed, then
-    ``(mean, std, seeds with a value)`` over seeds."""
+def window_per_seed(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> list[float]:
+    """Mean of ``key`` over ``window`` (``first`` / ``last`` third of steps, or ``all``), one value
+    per seed, in seed order (NaN where a seed has no value)."""
     per_seed = []
     for h in histories:
         n = len(h)
         w = max(1, n // 3)
         part = h[:w] if window == "first" else h[n - w :] if window == "last" else h
         per_seed.append(_mean([_num(m.get(key)) for m in part]))
-    vals = [v for v in per_seed if not math.isnan(v)]
+    return per_seed
+
+
+def window_mean(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> tuple[float, float, int]:
+    """Mean over ``window`` per seed (:func:`window_per_seed`), then ``(mean, std, seeds with a
+    value)`` over seeds."""
+    vals = [v for v in window_per_seed(histories, key, window) if not math.isnan(v)]
     if not vals:
         return math.nan, math.nan, 0
     mu = sum(vals) / len(vals)
@@ -123,13 +129,15 @@ def measured_figures(histories: Mapping[str, Sequence[Sequence[Mapping]]], evals
             for key, name in (("axpo/tool_use_rate", "tool_use"), ("axpo/all_wrong_rate", "all_wrong")):
                 mu, sd, n = window_mean(hs, key, window)
                 fig[f"{window}_third/{name}"] = (mu, _seed_se(sd, n))
+                fig[f"per_seed/{window}_third/{name}"] = window_per_seed(hs, key, window)
         for key, name in (("axpo/recovery_rate", "recovery_rate"), ("axpo/triggered_questions", "triggered_per_step")):
             mu, sd, n = window_mean(hs, key, "all")
             fig[name] = (mu, _seed_se(sd, n))
         runs = [{**e, **tool_family_scores(e, k)} for e in evals.get(arm, [])]
         for metric in ("eval/pass@1", f"eval/pass@{k}", "eval/tool_use_rate", "eval/tool/pass@1",
                        f"eval/tool/pass@{k}", "eval/tool/tool_use_rate"):
-            vals = [float(e[metric]) for e in runs if metric in e and not math.isnan(float(e[metric]))]
+            fig[f"per_seed/after/{metric}"] = [float(e.get(metric, math.nan)) for e in runs]
+            vals = [v for v in fig[f"per_seed/after/{metric}"] if not math.isnan(v)]
             mu = sum(vals) / len(vals) if vals else math.nan
             sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)) if vals else math.nan
             fig[f"after/{metric}"] = (mu, _seed_se(sd, len(vals)))
@@ -167,14 +175,27 @@ def closing_note(figures: Mapping[str, Mapping], eval_before: Mapping[str, float
 
 
 def _gap(a: Mapping, b: Mapping, key: str) -> tuple[float, float]:
-    """``a − b`` on ``key`` and the standard error of that difference (NaN with one seed)."""
+    """``a − b`` on ``key`` and the standard error of that difference (NaN with one seed).
+
+    The arms run the same seeds on the same questions, so the gap is measured seed by seed: its
+    standard error is that of the per-seed differences (paired). Without per-seed values (or with
+    seeds that do not match) it falls back to the two means' errors combined."""
+    da, db = a.get(f"per_seed/{key}"), b.get(f"per_seed/{key}")
+    if da is not None and db is not None and len(da) == len(db):
+        diffs = [x - y for x, y in zip(da, db) if not (math.isnan(x) or math.isnan(y))]
+        if len(diffs) > 1:
+            mu = sum(diffs) / len(diffs)
+            return mu, math.sqrt(sum((d - mu) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        if diffs:
+            return diffs[0], math.nan
     (ma, sa), (mb, sb) = a[key], b[key]
     return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
 
 
 def verdicts(figures: Mapping[str, Mapping]) -> list[str]:
     """AXPO against each other arm: the gaps on the issue's two targets (held-out Pass@1 on the
-    tool families, last-third tool use) and whether each exceeds twice its seed standard error."""
+    tool families, last-third tool use) and whether each exceeds twice its seed standard error
+    (paired over seeds: :func:`_gap`)."""
     if "axpo" not in figures:
         return []
     out = []

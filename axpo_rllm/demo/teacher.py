@@ -89,11 +89,22 @@ def _candidate(task: Task, right_call_share: float) -> tuple[dict, str]:
     return meta["calls"][slot], meta["shows"][slot]
 
 
+def _direct_answer(task: Task) -> str:
+    """The teacher's answer without its tool: the truth, except on a task that lists candidate
+    calls (:class:`~axpo_rllm.demo.gap_world.GapWorld`), where the answer cannot be read without the
+    right call and the teacher guesses one of the colours the candidates show. SFT then never
+    teaches the policy to read such an answer off the image: a direct answer stays a guess."""
+    if "calls" not in task.metadata:
+        return task.answer
+    return _task_rng(task, "guess").choice(list(task.metadata["shows"]))
+
+
 def teacher_trajectory(task: Task, env: MultimodalToolEnv, direct_share: float = 0.0,
                        right_call_share: float = 1.0) -> TeacherTrajectory:
     """Run the teacher on ``task`` with the real tools of ``env`` (a :class:`MultimodalToolEnv`).
 
-    ``direct_share``: the share of tool-family tasks the teacher answers without its tool.
+    ``direct_share``: the share of tool-family tasks the teacher answers without its tool (a guess
+    where the task lists candidate calls: :func:`_direct_answer`).
     ``right_call_share`` (tasks that list candidate calls, ``metadata["calls"]``): the share of its
     calls that are the right one; after a wrong call it answers what the observation shows, so
     the demonstrations teach reading the observation, not the answer.
@@ -103,7 +114,7 @@ def teacher_trajectory(task: Task, env: MultimodalToolEnv, direct_share: float =
     if call is None:
         return TeacherTrajectory(task, (_answer_text(THINK[family], task.answer),), ())
     if direct_share > 0 and _task_rng(task, "direct").random() < direct_share:
-        return TeacherTrajectory(task, (_answer_text(THINK_DIRECT.get(family, THINK[family]), task.answer),), ())
+        return TeacherTrajectory(task, (_answer_text(THINK_DIRECT.get(family, THINK[family]), _direct_answer(task)),), ())
     if "calls" in task.metadata:
         call, answer = _candidate(task, right_call_share)
     else:

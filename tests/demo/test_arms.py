@@ -3,6 +3,8 @@ same extra budget, nothing else changed; the default run and the evidence preset
 
 from __future__ import annotations
 
+from collections import Counter
+
 from omegaconf import OmegaConf
 
 from axpo_rllm.core.planner import plan_resampling
@@ -54,3 +56,17 @@ def test_default_run_has_three_arms_and_the_evidence_preset_more_seeds():
     assert list(job_config().job.arms) == ["axpo", "grpo", "no_prefix_fix"] and job_config().job.seeds == 1
     evidence = job_config(preset="evidence")
     assert list(evidence.job.arms) == ["axpo", "grpo", "no_prefix_fix"] and evidence.job.seeds >= 3
+
+
+def test_the_held_out_questions_follow_eval_families():
+    from axpo_rllm.demo.main_job import eval_tasks_of, world_of
+
+    cfg = job_config()
+    tasks = eval_tasks_of(world_of(cfg), cfg)
+    counts = Counter(t.metadata["family"] for t in tasks)
+    families = list(cfg.eval.families)
+    assert sum(counts.values()) == cfg.eval.tasks and set(counts) == set(families)
+    assert counts["code"] == cfg.eval.tasks * families.count("code") // len(families)
+    assert all(t.task_id.startswith("eval-") for t in tasks)
+    everything = job_config(overrides=["eval.families=null", "tasks.world=synthetic", "tasks.asked=null"])
+    assert len({t.metadata["family"] for t in eval_tasks_of(world_of(everything), everything)}) == 6

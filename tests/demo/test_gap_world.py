@@ -125,3 +125,33 @@ def test_the_teachers_calls_are_right_at_its_share_and_it_reads_what_it_sees(gap
         assert right == len(trajs)
     else:
         assert abs(right / len(trajs) - share) < 0.09  # 120 tasks: 2 standard errors ~ 0.084
+
+
+def test_one_asked_quadrant_makes_one_right_call_for_every_question():
+    """The job's world asks every code question about one quadrant: the right call is the same
+    snippet for every question (still one of four candidates), the answers still one of four
+    colours; an unknown quadrant is refused."""
+    world = GapWorld(seed=5, n_facts=40, asked=["top-left"])
+    tasks = world.tasks(80, "train", families=["code"]) + world.tasks(40, "eval", families=["code"])
+    right_calls = {json.dumps(t.metadata["calls"][t.metadata["right"]], sort_keys=True) for t in tasks}
+    assert len(right_calls) == 1 and all(len(t.metadata["calls"]) == SLOTS for t in tasks)
+    assert all("top-left" in t.question for t in tasks) and set(Counter(t.answer for t in tasks)) == set(COLORS)
+    assert len({json.dumps(t.metadata["calls"][t.metadata["right"]]) for t in GapWorld(seed=5, n_facts=40)
+                .tasks(80, "train", families=["code"])}) == SLOTS  # the default asks all four
+    with pytest.raises(ValueError, match="asked must list quadrants"):
+        GapWorld(seed=5, n_facts=40, asked=["middle"])
+
+
+def test_the_teacher_guesses_when_it_answers_a_tool_task_without_its_tool(gap_world, gap_env):
+    """Direct demonstrations of a candidate-call task name one of the shown colours at random, so
+    SFT never teaches reading the answer off the image; the direct families keep the truth."""
+    from axpo_rllm.demo.teacher import teacher_trajectories
+
+    tasks = gap_world.tasks(200, "train", families=["code"])
+    trajs = teacher_trajectories(tasks, gap_env(), direct_share=1.0)
+    answers = [t.turns[-1].split("\\boxed{")[1].rstrip("}") for t in trajs]
+    assert all(not t.observations and a in t.task.metadata["shows"] for t, a in zip(trajs, answers))
+    right = sum(a == t.task.answer for t, a in zip(trajs, answers)) / len(trajs)
+    assert abs(right - 1 / SLOTS) < 0.09  # 200 tasks: 3 standard errors ~ 0.092
+    color = teacher_trajectories(gap_world.tasks(20, "train", families=["color"]), gap_env(), direct_share=1.0)
+    assert all(f"\\boxed{{{t.task.answer}}}" in t.turns[-1] for t in color)

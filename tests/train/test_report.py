@@ -92,8 +92,9 @@ def test_figures_note_and_plots(tmp_path):
 
 
 def test_gaps_are_read_against_twice_their_seed_standard_error():
-    """With 3 seeds the spread is the standard error of the mean (sample std / sqrt(n)); a gap
-    counts only beyond twice the standard error of the difference."""
+    """With 3 seeds the spread is the standard error of the mean (sample std / sqrt(n)); the arms
+    share seeds and questions, so a gap is read seed by seed: it counts only beyond twice the
+    standard error of the per-seed differences."""
     evals_a = [{"eval/pass@1": v, "eval/pass@4": v, "eval/tool_use_rate": 0.5, "eval/crop/pass@1": v,
                 "eval/crop/questions": 8.0} for v in (0.60, 0.62, 0.64)]
     evals_g = [{**e, "eval/crop/pass@1": e["eval/crop/pass@1"] - d} for e, d in zip(evals_a, (0.01, 0.02, 0.03))]
@@ -102,10 +103,23 @@ def test_gaps_are_read_against_twice_their_seed_standard_error():
     mu, se = figs["axpo"]["after/eval/tool/pass@1"]
     assert mu == pytest.approx(0.62) and se == pytest.approx(0.02 / math.sqrt(3))
     lines = closing_note(figs, {"eval/pass@1": 0.5, "eval/pass@4": 0.6}, 4)
-    # gap 0.02; SE of the difference sqrt(0.01155^2 + 0.00577^2) = 0.0129: within 2 SE
-    assert "tool-family Pass@1 +0.020 (within 2 SE (0.026))" in lines
+    # per-seed gaps 0.01, 0.02, 0.03: mean 0.02, SE 0.01 / sqrt(3) = 0.0058 -> beyond 2 SE, although
+    # the two means' own errors combined (0.0129) would call it noise
+    assert "tool-family Pass@1 +0.020 (> 2 SE (0.012))" in lines
+    noisy = [{**e, "eval/crop/pass@1": e["eval/crop/pass@1"] - d} for e, d in zip(evals_a, (0.05, -0.02, 0.03))]
+    figs = measured_figures(hs, {"axpo": evals_a, "grpo": noisy}, 4)
+    # per-seed gaps 0.05, -0.02, 0.03: mean 0.02, sample std 0.036, SE 0.0208
+    assert "tool-family Pass@1 +0.020 (within 2 SE (0.042))" in closing_note(figs, {}, 4)
     far = measured_figures(hs, {"axpo": evals_a, "grpo": [{**e, "eval/crop/pass@1": 0.3} for e in evals_g]}, 4)
     assert "tool-family Pass@1 +0.320 (> 2 SE (0.023))" in closing_note(far, {}, 4)
+
+
+def test_a_gap_between_arms_of_different_seed_counts_combines_their_errors():
+    evals = lambda vals: [{"eval/pass@1": v, "eval/crop/pass@1": v, "eval/crop/questions": 8.0} for v in vals]  # noqa: E731
+    hs = {"axpo": [_history([0.3] * 3, [0.5] * 3)] * 3, "grpo": [_history([0.3] * 3, [0.5] * 3)] * 2}
+    figs = measured_figures(hs, {"axpo": evals((0.60, 0.62, 0.64)), "grpo": evals((0.50, 0.52))}, 4)
+    # unpaired: sqrt(0.01155^2 + 0.01^2) = 0.0153
+    assert "tool-family Pass@1 +0.110 (> 2 SE (0.031))" in closing_note(figs, {}, 4)
 
 
 def test_an_arm_keeps_its_colour_on_panels_where_another_arm_has_nothing(tmp_path):
