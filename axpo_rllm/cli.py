@@ -571,19 +571,21 @@ def add_plan_demo_parser(sub) -> None:
 
 def add_main_parser(sub) -> None:
     p = _command(sub, "main", "the embedded CPU job end to end (no GPU, no downloads)",
-                 "Builds a tiny Qwen-VL offline, makes synthetic visual tasks, runs SFT once, then AXPO and\n"
-                 "GRPO arms from the same checkpoint, evaluates before and after, and writes a run folder:\n"
-                 "per-step metrics (metrics.jsonl, TensorBoard event files), plots, summary.json and\n"
-                 "summary.md. About 8 minutes on 2 CPU cores; --smoke makes every stage tiny.",
-                 "axpo-rllm main --seeds 3 trainer.logger=[console,tensorboard,wandb]")
+                 "Builds a tiny Qwen-VL offline, makes synthetic visual tasks, runs SFT once, then AXPO, GRPO\n"
+                 "and no_prefix_fix arms from the same checkpoint, evaluates before and after, and writes a\n"
+                 "run folder: per-step metrics (metrics.jsonl, TensorBoard event files), plots, summary.json\n"
+                 "and summary.md. 10-18 minutes on 2 CPU cores; --smoke makes every stage tiny.",
+                 "axpo-rllm main --preset evidence trainer.logger=[console,tensorboard,wandb]")
     p.add_argument("--smoke", action="store_true", help="every stage tiny (about a minute)")
     p.add_argument("--ablation", default=None, help="one arm only: grpo, no_prefix_fix, ... (configs/ablation)")
     p.add_argument("--arms", default=None,
-                   help="comma-separated RL arms from the same SFT checkpoint (default axpo,grpo; any ablation)")
+                   help="comma-separated RL arms from the same SFT checkpoint (default axpo,grpo,no_prefix_fix; any ablation)")
     p.add_argument("--seeds", type=int, default=None, help="repeat every arm with S seeds (mean and spread)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run in RUN_DIR with its own arguments")
     p.add_argument("--steps", type=int, default=None, help="RL steps (rl.steps)")
+    p.add_argument("--preset", default=None, choices=["evidence"],
+                   help="evidence: the README's run (configs/main_evidence.yaml: more seeds, the same arms)")
     p.add_argument("--run-dir", default=None, help="parent folder of the run's outputs (default: runs)")
     p.add_argument("overrides", nargs="*",
                    help="key=value config overrides, e.g. sft.minutes=8 algorithm.axpo.r=0.5 trainer.logger=[console]")

@@ -1,15 +1,17 @@
 """The embedded CPU job: a tiny Qwen-VL built offline, synthetic visual tasks, SFT once, then RL arms.
 
-    axpo-rllm main [--smoke] [--arms axpo,grpo] [--seeds S] [--steps N] [--resume RUN_DIR] [key=value ...]
+    axpo-rllm main [--smoke] [--preset evidence] [--arms axpo,grpo,no_prefix_fix] [--seeds S] [--steps N]
+                   [--resume RUN_DIR] [key=value ...]
 
 Stages, in order (nothing is downloaded; no GPU)::
 
     model   tiny Qwen2.5-VL built offline, its BPE retrained on rendered teacher conversations (cached)
-    tasks   synthetic visual tasks (colour / position / size direct; code / search / crop with or without a tool)
+    tasks   the gap world (demo/gap_world.py): colour / position / size direct; code / search / crop
+            with four candidate calls, one right, or a direct guess
     tools   crop, sandboxed python, search against a local BM25 server over a made-up fact corpus
     SFT     teacher trajectories (tool use a choice, call content varied); well-formed / tool-call rates
     eval    Pass@1 / Pass@4 and tool-use rate on held-out tasks (after SFT), once
-    RL      every arm (axpo, grpo, any ablation) x seed from the same SFT weights and seeds;
+    RL      every arm (axpo, grpo, no_prefix_fix, any ablation) x seed from the same SFT weights and seeds;
             per-step lines, metrics.jsonl, a checkpoint every job.checkpoint_every steps
     eval    the same held-out tasks after each arm; plots/curves.png, plots/eval.png, summary.json/.md
 
@@ -19,7 +21,8 @@ checkpoint.pt (the latest), result.json}``, ``tensorboard/<arm>/seed<i>/`` (verl
 ``trainer.logger``), ``plots/``, ``summary.json``, ``summary.md`` (the full table; a compact one
 is printed).
 
-Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` + ``--smoke``
+Config: ``configs/axpo.yaml`` (+ ``ablation/NAME.yaml`` per arm) + ``configs/main_cpu.yaml`` (+ ``--preset
+evidence``: ``configs/main_evidence.yaml``, 3 seeds) + ``--smoke``
 (``configs/main_smoke.yaml``) + overrides, e.g. ``rl.steps=20 sft.minutes=8 algorithm.axpo.r=0.5``.
 """
 
@@ -62,7 +65,8 @@ from axpo_rllm.demo.report import (
 )
 from axpo_rllm.demo.teacher import teacher_trajectories
 from axpo_rllm.demo.tiny_model import cache_root, tiny_model_dir
-from axpo_rllm.demo.world import SyntheticWorld
+from axpo_rllm.demo.gap_world import make_world
+from axpo_rllm.demo.world import FAMILIES
 from axpo_rllm.engines.transformers_engine import TransformersEngine
 from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
 from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
@@ -90,15 +94,25 @@ COMPACT_SCHEMAS: dict[str, tuple[str, dict]] = {
 """Short tool descriptions for the tiny model: the full ones are ~400 prompt tokens of 500."""
 
 
+PRESETS = ("evidence",)
+"""``--preset NAME``: ``configs/main_NAME.yaml`` merged over main_cpu.yaml (before ``--smoke``)."""
+
+
 def job_config(
     ablation: str | None = None,
     overrides: Sequence[str] = (),
     smoke: bool = False,
     steps: int | None = None,
+    preset: str | None = None,
 ) -> DictConfig:
     """:func:`~axpo_rllm.configs.loader.load_config` with the job's files (``main_cpu.yaml``, +
-    ``main_smoke.yaml``), the smoke's halved N and ``--steps`` as settings, then the overrides."""
+    ``main_PRESET.yaml``, + ``main_smoke.yaml``), the smoke's halved N and ``--steps`` as settings,
+    then the overrides."""
     layers = [OmegaConf.create(config_text("main_cpu.yaml"))]
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
+        layers.append(OmegaConf.create(config_text(f"main_{preset}.yaml")))
     settings = []
     if smoke:
         layers.append(OmegaConf.create(config_text("main_smoke.yaml")))
@@ -110,6 +124,15 @@ def job_config(
     OmegaConf.update(cfg, "job.ablation", ablation or "axpo", force_add=True)
     OmegaConf.update(cfg, "job.smoke", bool(smoke), force_add=True)
     return cfg
+
+
+def world_of(cfg: DictConfig, **kwargs):
+    """The job's task world (``tasks.world``: ``gap`` or the earlier ``synthetic``)."""
+    asked = OmegaConf.select(cfg, "tasks.asked", default=None)
+    if asked:  # the gap world's quadrants to ask about
+        kwargs["asked"] = list(asked)
+    return make_world(str(cfg.tasks.get("world", "synthetic")), seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts),
+                      **kwargs)
 
 
 def _agent_config(cfg: DictConfig) -> AgentConfig:
@@ -131,6 +154,7 @@ class Runtime:
     cfg: DictConfig
     log: Any = print
     world: Any = None
+    sft_world: Any = None
     server: Any = None
     tools: dict = field(default_factory=dict)
     model_dir: Path | None = None
@@ -140,7 +164,10 @@ class Runtime:
 
     def __enter__(self) -> "Runtime":
         cfg = self.cfg
-        self.world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts))
+        self.world = world_of(cfg)
+        # SFT data (and the tokenizer's corpus) follow tasks.sft_mix when it is set
+        sft_mix = OmegaConf.select(cfg, "tasks.sft_mix", default=None)
+        self.sft_world = world_of(cfg, mix=dict(sft_mix)) if sft_mix else self.world
         self.server = RetrievalServer(BM25Index(self.world.corpus)).start()
         names = list(cfg.tools.names)
         configs = {"search": {"backend": "local", "base_url": self.server.url, "top_k": int(cfg.tools.search_top_k)}} if "search" in names else {}
@@ -178,14 +205,19 @@ class Runtime:
         family, seed = str(self.cfg.model.family), int(self.cfg.model.seed)
         base = tiny_model_dir(family, seed)
         chat0 = ChatFormat(AutoTokenizer.from_pretrained(base))
-        tasks = self.world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
-        corpus = tokenizer_corpus(teacher_trajectories(tasks, self.env(), self.direct_share), chat0, self.tool_schemas, SYSTEM_PROMPT)
+        tasks = self.sft_world.tasks(int(self.cfg.model.tokenizer_conversations), "train")
+        corpus = tokenizer_corpus(self.teacher(tasks), chat0, self.tool_schemas, SYSTEM_PROMPT)
         self.model_dir = tiny_model_dir(family, seed, corpus_texts=corpus)
         return self.model_dir
 
     @property
     def direct_share(self) -> float:
         return float(self.cfg.tasks.get("teacher_direct_share", 0.0))
+
+    def teacher(self, tasks) -> list:
+        """Teacher trajectories of ``tasks`` with the job's ``tasks.teacher_*`` shares."""
+        return teacher_trajectories(tasks, self.env(), self.direct_share,
+                                    float(self.cfg.tasks.get("teacher_right_call_share", 1.0)))
 
     def load(self, model_dir: Path) -> None:
         """Engine + policy on one shared module (the engine samples what the actor trains)."""
@@ -217,7 +249,7 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
     node = OmegaConf.to_container(cfg.sft, resolve=True)
     probe_n = int(node.pop("probe_tasks"))
     sft_cfg = dataclass_from_mapping(SFTConfig, node, "sft config", seed=int(cfg.job.seed))
-    probe = rt.world.tasks(probe_n, "eval")
+    probe = rt.world.tasks(probe_n, "eval", families=eval_families(cfg))
     key = _digest(str(rt.model_dir), node, OmegaConf.to_container(cfg.tasks), OmegaConf.to_container(cfg.tools),
                   OmegaConf.to_container(cfg.agent), int(cfg.job.seed))
     cached = cache_root() / f"sft-{key}"
@@ -228,9 +260,9 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
 
     rt.load(rt.model_dir)
     t0 = time.perf_counter()
-    trajs = teacher_trajectories(rt.world.tasks(sft_cfg.examples, "train"), rt.env(), rt.direct_share)
+    trajs = rt.teacher(rt.sft_world.tasks(sft_cfg.examples, "train"))
     examples = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in trajs]
-    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in teacher_trajectories(probe, rt.env(), rt.direct_share)]
+    held_out = [tokenize_trajectory(t, rt.chat, rt.tool_schemas, SYSTEM_PROMPT) for t in rt.teacher(probe)]
     log(f"SFT: {len(examples)} teacher trajectories ({sum(e.uses_tool for e in examples) / len(examples):.0%} with a tool call) "
         f"in {time.perf_counter() - t0:.1f}s")
     before = rt.first_turn_stats(probe)
@@ -270,10 +302,11 @@ def stage_sft(rt: Runtime, log, console: Console | None = None) -> dict[str, Any
     return stats
 
 
-def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None) -> DictConfig:
+def arm_config(arm: str, overrides: Sequence[str] = (), smoke: bool = False, steps: int | None = None,
+               preset: str | None = None) -> DictConfig:
     """An arm's config: ``axpo`` (the defaults) or any ``configs/ablation`` name (``grpo``, ...),
     refused here (before any stage runs) when the CPU job could not train it."""
-    cfg = job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps)
+    cfg = job_config(None if arm == "axpo" else arm, overrides, smoke=smoke, steps=steps, preset=preset)
     check_arm_config(cfg)
     return cfg
 
@@ -285,10 +318,22 @@ def check_arm_config(cfg: DictConfig) -> None:
     check_budget(cfg, int(cfg.rl.batch_questions), "rl.batch_questions")
 
 
+def eval_tasks_of(world, cfg: DictConfig) -> list:
+    """The held-out questions: ``eval.tasks`` of the eval split, the families of ``eval.families``
+    in turn (every family when it is unset; a family listed twice gets twice the questions)."""
+    return world.tasks(int(cfg.eval.tasks), "eval", families=eval_families(cfg))
+
+
+def eval_families(cfg: DictConfig) -> list[str]:
+    """``eval.families`` (the held-out questions' families, in turn), or every family."""
+    families = OmegaConf.select(cfg, "eval.families", default=None)
+    return list(families) if families else list(FAMILIES)
+
+
 def rl_pool(cfg: DictConfig, seed_index: int) -> list:
     """The RL questions of seed ``seed_index``: the same for every arm, disjoint across seeds, train split only."""
     rl = rl_config_from(cfg.rl)
-    world = SyntheticWorld(seed=int(cfg.tasks.seed), n_facts=int(cfg.tasks.n_facts), mix=dict(cfg.tasks.rl_mix))
+    world = world_of(cfg, mix=dict(cfg.tasks.rl_mix))
     per_seed = max(rl.steps * rl.batch_questions, 1)
     return world.tasks(per_seed * (seed_index + 1), "train")[per_seed * seed_index :]
 
@@ -379,18 +424,22 @@ def run(args: argparse.Namespace) -> int:
             "overrides": list(getattr(args, "overrides", None) or ()),
             "smoke": bool(getattr(args, "smoke", False)),
             "steps": getattr(args, "steps", None),
+            "preset": getattr(args, "preset", None),
         }
-    cfg = job_config(None, job["overrides"], smoke=job["smoke"], steps=job["steps"])
+    preset = job.get("preset")
+    cfg = job_config(None, job["overrides"], smoke=job["smoke"], steps=job["steps"], preset=preset)
     arms = job["arms"] or list(cfg.job.arms)
     seeds = int(job["seeds"] or cfg.job.seeds)
-    arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"]) for arm in arms}
+    arm_cfgs = {arm: arm_config(arm, job["overrides"], smoke=job["smoke"], steps=job["steps"], preset=preset)
+                for arm in arms}
     backends, tracking_notes = tracking_backends(OmegaConf.select(cfg, "trainer.logger", default=None))
     torch.set_num_threads(int(cfg.job.threads))
     torch.manual_seed(int(cfg.job.seed))
     if not resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = "-".join(arms) if len(arms) <= 3 else f"{len(arms)}arms"
-        run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{name}{'-smoke' if cfg.job.smoke else ''}"
+        tag = f"-{preset}" if preset else ""
+        run_dir = Path(getattr(args, "run_dir", None) or cfg.job.run_dir) / f"{stamp}-{name}{tag}{'-smoke' if cfg.job.smoke else ''}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.json").write_text(json.dumps({**job, "arms": arms, "seeds": seeds}, indent=2))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -430,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"SFT: well-formed {sft['before']['well_formed']:.2f} -> {sft['after']['well_formed']:.2f}, "
             f"tool calls {sft['before']['tool_call_share']:.2f} -> {sft['after']['tool_call_share']:.2f}")
         sft_state = {k: v.detach().clone() for k, v in rt.policy.model.state_dict().items()}
-        eval_tasks = rt.world.tasks(int(cfg.eval.tasks), "eval")
+        eval_tasks = eval_tasks_of(rt.world, cfg)
         before_path = run_dir / "eval_before.json"
         if before_path.exists():
             eval_before = json.loads(before_path.read_text())

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "window_mean", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
+__all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "verdicts", "tool_family_scores", "window_mean", "window_per_seed", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
 
 CURVES: tuple[tuple[str, str], ...] = (
     ("axpo/tool_use_rate", "tool-use rate"),
@@ -76,77 +76,151 @@ def _mean(values: Sequence[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def window_mean(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> tuple[float, float, int]:
-    """Mean over ``window`` (``first`` / ``last`` third of steps, or ``all``) per seed, then
-    ``(mean, std, seeds with a value)`` over seeds."""
+def window_per_seed(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> list[float]:
+    """Mean of ``key`` over ``window`` (``first`` / ``last`` third of steps, or ``all``), one value
+    per seed, in seed order (NaN where a seed has no value)."""
     per_seed = []
     for h in histories:
         n = len(h)
         w = max(1, n // 3)
         part = h[:w] if window == "first" else h[n - w :] if window == "last" else h
         per_seed.append(_mean([_num(m.get(key)) for m in part]))
-    vals = [v for v in per_seed if not math.isnan(v)]
+    return per_seed
+
+
+def window_mean(histories: Sequence[Sequence[Mapping]], key: str, window: str = "all") -> tuple[float, float, int]:
+    """Mean over ``window`` per seed (:func:`window_per_seed`), then ``(mean, std, seeds with a
+    value)`` over seeds."""
+    vals = [v for v in window_per_seed(histories, key, window) if not math.isnan(v)]
     if not vals:
         return math.nan, math.nan, 0
     mu = sum(vals) / len(vals)
     return mu, math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)), len(vals)
 
 
+TOOL_FAMILIES = ("code", "crop", "search")
+"""The families answered with a tool call (``eval/tool/...``: their questions pooled)."""
+
+
+def tool_family_scores(scores: Mapping[str, Any], k: int) -> dict[str, float]:
+    """``eval/tool/pass@1``, ``pass@k`` and ``tool_use_rate`` over the tool families' questions
+    (each family's figure weighted by its questions), from the flat per-family eval keys."""
+    out = {}
+    for metric in ("pass@1", f"pass@{k}", "tool_use_rate"):
+        pairs = [(float(scores[f"eval/{f}/{metric}"]), float(scores.get(f"eval/{f}/questions", 1.0)))
+                 for f in TOOL_FAMILIES if f"eval/{f}/{metric}" in scores]
+        weight = sum(w for _, w in pairs)
+        out[f"eval/tool/{metric}"] = sum(v * w for v, w in pairs) / weight if weight else math.nan
+    return out
+
+
+def _seed_se(sd: float, n: int) -> float:
+    """The standard error of a mean over ``n`` seeds from their population std (NaN for one seed)."""
+    return sd / math.sqrt(n - 1) if n > 1 else math.nan
+
+
 def measured_figures(histories: Mapping[str, Sequence[Sequence[Mapping]]], evals: Mapping[str, Sequence[Mapping]], k: int) -> dict:
-    """The issue's figures per arm: first-third symptoms, last-third rates, recovery, Pass@1/Pass@k after RL."""
+    """The issue's figures per arm: first-third symptoms, last-third rates, recovery, Pass@1/Pass@k
+    after RL, overall and on the tool families; each ``(mean over seeds, seed standard error)``."""
     out: dict[str, dict[str, Any]] = {}
     for arm, hs in histories.items():
         fig: dict[str, Any] = {"seeds": len(hs), "steps": len(hs[0]) if hs else 0}
         for window in ("first", "last"):
             for key, name in (("axpo/tool_use_rate", "tool_use"), ("axpo/all_wrong_rate", "all_wrong")):
-                fig[f"{window}_third/{name}"] = window_mean(hs, key, window)[:2]
-        fig["recovery_rate"] = window_mean(hs, "axpo/recovery_rate", "all")[:2]
-        fig["triggered_per_step"] = window_mean(hs, "axpo/triggered_questions", "all")[:2]
-        for metric in ("eval/pass@1", f"eval/pass@{k}", "eval/tool_use_rate"):
-            vals = [float(e[metric]) for e in evals.get(arm, []) if metric in e]
+                mu, sd, n = window_mean(hs, key, window)
+                fig[f"{window}_third/{name}"] = (mu, _seed_se(sd, n))
+                fig[f"per_seed/{window}_third/{name}"] = window_per_seed(hs, key, window)
+        for key, name in (("axpo/recovery_rate", "recovery_rate"), ("axpo/triggered_questions", "triggered_per_step")):
+            mu, sd, n = window_mean(hs, key, "all")
+            fig[name] = (mu, _seed_se(sd, n))
+        runs = [{**e, **tool_family_scores(e, k)} for e in evals.get(arm, [])]
+        for metric in ("eval/pass@1", f"eval/pass@{k}", "eval/tool_use_rate", "eval/tool/pass@1",
+                       f"eval/tool/pass@{k}", "eval/tool/tool_use_rate"):
+            fig[f"per_seed/after/{metric}"] = [float(e.get(metric, math.nan)) for e in runs]
+            vals = [v for v in fig[f"per_seed/after/{metric}"] if not math.isnan(v)]
             mu = sum(vals) / len(vals) if vals else math.nan
             sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)) if vals else math.nan
-            fig[f"after/{metric}"] = (mu, sd)
+            fig[f"after/{metric}"] = (mu, _seed_se(sd, len(vals)))
         out[arm] = fig
     return out
 
 
 def _pm(pair: Sequence[float]) -> str:
-    mu, sd = pair
-    return "—" if math.isnan(mu) else f"{mu:.3f} ± {sd:.3f}"
+    mu, se = pair
+    if math.isnan(mu):
+        return "—"
+    return f"{mu:.3f}" if math.isnan(se) else f"{mu:.3f} ± {se:.3f}"
 
 
 def closing_note(figures: Mapping[str, Mapping], eval_before: Mapping[str, float], k: int) -> str:
-    """A markdown note with every measured figure, whatever it shows."""
-    lines = ["| arm | seeds | tool use (first ⅓) | all-wrong (first ⅓) | tool use (last ⅓) | all-wrong (last ⅓) | recovery | Pass@1 after | "
-             f"Pass@{k} after | eval tool use after |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """A markdown note with every measured figure, whatever it shows (mean ± seed standard error)."""
+    lines = ["| arm | seeds | tool use (first ⅓) | all-wrong (first ⅓) | tool use (last ⅓) | all-wrong (last ⅓) | recovery | "
+             f"Pass@1 tool families | Pass@{k} tool families | Pass@1 all | Pass@{k} all | eval tool use (tool families) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, f in figures.items():
         lines.append(f"| {arm} | {f['seeds']} | {_pm(f['first_third/tool_use'])} | {_pm(f['first_third/all_wrong'])} | "
                      f"{_pm(f['last_third/tool_use'])} | {_pm(f['last_third/all_wrong'])} | {_pm(f['recovery_rate'])} | "
-                     f"{_pm(f['after/eval/pass@1'])} | {_pm(f[f'after/eval/pass@{k}'])} | {_pm(f['after/eval/tool_use_rate'])} |")
+                     f"{_pm(f['after/eval/tool/pass@1'])} | {_pm(f[f'after/eval/tool/pass@{k}'])} | "
+                     f"{_pm(f['after/eval/pass@1'])} | {_pm(f[f'after/eval/pass@{k}'])} | {_pm(f['after/eval/tool/tool_use_rate'])} |")
     lines.append("")
+    tool = tool_family_scores(eval_before, k)
     lines.append(f"Before RL (the shared SFT checkpoint): Pass@1 {eval_before.get('eval/pass@1', math.nan):.3f}, "
-                 f"Pass@{k} {eval_before.get(f'eval/pass@{k}', math.nan):.3f}, tool use {eval_before.get('eval/tool_use_rate', math.nan):.3f}.")
-    line = verdict(figures)
-    if line:
+                 f"Pass@{k} {eval_before.get(f'eval/pass@{k}', math.nan):.3f}, tool use {eval_before.get('eval/tool_use_rate', math.nan):.3f}; "
+                 f"tool families: Pass@1 {tool['eval/tool/pass@1']:.3f}, Pass@{k} {tool[f'eval/tool/pass@{k}']:.3f}, "
+                 f"tool use {tool['eval/tool/tool_use_rate']:.3f}. Figures: mean ± seed standard error.")
+    for line in verdicts(figures):
+        lines.append("")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
+def _gap(a: Mapping, b: Mapping, key: str) -> tuple[float, float]:
+    """``a − b`` on ``key`` and the standard error of that difference (NaN with one seed).
+
+    The arms run the same seeds on the same questions, so the gap is measured seed by seed: its
+    standard error is that of the per-seed differences (paired). Without per-seed values (or with
+    seeds that do not match) it falls back to the two means' errors combined."""
+    da, db = a.get(f"per_seed/{key}"), b.get(f"per_seed/{key}")
+    if da is not None and db is not None and len(da) == len(db):
+        diffs = [x - y for x, y in zip(da, db) if not (math.isnan(x) or math.isnan(y))]
+        if len(diffs) > 1:
+            mu = sum(diffs) / len(diffs)
+            return mu, math.sqrt(sum((d - mu) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        if diffs:
+            return diffs[0], math.nan
+    (ma, sa), (mb, sb) = a[key], b[key]
+    return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
+
+
+def verdicts(figures: Mapping[str, Mapping]) -> list[str]:
+    """AXPO against each other arm: the gaps on the issue's two targets (held-out Pass@1 on the
+    tool families, last-third tool use) and whether each exceeds twice its seed standard error
+    (paired over seeds: :func:`_gap`)."""
+    if "axpo" not in figures:
+        return []
+    out = []
+    a = figures["axpo"]
+    for other, b in figures.items():
+        if other == "axpo":
+            continue
+        parts = []
+        for key, name in (("after/eval/tool/pass@1", "tool-family Pass@1"), ("last_third/tool_use", "last-third tool use"),
+                          ("last_third/all_wrong", "last-third all-wrong")):
+            d, se = _gap(a, b, key)
+            if math.isnan(d):
+                continue
+            reading = "one seed: no spread" if math.isnan(se) else (
+                f"> 2 SE ({2 * se:.3f})" if abs(d) > 2 * se else f"within 2 SE ({2 * se:.3f})")
+            parts.append(f"{name} {d:+.3f} ({reading})")
+        if parts:
+            out.append(f"AXPO − {other}: " + "; ".join(parts) + ".")
+    return out
+
+
 def verdict(figures: Mapping[str, Mapping]) -> str | None:
-    """AXPO − GRPO in the last third and after RL, and whether it exceeds the seed spread."""
-    if "axpo" not in figures or "grpo" not in figures:
-        return None
-    a, g = figures["axpo"], figures["grpo"]
-    da = a["last_third/all_wrong"][0] - g["last_third/all_wrong"][0]
-    dt = a["last_third/tool_use"][0] - g["last_third/tool_use"][0]
-    dp = a["after/eval/pass@1"][0] - g["after/eval/pass@1"][0]
-    spread = max(a["after/eval/pass@1"][1], g["after/eval/pass@1"][1])
-    within = math.isnan(dp) or abs(dp) <= max(spread, 0.02)
-    reading = ("within the seed spread: AXPO does not separate from GRPO at this scale"
-               if within else "larger than the seed spread")
-    return (f"AXPO − GRPO, last third: all-wrong {da:+.3f}, tool use {dt:+.3f}; "
-            f"Pass@1 after RL {dp:+.3f} ({reading}).")
+    """The verdict lines joined (the job prints them under its table), or None without AXPO."""
+    lines = verdicts(figures)
+    return " ".join(lines) if lines else None
 
 
 def _mean_cell(pair: Sequence[float]) -> str:
@@ -154,22 +228,30 @@ def _mean_cell(pair: Sequence[float]) -> str:
 
 
 def compact_table(figures: Mapping[str, Mapping], eval_before: Mapping[str, float], k: int) -> list[str]:
-    """The closing table in :data:`LINE_WIDTH` columns: means over seeds (the spreads, and the
-    eval tool-use rate, are in ``summary.md``); windows are the first and last third of steps."""
-    def row(arm: str, seeds: str, tool: str, wrong: str, recovery: str, p1: str, pk: str) -> str:
-        name = arm if len(arm) <= 18 else arm[:17] + "…"
-        return f"{name:<18s} {seeds:>5s}  {tool:>15s}  {wrong:>15s}  {recovery:>8s}  {p1:>6s}  {pk:>6s}"
+    """The closing table in :data:`LINE_WIDTH` columns: means over seeds (the spreads are in
+    ``summary.md``); windows are the first and last third of steps; ``tool P@1`` is held-out
+    Pass@1 on the tool families."""
+    def row(arm: str, seeds: str, tool: str, wrong: str, recovery: str, t1: str, p1: str, pk: str) -> str:
+        name = arm if len(arm) <= 16 else arm[:15] + "…"
+        return f"{name:<16s} {seeds:>5s}  {tool:>13s}  {wrong:>13s}  {recovery:>8s}  {t1:>9s}  {p1:>6s}  {pk:>6s}"
 
-    lines = [row("arm", "seeds", "tool use ⅓→⅓", "all-wrong ⅓→⅓", "recovery", "Pass@1", f"Pass@{k}")]
+    lines = [row("arm", "seeds", "tool use ⅓→⅓", "all-wrong ⅓→⅓", "recovery", "tool P@1", "Pass@1", f"Pass@{k}")]
     for arm, f in figures.items():
         lines.append(row(arm, str(f["seeds"]),
                          f"{_mean_cell(f['first_third/tool_use'])} → {_mean_cell(f['last_third/tool_use'])}",
                          f"{_mean_cell(f['first_third/all_wrong'])} → {_mean_cell(f['last_third/all_wrong'])}",
-                         _mean_cell(f["recovery_rate"]), _mean_cell(f["after/eval/pass@1"]),
-                         _mean_cell(f[f"after/eval/pass@{k}"])))
-    before = [eval_before.get(key, math.nan) for key in ("eval/pass@1", f"eval/pass@{k}")]
-    lines.append(row("SFT (before RL)", "", "", "", "", *(_mean_cell((v, 0.0)) for v in before)))
+                         _mean_cell(f["recovery_rate"]), _mean_cell(f["after/eval/tool/pass@1"]),
+                         _mean_cell(f["after/eval/pass@1"]), _mean_cell(f[f"after/eval/pass@{k}"])))
+    before = {**eval_before, **tool_family_scores(eval_before, k)}
+    cells = [_mean_cell((float(before.get(key, math.nan)), 0.0)) for key in ("eval/tool/pass@1", "eval/pass@1", f"eval/pass@{k}")]
+    lines.append(row("SFT (before RL)", "", "", "", "", *cells))
     return lines
+
+
+def arm_colors(arms) -> dict[str, str]:
+    """One colour per arm for every panel: an arm with nothing to plot on a panel (GRPO's recovery)
+    must not hand its colour to the next arm."""
+    return {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
 
 
 def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str | Path, title: str = "") -> Path:
@@ -180,6 +262,7 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    colors = arm_colors(histories)
     for ax, (key, name) in zip(axes.flat, CURVES):
         for arm, hs in histories.items():
             steps = max((len(h) for h in hs), default=0)
@@ -193,7 +276,8 @@ def plot_curves(histories: Mapping[str, Sequence[Sequence[Mapping]]], path: str 
                     lo.append(min(vals))
                     hi.append(max(vals))
             if xs:
-                (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{arm} ({len(hs)} seed{'s' if len(hs) != 1 else ''})")
+                (line,) = ax.plot(xs, mean, marker="o", ms=3, color=colors[arm],
+                                  label=f"{arm} ({len(hs)} seed{'s' if len(hs) != 1 else ''})")
                 if len(hs) > 1:
                     ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
         ax.set_title(name)

@@ -76,25 +76,57 @@ def _jitter(call: dict, task: Task) -> dict:
     return {"name": "crop", "arguments": {**call["arguments"], "bbox": box}}
 
 
-def teacher_trajectory(task: Task, env: MultimodalToolEnv, direct_share: float = 0.0) -> TeacherTrajectory:
+def _candidate(task: Task, right_call_share: float) -> tuple[dict, str]:
+    """A candidate call of a :class:`~axpo_rllm.demo.gap_world.GapWorld` task and the answer its
+    observation shows: the right one with probability ``right_call_share``, else one of the
+    others uniformly (the teacher looks in the wrong place and reports what it sees there)."""
+    meta = task.metadata
+    rng = _task_rng(task, "slot")
+    right = int(meta["right"])
+    slot = right
+    if rng.random() >= right_call_share:
+        slot = rng.choice([i for i in range(len(meta["calls"])) if i != right])
+    return meta["calls"][slot], meta["shows"][slot]
+
+
+def _direct_answer(task: Task) -> str:
+    """The teacher's answer without its tool: the truth, except on a task that lists candidate
+    calls (:class:`~axpo_rllm.demo.gap_world.GapWorld`), where the answer cannot be read without the
+    right call and the teacher guesses one of the colours the candidates show. SFT then never
+    teaches the policy to read such an answer off the image: a direct answer stays a guess."""
+    if "calls" not in task.metadata:
+        return task.answer
+    return _task_rng(task, "guess").choice(list(task.metadata["shows"]))
+
+
+def teacher_trajectory(task: Task, env: MultimodalToolEnv, direct_share: float = 0.0,
+                       right_call_share: float = 1.0) -> TeacherTrajectory:
     """Run the teacher on ``task`` with the real tools of ``env`` (a :class:`MultimodalToolEnv`).
 
-    ``direct_share``: the share of tool-family tasks the teacher answers without its tool.
+    ``direct_share``: the share of tool-family tasks the teacher answers without its tool (a guess
+    where the task lists candidate calls: :func:`_direct_answer`).
+    ``right_call_share`` (tasks that list candidate calls, ``metadata["calls"]``): the share of its
+    calls that are the right one; after a wrong call it answers what the observation shows, so
+    the demonstrations teach reading the observation, not the answer.
     """
     family = family_of(task)
     call = task.metadata.get("teacher")
     if call is None:
         return TeacherTrajectory(task, (_answer_text(THINK[family], task.answer),), ())
     if direct_share > 0 and _task_rng(task, "direct").random() < direct_share:
-        return TeacherTrajectory(task, (_answer_text(THINK_DIRECT.get(family, THINK[family]), task.answer),), ())
-    call = _jitter(call, task)
+        return TeacherTrajectory(task, (_answer_text(THINK_DIRECT.get(family, THINK[family]), _direct_answer(task)),), ())
+    if "calls" in task.metadata:
+        call, answer = _candidate(task, right_call_share)
+    else:
+        call, answer = _jitter(call, task), task.answer
     env.reset(task)
     obs = env.call_tool(call["name"], call["arguments"])
     if obs.is_error:
         raise RuntimeError(f"teacher call {call} on task {task.task_id} failed: {obs.model_text}")
     first = f"<think>\n{THINK[family]}\n</think>\n" + _call_text(call["name"], call["arguments"])
-    return TeacherTrajectory(task, (first, _answer_text(THINK_AFTER_TOOL[family], task.answer)), ((obs.model_text, tuple(obs.images)),))
+    return TeacherTrajectory(task, (first, _answer_text(THINK_AFTER_TOOL[family], answer)), ((obs.model_text, tuple(obs.images)),))
 
 
-def teacher_trajectories(tasks: Sequence[Task], env: MultimodalToolEnv, direct_share: float = 0.0) -> list[TeacherTrajectory]:
-    return [teacher_trajectory(t, env, direct_share) for t in tasks]
+def teacher_trajectories(tasks: Sequence[Task], env: MultimodalToolEnv, direct_share: float = 0.0,
+                         right_call_share: float = 1.0) -> list[TeacherTrajectory]:
+    return [teacher_trajectory(t, env, direct_share, right_call_share) for t in tasks]

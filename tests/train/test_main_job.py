@@ -76,7 +76,7 @@ def test_arms_and_seeds_flags_and_arm_configs():
     args = build_parser().parse_args(["main", "--arms", "axpo,grpo,random_rank", "--seeds", "3", "--resume", "runs/x"])
     assert args.arms == "axpo,grpo,random_rank" and args.seeds == 3 and args.resume == "runs/x"
     base = job_config()
-    assert list(base.job.arms) == ["axpo", "grpo"] and base.job.checkpoint_every > 0
+    assert list(base.job.arms) == ["axpo", "grpo", "no_prefix_fix"] and base.job.checkpoint_every > 0
     axpo, grpo = arm_config("axpo", smoke=True), arm_config("grpo", smoke=True)
     assert axpo_config(axpo).enable and not axpo_config(grpo).enable
     assert axpo.sft == grpo.sft and axpo.tasks == grpo.tasks and axpo.agent == grpo.agent  # one SFT serves every arm

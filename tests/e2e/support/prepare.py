@@ -37,7 +37,15 @@ def sft_overrides(steps: int) -> list[str]:
     """A fixed number of SFT steps (the main job's budget is wall-clock, which a loaded machine cuts
     short: 54 steps instead of 95 left a policy that never called a tool)."""
     return ["tools.compact_schemas=false", "sft.minutes=60", f"sft.max_steps={steps}", "sft.examples=800",
-            "sft.probe_tasks=16", "model.tokenizer_conversations=120"]
+            "sft.probe_tasks=16", "model.tokenizer_conversations=120", *SYNTHETIC_WORLD]
+
+
+SYNTHETIC_WORLD = [
+    # The runs' questions come from the synthetic world (every family, all three tools), whatever
+    # world the embedded job defaults to: SFT teaches its calls, always right, 40% answered directly.
+    "tasks.world=synthetic", "tasks.teacher_direct_share=0.4", "tasks.teacher_right_call_share=1.0",
+    "tasks.sft_mix=null", "tasks.asked=null", f"tools.names=[{','.join(TOOLS)}]", "tools.search_top_k=2", "eval.families=null",
+]
 
 
 def build_checkpoint(out: Path, steps: int) -> dict:
