@@ -574,7 +574,7 @@ def add_main_parser(sub) -> None:
                  "Builds a tiny Qwen-VL offline, makes synthetic visual tasks, runs SFT once, then AXPO, GRPO\n"
                  "and no_prefix_fix arms from the same checkpoint, evaluates before and after, and writes a\n"
                  "run folder: per-step metrics (metrics.jsonl, TensorBoard event files), plots, summary.json\n"
-                 "and summary.md. 10-18 minutes on 2 CPU cores; --smoke makes every stage tiny.",
+                 "and summary.md. About 9 minutes on 2 CPU cores; --smoke makes every stage tiny.",
                  "axpo-rllm main --preset evidence trainer.logger=[console,tensorboard,wandb]")
     p.add_argument("--smoke", action="store_true", help="every stage tiny (about a minute)")
     p.add_argument("--ablation", default=None, help="one arm only: grpo, no_prefix_fix, ... (configs/ablation)")

@@ -6,9 +6,9 @@
 Stages, in order (nothing is downloaded; no GPU)::
 
     model   tiny Qwen2.5-VL built offline, its BPE retrained on rendered teacher conversations (cached)
-    tasks   the gap world (demo/gap_world.py): colour / position / size direct; code / search / crop
-            with four candidate calls, one right, or a direct guess
-    tools   crop, sandboxed python, search against a local BM25 server over a made-up fact corpus
+    tasks   the gap world (demo/gap_world.py): colour / position / size direct; code with four
+            candidate calls, one right, or a direct guess (tasks.world=synthetic: the earlier world)
+    tools   the job's tools.names: sandboxed python (+ crop, search against a local BM25 server)
     SFT     teacher trajectories (tool use a choice, call content varied); well-formed / tool-call rates
     eval    Pass@1 / Pass@4 and tool-use rate on held-out tasks (after SFT), once
     RL      every arm (axpo, grpo, no_prefix_fix, any ablation) x seed from the same SFT weights and seeds;

@@ -29,18 +29,11 @@ def gap_world():
 @pytest.fixture(scope="module")
 def gap_env(gap_world):
     """The real crop, python and search tools; search on a live BM25 server over the world's flags."""
-    from axpo_rllm.envs.env import MultimodalToolEnv, build_tools, run_sync
-    from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
+    from axpo_rllm.envs.env import MultimodalToolEnv
+    from world_tools import world_tools
 
-    server = RetrievalServer(BM25Index(gap_world.corpus)).start()
-    tools = build_tools(["crop", "python", "search"], {
-        "search": {"backend": "local", "base_url": server.url, "top_k": 1},
-        "python": {"min_isolation": "rlimits", "private_uid": False},
-    })
-    yield lambda: MultimodalToolEnv(tools=tools)
-    for tool in tools.values():
-        run_sync(tool.aclose())
-    server.stop()
+    with world_tools(gap_world, top_k=1, python={"min_isolation": "rlimits", "private_uid": False}) as tools:
+        yield lambda: MultimodalToolEnv(tools=tools)
 
 
 def shown_colors(obs) -> set[str]:

@@ -25,15 +25,10 @@ def world():
 @pytest.fixture(scope="session")
 def tools(world):
     """Crop, python and search tools; search against a live local BM25 server over the world's corpus."""
-    from axpo_rllm.envs.env import build_tools, run_sync
-    from axpo_rllm.envs.search_server import BM25Index, RetrievalServer
+    from world_tools import world_tools
 
-    server = RetrievalServer(BM25Index(world.corpus)).start()
-    built = build_tools(["crop", "python", "search"], {"search": {"backend": "local", "base_url": server.url, "top_k": 2}})
-    yield built
-    for tool in built.values():
-        run_sync(tool.aclose())
-    server.stop()
+    with world_tools(world, top_k=2) as built:
+        yield built
 
 
 @pytest.fixture(scope="session")
