@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from axpo_rllm.demo.diagnose import TOOL_FAMILIES, diagnose, format_diagnosis
+from axpo_rllm.demo.diagnose import diagnose, format_diagnosis
 from axpo_rllm.demo.main_job import Runtime, _agent_config, eval_families, job_config, stage_sft
+from axpo_rllm.demo.world import TOOL_OF_FAMILY
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = job_config(None, args.overrides)
     families = args.families.split(",") if args.families else list(dict.fromkeys(
-        f for f in eval_families(cfg) if f in TOOL_FAMILIES))
+        f for f in eval_families(cfg) if f in TOOL_OF_FAMILY))
     torch.set_num_threads(int(cfg.job.threads))
     torch.manual_seed(int(cfg.job.seed))
     started = time.perf_counter()

@@ -32,9 +32,6 @@ from axpo_rllm.core.planner import make_job
 
 __all__ = ["first_call", "observation_text", "call_verdict", "diagnose", "format_diagnosis"]
 
-TOOL_FAMILIES = ("crop", "code", "search")
-
-
 def first_call(rollout: Rollout, decode: Callable[[Sequence[int]], str]) -> tuple[str, dict] | None:
     """The rollout's first tool call as ``(name, arguments)``, or None (no call, or malformed)."""
     span = rollout.first_tool_call

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from axpo_rllm.demo.world import TOOL_OF_FAMILY
+
 __all__ = ["CURVES", "STEP_COLUMNS", "LINE_WIDTH", "step_header", "step_line", "compact_table", "verdict", "verdicts", "tool_family_scores", "window_mean", "window_per_seed", "measured_figures", "closing_note", "plot_curves", "plot_eval"]
 
 CURVES: tuple[tuple[str, str], ...] = (
@@ -98,7 +100,7 @@ def window_mean(histories: Sequence[Sequence[Mapping]], key: str, window: str = 
     return mu, math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals)), len(vals)
 
 
-TOOL_FAMILIES = ("code", "crop", "search")
+TOOL_FAMILIES = tuple(TOOL_OF_FAMILY)
 """The families answered with a tool call (``eval/tool/...``: their questions pooled)."""
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from axpo_rllm.demo.gap_world import SLOTS, GapWorld
-from axpo_rllm.demo.world import BACKGROUND, COLORS, QUADRANTS
+from axpo_rllm.demo.world import BACKGROUND, COLORS, QUADRANTS, TOOL_OF_FAMILY
 
-TOOL_FAMILIES = ("crop", "code", "search")
+TOOL_FAMILIES = tuple(TOOL_OF_FAMILY)
 
 
 @pytest.fixture(scope="module")
