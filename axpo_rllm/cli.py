@@ -179,7 +179,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep point (default: --steps)")
     p.add_argument("--png", default="axpo-simulator.png", help="where to write the figure ('' for none)")
     p.add_argument("--time", default="", metavar="PROFILE",
-                   help="wall-clock model instead (docs/time_model.md): a GPU profile (h100-8b, ...) or a step-profile JSON")
+                   help="wall-clock model instead (docs/time_model.md): a GPU profile (h100-8b, ...), a "
+                        "step-profile JSON, or traced bench_workflow.py runs to validate against (files "
+                        "joined by commas, or their folder)")
     p.set_defaults(func=simulate)
 
 

@@ -73,6 +73,25 @@ def low(values: list[float], q: float = 10) -> float:
     return float(np.percentile(values, q))
 
 
+def context_seqs(seqs: list[int]) -> list[int]:
+    """The sequence counts timed again with the long prompt (the context cost): 16 and 64 when
+    ``--seqs`` has them."""
+    return [s for s in (16, 64) if s in seqs]
+
+
+def start_python_load() -> None:
+    """A daemon thread that never stops running Python bytecode (it needs the GIL, as parsing,
+    templating and grading in the agents' event loop do)."""
+    import threading
+
+    def spin() -> None:
+        record = {"role": "assistant", "content": "x" * 64, "tool_calls": [{"name": "crop", "bbox": [0, 0, 9, 9]}]}
+        while True:
+            json.loads(json.dumps(record))
+
+    threading.Thread(target=spin, name="python-load", daemon=True).start()
+
+
 def workload_tokens(engine) -> dict:
     """bench_workflow's prompt and a crop observation, in the agent's own tokens."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,6 +127,9 @@ def main() -> None:
     parser.add_argument("--prefill", default="256,1024,2048", help="prompt lengths of the prompt-cost runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/profiles/vllm_cpu_tiny.json")
+    parser.add_argument("--python-load", action="store_true",
+                        help="time the steps while another thread runs pure Python (as the agents' event "
+                             "loop does beside the engine in bench_workflow.py): the GIL's share of a step")
     args = parser.parse_args()
 
     import numpy as np
@@ -124,12 +146,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     load0 = os.getloadavg()[0]
     measure(llm, rng, 8, args.prompt, 8, vocab)  # warm-up
+    if args.python_load:
+        start_python_load()
     seqs = [int(s) for s in args.seqs.split(",")]
     raw = []
     for rep in range(args.repeats):
         for s in seqs:
             raw.append(measure(llm, rng, s, args.prompt, args.decode, vocab))
-        for s in (16, 64):
+        for s in context_seqs(seqs):
             raw.append(measure(llm, rng, s, args.long_prompt, args.decode, vocab))
         for p in (int(x) for x in args.prefill.split(",")):
             raw.append(measure(llm, rng, 1, p, 1, vocab))
@@ -152,10 +176,10 @@ def main() -> None:
     print("prompt step ms (fastest): " + ", ".join(f"{p} tokens {1e3 * t:.1f}" for p, t in zip(lengths, fastest)))
     # Context cost: decode steps with a longer context, per extra context token.
     per_ctx = []
-    for s in (16, 64):
+    for s in context_seqs(seqs):
         long = low([t for r in runs(s, args.long_prompt) for t in r["decode_steps_s"]])
         per_ctx.append((long - decode[seqs.index(s)]) / (s * (args.long_prompt - args.prompt)))
-    context_token_s = max(0.0, statistics.median(per_ctx))
+    context_token_s = max(0.0, statistics.median(per_ctx)) if per_ctx else 0.0  # no context point in --seqs
     print(f"prompt token: {1e6 * prefill_token_s:.2f} us; context token per step: {1e9 * context_token_s:.1f} ns")
     profile = StepProfile(
         name="vllm-cpu-tiny", seqs=tuple(seqs), decode_s=tuple(decode), prefill_token_s=prefill_token_s,

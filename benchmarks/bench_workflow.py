@@ -22,6 +22,11 @@ Each repeat runs GRPO first, then the AXPO arms in an order rotated by one per r
 as ``order``): on a shared machine the speed drifts within a repeat, and a fixed order would hand
 that drift to one arm.
 
+``--trace`` also records what the engine's thread did in each arm (every step: seconds, requests,
+tokens, new requests; every request admission: seconds) and keeps the GRPO arms' traces in the
+``--json`` file: ``axpo-rllm simulate --time RUN.json`` calibrates the time model's step profile on
+them and sets the model's AXPO/GRPO ratios beside the run's (docs/time_model.md).
+
 Reports per repeat and as medians: step wall time and its ratio to GRPO (target <= 1.15 at
 r = 0.25), phase 1 / time after phase 1, when the first continuation started, prefixes started
 early, extra samples used / E, extra generated tokens / GRPO tokens, the continuations'
@@ -84,6 +89,71 @@ def arm_order(arms: list[str], repeat: int) -> list[str]:
     return ["grpo", *axpo[k:], *axpo[:k]]
 
 
+class EngineTrace:
+    """What the engine's worker thread did in one arm: every ``step()`` (start, seconds, requests
+    scheduled, tokens computed, new requests) and every ``add()`` (start, seconds: vLLM's input processing of a
+    new request, on the same thread). Installed by wrapping the in-process backend's methods and
+    the scheduler's ``schedule``; ``--trace`` turns it on."""
+
+    def __init__(self, engine) -> None:
+        from axpo_rllm.engines import vllm_engine
+
+        self.steps: list[tuple[float, float, int, int, int]] = []
+        """(start, seconds, requests scheduled, tokens scheduled, new requests among them)"""
+        self.adds: list[tuple[float, float]] = []
+        self.t0 = time.perf_counter()
+        scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+        backend = vllm_engine._LLMSteps
+        last: dict = {}
+        schedule, add, step = scheduler.schedule, backend.add, backend.step
+
+        def traced_schedule(*a, **kw):
+            out = schedule(*a, **kw)
+            last["reqs"], last["tokens"] = len(out.num_scheduled_tokens), out.total_num_scheduled_tokens
+            last["new"] = len(out.scheduled_new_reqs)
+            return out
+
+        def traced_add(backend_self, work):
+            t = time.perf_counter()
+            try:
+                return add(backend_self, work)
+            finally:
+                self.adds.append((t - self.t0, time.perf_counter() - t))
+
+        def traced_step(backend_self):
+            t = time.perf_counter()
+            last.clear()
+            try:
+                return step(backend_self)
+            finally:
+                self.steps.append((t - self.t0, time.perf_counter() - t, last.get("reqs", 0), last.get("tokens", 0),
+                                   last.get("new", 0)))
+
+        scheduler.schedule = traced_schedule
+        backend.add, backend.step = traced_add, traced_step
+        self._undo = lambda: (setattr(backend, "add", add), setattr(backend, "step", step),
+                              delattr(scheduler, "schedule"))
+
+    def close(self) -> dict:
+        self._undo()
+        return {"steps": self.steps, "adds": self.adds}
+
+
+def compact(trace: dict) -> dict:
+    """A trace for the JSON: times in microseconds' precision."""
+    rnd = lambda row: [round(v, 6) if isinstance(v, float) else v for v in row]  # noqa: E731
+    return {"steps": [rnd(s) for s in trace["steps"]], "adds": [rnd(a) for a in trace["adds"]]}
+
+
+def trace_summary(trace: dict, wall_s: float) -> dict:
+    steps = [s for s in trace["steps"] if s[3] > 0]
+    busy = sum(s[1] for s in trace["steps"])
+    adding = sum(a[1] for a in trace["adds"])
+    return {"engine_steps": len(steps), "step_s": busy, "add_s": adding, "adds": len(trace["adds"]),
+            "idle_s": wall_s - busy - adding,
+            "seq_steps": sum(s[2] for s in steps), "tokens": sum(s[3] for s in steps)}
+
+
 def tokens_of(rollouts) -> dict[str, tuple]:
     return {r.rollout_id: tuple(r.response_ids.tolist()) for r in rollouts}
 
@@ -103,6 +173,8 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-turn", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--trace", action="store_true",
+                        help="record the engine thread's steps and request admissions per arm (into --json)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -138,8 +210,17 @@ def main() -> None:
         axpo = AXPOConfig(r=args.r, k=args.k, **ARMS[arm])
         config = WorkflowConfig(n=args.n, axpo=axpo, agent=agent, seed=args.seed)
         engine.reset_prefix_cache()
-        return asyncio.run(AXPOWorkflow(biased, chat, env_factory, config).arun_step(tasks, step_no))
+        trace = EngineTrace(engine) if args.trace else None
+        try:
+            res = asyncio.run(AXPOWorkflow(biased, chat, env_factory, config).arun_step(tasks, step_no))
+        finally:
+            if trace is not None:
+                traces[(arm, step_no)] = trace.close()
+        return res
 
+    traces: dict = {}
+
+    load0 = os.getloadavg()[0]
     step("exact", 0)  # warm-up (first-call compilation, allocator)
     rows = []
     for rep in range(args.repeats):
@@ -153,6 +234,9 @@ def main() -> None:
                      "all_wrong_rate": grpo.metrics["axpo/all_wrong_rate"],
                      "accuracy": grpo.metrics["axpo/accuracy_all"] if "axpo/accuracy_all" in grpo.metrics else
                      sum(r.correct for g in grpo.groups for r in g.rollouts) / (args.questions * args.n)}
+        if args.trace:
+            row["grpo_trace"] = trace_summary(traces[("grpo", rep + 1)], grpo.metrics["workflow/step_s"])
+            row["traces"] = {"grpo": compact(traces[("grpo", rep + 1)])}  # what the calibration fits
         for arm, res in results.items():
             if arm == "grpo":
                 continue
@@ -169,6 +253,7 @@ def main() -> None:
                 "cont_cache_hit": m.get("workflow/continuation_prefix_cache_hit_rate", float("nan")),
                 "speculated": m.get("workflow/speculated_jobs", 0.0), "wasted": m.get("workflow/speculation_wasted_jobs", 0.0),
                 "same_phase1": same,
+                **({"trace": trace_summary(traces[(arm, rep + 1)], m["workflow/step_s"])} if args.trace else {}),
                 "_plan": tuple(j.job_id for j in res.plan.jobs), "_conts": tokens_of(res.continuations),
             }
         for arm in ("exact", "spec-group", "spec-rollout"):
@@ -178,7 +263,8 @@ def main() -> None:
         for arm in arms[1:]:
             row[arm] = {k: v for k, v in row[arm].items() if not k.startswith("_")}
         rows.append(row)
-        print(json.dumps(row, default=lambda v: round(v, 4) if isinstance(v, float) else v))
+        print(json.dumps({k: v for k, v in row.items() if k != "traces"},
+                         default=lambda v: round(v, 4) if isinstance(v, float) else v))
 
     med = lambda key, arm=None: statistics.median(r[arm][key] if arm else r[key] for r in rows)  # noqa: E731
     e = int(med("budget", arms[1])) if len(arms) > 1 else 0
@@ -202,7 +288,11 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"  {name}: {ok}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "repeats": rows}, indent=2, default=float))
+        layout = {"separators": (",", ":")} if args.trace else {"indent": 2}  # traces: thousands of rows
+        machine = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+                   "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "repeats": rows},
+                                              default=float, **layout))
     engine.close()
 
 

@@ -94,6 +94,9 @@ class StepProfile:
     """The engine's max_num_seqs (0: no limit); a request beyond it waits."""
     kv_tokens: int = 0
     """KV-cache room in tokens (0: no limit); a request whose context does not fit waits."""
+    request_s: float = 0.0
+    """Engine-thread time per new request, paid in the step that admits it (an in-process engine
+    processes a request's inputs between two steps, on the thread that steps)."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -102,9 +105,10 @@ class StepProfile:
                              "must be non-empty and of equal length")
         if list(self.seqs) != sorted(set(self.seqs)) or self.seqs[0] < 1:
             raise ValueError(f"profile {self.name!r}: seqs must be increasing and >= 1, got {self.seqs}")
-        if min(self.decode_s) <= 0 or self.prefill_token_s < 0 or self.context_token_s < 0:
+        if min(self.decode_s) <= 0 or min(self.prefill_token_s, self.context_token_s, self.request_s) < 0:
             raise ValueError(f"profile {self.name!r}: step times must be positive, got decode_s "
-                             f"{self.decode_s}, prefill {self.prefill_token_s}, context {self.context_token_s}")
+                             f"{self.decode_s}, prefill {self.prefill_token_s}, context {self.context_token_s}, "
+                             f"request {self.request_s}")
 
     def decode_time(self, seqs: int) -> float:
         xs, ys = self.seqs, self.decode_s
@@ -115,8 +119,10 @@ class StepProfile:
             return ys[-1] + slope * (seqs - xs[-1])
         return float(np.interp(seqs, xs, ys))
 
-    def step_time(self, seqs: int, prefill_tokens: float = 0.0, context_tokens: float = 0.0) -> float:
-        return self.decode_time(seqs) + prefill_tokens * self.prefill_token_s + context_tokens * self.context_token_s
+    def step_time(self, seqs: int, prefill_tokens: float = 0.0, context_tokens: float = 0.0,
+                  new_requests: int = 0) -> float:
+        return (self.decode_time(seqs) + prefill_tokens * self.prefill_token_s
+                + context_tokens * self.context_token_s + new_requests * self.request_s)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -378,9 +384,10 @@ def draw_continuation(w: Workload, source: Plan, seed: int, source_key: str, ind
 # 3. The engine: continuous batching, one step at a time (taken a segment at a time).
 # ---------------------------------------------------------------------------------------------
 class _Request:
-    __slots__ = ("prefill", "remaining", "context", "done", "cancelled")
+    __slots__ = ("prefill", "remaining", "context", "done", "cancelled", "new")
 
     def __init__(self, turn: Turn, done: Callable[[float], None]) -> None:
+        self.new = True  # until its first step: that step admits it (``StepProfile.request_s``)
         self.prefill = turn.prefill
         self.remaining = turn.decode
         self.context = turn.context
@@ -496,8 +503,9 @@ class Engine:
         s = len(self.running)
         context = sum(r.context for r in self.running)
         prefill = sum(r.prefill for r in self.running)
-        if prefill:  # one step with the new requests' prompts
-            self._schedule(self.clock.now, 1, p.step_time(s, prefill, context), 0.0)
+        new = sum(r.new for r in self.running)
+        if prefill or new:  # one step with the new requests' prompts
+            self._schedule(self.clock.now, 1, p.step_time(s, prefill, context, new), 0.0)
         else:
             steps = min(r.remaining for r in self.running)
             self._schedule(self.clock.now, steps, p.step_time(s, 0, context), p.context_token_s * s)
@@ -523,7 +531,7 @@ class Engine:
         self.steps += steps
         still = []
         for r in self.running:
-            r.prefill = 0
+            r.prefill, r.new = 0, False
             r.remaining -= steps
             r.context += steps
             if r.cancelled:

@@ -173,3 +173,14 @@ def test_cli_names_a_bad_profile(capsys):
 
     assert main(["simulate", "--time", "no-such-gpu"]) == 2
     assert "neither one of" in capsys.readouterr().err
+
+
+def test_a_new_request_pays_its_admission_once():
+    # request_s is paid in the step that admits a request: two arriving together pay it twice
+    # in that one step, and nothing after it
+    profile = StepProfile("adm", seqs=(1,), decode_s=(TICK,), request_s=0.5 * TICK)
+    assert engine_finish_times(profile, [(0.0, 5)]) == pytest.approx([5 * TICK + 0.5 * TICK])
+    assert engine_finish_times(profile, [(0.0, 5), (0.0, 8)]) == pytest.approx([6 * TICK, 9 * TICK])
+    # a newcomer at 3.7 ticks joins the step at 4.5 (1.5 + 1 + 1 + 1), which costs 1.5 ticks for
+    # both; the newcomer ends one step later (7.0), the first one after 4 more (11.0)
+    assert engine_finish_times(profile, [(0.0, 10), (3.7 * TICK, 2)]) == pytest.approx([11 * TICK, 7 * TICK])
