@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,15 @@ def test_an_empty_folder_is_named(tmp_path, capsys):
     assert main(["simulate", "--time", str(tmp_path)]) == 2
     assert "no .json run in this folder" in capsys.readouterr().err
 
+
+def test_the_committed_runs_are_reproduced_within_the_issue_tolerance():
+    """docs/time_model.md's validation table, from the traced runs in benchmarks/measured/: the
+    model, its profile calibrated on each run's GRPO arms, within 0.08 of every AXPO arm's median."""
+    paths = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "measured").glob("workflow_b*.json"))
+    runs = [tt.load_run(str(p)) for p in paths]
+    assert sorted(run.questions for run in runs) == [16, 32, 64]
+    for run in runs:
+        model = tt.validate_run(run)
+        assert set(model.modes) == {"barrier", "exact", "greedy"}
+        for mode, m in model.modes.items():
+            assert abs(m["ratio"] - run.median(mode)) <= 0.08, (run.questions, mode, m["ratio"], run.median(mode))
