@@ -127,6 +127,13 @@ class MeasuredRun:
 
 def load_run(path: str) -> MeasuredRun:
     """Read a traced ``bench_workflow.py`` run and calibrate the step profile on its GRPO arms."""
+    try:
+        return _load_run(path)
+    except KeyError as err:
+        raise ValueError(f"{path}: a traced bench_workflow.py run has {err}; this file has not") from None
+
+
+def _load_run(path: str) -> MeasuredRun:
     data = json.loads(Path(path).read_text())
     repeats, args = data.get("repeats"), data.get("args", {})
     if not repeats or not all("traces" in row and "grpo" in row["traces"] for row in repeats):
@@ -244,8 +251,10 @@ def run_cli(profile: str, questions: int = 128, n: int = 8, r: float = 0.25, k: 
     paths = [p for p in profile.split(",") if p]
     if len(paths) == 1 and Path(paths[0]).is_dir():  # a folder of traced runs
         paths = [str(f) for f in sorted(Path(paths[0]).glob("*.json"))]
-        if not paths:
-            raise ValueError(f"{profile}: no .json run in this folder")
+        others = [Path(p).name for p in paths if not is_bench_run(p)]
+        if not paths or others:
+            raise ValueError(f"{profile}: a folder of bench_workflow.py runs (.json) is expected; "
+                             + (f"these are not runs: {', '.join(others)}" if others else "it has none"))
     if paths and all(is_bench_run(p) for p in paths):
         return run_validation_cli(paths, repeats=VALIDATION_STEPS, seed=seed)
     if profile not in GPU_PROFILES:

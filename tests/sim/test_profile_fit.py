@@ -121,11 +121,25 @@ def test_a_profile_json_is_not_taken_for_a_run(tmp_path, capsys):
     assert "not a traced bench_workflow.py run" in capsys.readouterr().err
 
 
-def test_an_empty_folder_is_named(tmp_path, capsys):
+def test_a_folder_without_runs_is_named(tmp_path, capsys):
     from axpo_rllm.cli import main
 
     assert main(["simulate", "--time", str(tmp_path)]) == 2
-    assert "no .json run in this folder" in capsys.readouterr().err
+    assert "it has none" in capsys.readouterr().err
+    (tmp_path / "profile.json").write_text(json.dumps({"profile": {}}))
+    assert main(["simulate", "--time", str(tmp_path)]) == 2
+    assert "these are not runs: profile.json" in capsys.readouterr().err
+
+
+def test_a_run_without_its_sizes_is_named(tmp_path, capsys):
+    from axpo_rllm.cli import main
+
+    path = bench_run(tmp_path, {"barrier": [1.5]})
+    data = json.loads(path.read_text())
+    del data["args"]["median_turn"]
+    path.write_text(json.dumps(data))
+    assert main(["simulate", "--time", str(path)]) == 2
+    assert "has 'median_turn'; this file has not" in capsys.readouterr().err
 
 
 def test_the_committed_runs_are_reproduced_within_the_issue_tolerance():
