@@ -79,15 +79,22 @@ def context_seqs(seqs: list[int]) -> list[int]:
     return [s for s in (16, 64) if s in seqs]
 
 
-def start_python_load() -> None:
-    """A daemon thread that never stops running Python bytecode (it needs the GIL, as parsing,
-    templating and grading in the agents' event loop do)."""
+def start_python_load(share: float, period_s: float = 0.01) -> None:
+    """A daemon thread that runs Python (it needs the GIL, as parsing, templating and grading in
+    the agents' event loop do) ``share`` of each ``period_s`` and sleeps the rest."""
     import threading
 
+    if not 0.0 < share <= 1.0:
+        raise SystemExit(f"--python-load takes a share in (0, 1], got {share}")
+    record = {"role": "assistant", "content": "x" * 64, "tool_calls": [{"name": "crop", "bbox": [0, 0, 9, 9]}]}
+
     def spin() -> None:
-        record = {"role": "assistant", "content": "x" * 64, "tool_calls": [{"name": "crop", "bbox": [0, 0, 9, 9]}]}
         while True:
-            json.loads(json.dumps(record))
+            until = time.perf_counter() + share * period_s
+            while time.perf_counter() < until:
+                json.loads(json.dumps(record))
+            if share < 1.0:
+                time.sleep((1.0 - share) * period_s)
 
     threading.Thread(target=spin, name="python-load", daemon=True).start()
 
@@ -127,9 +134,9 @@ def main() -> None:
     parser.add_argument("--prefill", default="256,1024,2048", help="prompt lengths of the prompt-cost runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/profiles/vllm_cpu_tiny.json")
-    parser.add_argument("--python-load", action="store_true",
-                        help="time the steps while another thread runs pure Python (as the agents' event "
-                             "loop does beside the engine in bench_workflow.py): the GIL's share of a step")
+    parser.add_argument("--python-load", type=float, default=0.0, metavar="SHARE",
+                        help="time the steps while another thread runs Python this share of the time (as "
+                             "the agents' event loop does beside the engine in bench_workflow.py; 0: none)")
     args = parser.parse_args()
 
     import numpy as np
@@ -147,7 +154,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     measure(llm, rng, 8, args.prompt, 8, vocab)  # warm-up
     if args.python_load:
-        start_python_load()
+        start_python_load(args.python_load)
     seqs = [int(s) for s in args.seqs.split(",")]
     raw = []
     for rep in range(args.repeats):
