@@ -44,6 +44,13 @@ Measured 2026-12-05 (2-core VM, quiet; medians of per-repeat AXPO/GRPO step rati
     extra generated tokens / GRPO's 0.37; continuation prefix-cache hit 0.952; used = E; phase 1
     identical in every arm; barrier == exact == speculative, plan and continuation tokens.
 
+Measured 2026-12-07 with ``--trace``, arms rotated (benchmarks/measured/; GRPO steps 2.7-3.0x those
+of 2026-12-05 on the same VM: compare ratios within a run, not seconds across days):
+
+    B=16, 8 repeats: barrier 1.67, exact 1.61, greedy 1.59 (GRPO step 3.97 s)
+    B=32, 8 repeats: barrier 1.58, exact 1.49, greedy 1.52 (GRPO step 6.80 s)
+    B=64, 5 repeats: barrier 1.45, exact 1.43, greedy 1.45 (GRPO step 12.59 s)
+
 On CPU the tiny model's engine is compute-bound (a step's cost grows with the requests in it), so
 overlapping continuations with phase 1 slows phase 1 rather than filling idle slots (docs/benchmarks.md).
 """
@@ -91,9 +98,9 @@ def arm_order(arms: list[str], repeat: int) -> list[str]:
 
 class EngineTrace:
     """What the engine's worker thread did in one arm: every ``step()`` (start, seconds, requests
-    scheduled, tokens computed, new requests) and every ``add()`` (start, seconds: vLLM's input processing of a
-    new request, on the same thread). Installed by wrapping the in-process backend's methods and
-    the scheduler's ``schedule``; ``--trace`` turns it on."""
+    scheduled, tokens computed, new requests) and every ``add()`` (start, seconds: vLLM's input
+    processing of a new request, on the same thread). Installed by wrapping the in-process
+    backend's methods and the scheduler's ``schedule``; ``--trace`` turns it on."""
 
     def __init__(self, engine) -> None:
         from axpo_rllm.engines import vllm_engine

