@@ -61,16 +61,17 @@ def _pair(model: float, measured: float | None, digits: int) -> str:
     return f"{show(model)} / {show(measured)}"
 
 
-def format_phases(results: Sequence[Comparison], measured: dict[int, dict[str, dict[str, float]]]) -> str:
-    """Per mode, model / measured: phase 1, after phase 1 and the first continuation's start (each
-    over GRPO's step), and the jobs started before phase 1 ended."""
-    header = ["B", "mode", "phase 1", "after phase 1", "1st start", "jobs early"]
+def format_phases(cells: Sequence[tuple[str, Comparison, dict[str, dict[str, float]]]]) -> str:
+    """Per run and mode, model / measured: phase 1, after phase 1 and the first continuation's
+    start (each over GRPO's step), and the jobs started before phase 1 ended. ``cells``: (run name,
+    the model's comparison, the run's measured medians per mode)."""
+    header = ["B", "run", "mode", "phase 1", "after phase 1", "1st start", "jobs early"]
     rows = []
-    for c in results:
+    for name, c, measured in cells:
         for mode, m in c.modes.items():
-            got = measured.get(c.questions, {}).get(mode, {})
+            got = measured.get(mode, {})
             first = m["first_release"] if mode != "barrier" else math.nan  # the barrier releases nothing early
-            rows.append([str(c.questions), mode, _pair(m["phase1"], got.get("phase1"), 2),
+            rows.append([str(c.questions), name, mode, _pair(m["phase1"], got.get("phase1"), 2),
                          _pair(m["after_phase1"], got.get("after_phase1"), 2),
                          _pair(first, got.get("first_release"), 2), _pair(m["jobs_early"], got.get("jobs_early"), 0)])
     return _markdown(header, rows)
@@ -114,8 +115,17 @@ class MeasuredRun:
     fit: ProfileFit
     workload: Workload
 
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
     def median(self, mode: str) -> float:
         return statistics.median(self.ratios[mode])
+
+    def phase_medians(self) -> dict[str, dict[str, float]]:
+        """Per mode, the median of each phase over the repeats (NaN where a repeat has none)."""
+        return {mode: {key: math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
+                       for key, values in phases.items()} for mode, phases in self.phases.items()}
 
     def quartiles(self, mode: str) -> tuple[float, float]:
         values = self.ratios[mode]
@@ -167,14 +177,15 @@ def validate_run(run: MeasuredRun, repeats: int = 8, seed: int = 0) -> Compariso
 def format_run_validation(pairs: Sequence[tuple[MeasuredRun, Comparison]], tolerance: float = 0.08) -> str:
     """Model vs measured AXPO/GRPO per run and mode: the measured median, its quartiles over the
     run's repeats, the difference and whether it is within ``tolerance``."""
-    header = ["B", "mode", "model", "measured", "quartiles", "repeats", "diff", "within"]
+    header = ["B", "run", "mode", "model", "measured", "quartiles", "repeats", "diff", "within"]
     rows = []
     for run, c in pairs:
         for mode, m in c.modes.items():
             got, (q1, q3) = run.median(mode), run.quartiles(mode)
             diff = m["ratio"] - got
-            rows.append([str(run.questions), mode, f"{m['ratio']:.2f}", f"{got:.2f}", f"{q1:.2f} - {q3:.2f}",
-                         str(len(run.ratios[mode])), f"{diff:+.2f}", "yes" if abs(diff) <= tolerance else "NO"])
+            rows.append([str(run.questions), run.name, mode, f"{m['ratio']:.2f}", f"{got:.2f}",
+                         f"{q1:.2f} - {q3:.2f}", str(len(run.ratios[mode])), f"{diff:+.2f}",
+                         "yes" if abs(diff) <= tolerance else "NO"])
     return _markdown(header, rows)
 
 
@@ -185,7 +196,7 @@ def format_calibration(pairs: Sequence[tuple[MeasuredRun, Comparison]], width: i
     for run, c in pairs:
         p, fit = run.fit.profile, run.fit
         points = ", ".join(f"{s}: {1e3 * t:.1f}" for s, t in zip(p.seqs, p.decode_s))
-        head = (f"B={run.questions} ({Path(run.path).name}, {len(run.grpo_steps)} repeats): GRPO step model "
+        head = (f"B={run.questions} ({run.name}, {len(run.grpo_steps)} repeats): GRPO step model "
                 f"{c.grpo_step_s:.2f} s, measured {statistics.median(run.grpo_steps):.2f} s")
         body = (f"profile from {fit.decode_steps} decode and {fit.admit_steps} admitting steps: decode ms by "
                 f"running sequences {points}; prompt {1e6 * p.prefill_token_s:.1f} us/token; a new request "
@@ -208,15 +219,13 @@ def is_bench_run(path: str) -> bool:
 
 def run_validation_cli(paths: Sequence[str], repeats: int = 8, seed: int = 0) -> int:
     runs = [load_run(p) for p in paths]
-    pairs = [(run, validate_run(run, repeats, seed)) for run in sorted(runs, key=lambda r: r.questions)]
+    pairs = [(run, validate_run(run, repeats, seed)) for run in sorted(runs, key=lambda r: (r.questions, r.name))]
     print("Time model vs bench_workflow.py on vLLM-CPU, the step profile calibrated on each run's GRPO\n"
           f"arms (model: median of {repeats} seeded steps; measured: the run's repeats)\n")
     print(format_calibration(pairs) + "\n")
     print(format_run_validation(pairs))
-    measured = {run.questions: {m: {k: statistics.median(v) if not any(math.isnan(x) for x in v) else math.nan
-                                    for k, v in ph.items()} for m, ph in run.phases.items()} for run, _ in pairs}
     print("\nWhere the time goes, model / measured (medians; times over the same repeat's GRPO step)\n")
-    print(format_phases([c for _, c in pairs], measured))
+    print(format_phases([(run.name, c, run.phase_medians()) for run, c in pairs]))
     return 0
 
 

@@ -69,8 +69,10 @@ def bench_run(tmp_path, ratios: dict[str, list[float]], questions: int = 4):
         rows, adds = synthetic_trace(seed=i)
         row = {"grpo_step_s": 2.0, "traces": {"grpo": {"steps": rows, "adds": adds}}}
         for mode, values in ratios.items():
-            row[mode] = {"ratio": values[i], "step_s": 2.0 * values[i], "phase1_s": 2.0, "after_phase1_s": 2.0 * values[i] - 2.0,
-                         "first_release_s": float("nan") if mode == "barrier" else 1.0, "jobs_early": 0 if mode == "barrier" else 2}
+            early = mode != "barrier"  # the barrier starts nothing before phase 1 ends
+            row[mode] = {"ratio": values[i], "step_s": 2.0 * values[i], "phase1_s": 2.0,
+                         "after_phase1_s": 2.0 * values[i] - 2.0,
+                         "first_release_s": 1.0 if early else float("nan"), "jobs_early": 2 if early else 0}
         repeats.append(row)
     args = {"questions": questions, "n": 4, "k": 2, "r": 0.25, "median_turn": 24, "sigma": 0.8,
             "max_tokens_per_turn": 128, "tool_rate": 0.3, "accuracy": 0.3}
@@ -92,9 +94,9 @@ def test_a_run_is_validated_with_the_profile_fitted_on_its_grpo_arms(tmp_path):
     table = tt.format_run_validation([(run, model)], tolerance=0.08).splitlines()
     cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
     row = cells(table[3])
-    assert row[:2] == ["4", "exact"] and row[3:6] == ["1.30", "1.25 - 1.35", "3"]
+    assert row[:3] == ["4", "run4", "exact"] and row[4:7] == ["1.30", "1.25 - 1.35", "3"]
     diff = model.modes["exact"]["ratio"] - 1.3
-    assert row[6] == f"{diff:+.2f}" and row[7] == ("yes" if abs(diff) <= 0.08 else "NO")
+    assert row[7] == f"{diff:+.2f}" and row[8] == ("yes" if abs(diff) <= 0.08 else "NO")
 
 
 @pytest.mark.parametrize("named", ["files", "folder"])
@@ -108,8 +110,8 @@ def test_the_command_line_validates_traced_runs(tmp_path, capsys, named):
     assert [line.split()[1] for line in lines if line.startswith(("| 4 |", "| 6 |"))][:4] == ["4", "4", "6", "6"]
     assert [line.split(" (")[0] for line in lines if line.startswith("B=")] == ["B=4", "B=6"]
     assert max(len(line) for line in out.splitlines()) <= 100
-    barrier = [line for line in lines if line.startswith("| 4 | barrier |")]
-    assert barrier and barrier[0].split(" | ")[3] == f"{statistics.median([1.5, 1.6]):.2f}"
+    barrier = [line for line in lines if line.startswith("| 4 | run4 | barrier |")]
+    assert barrier and barrier[0].split(" | ")[4] == f"{statistics.median([1.5, 1.6]):.2f}"
 
 
 def test_a_profile_json_is_not_taken_for_a_run(tmp_path, capsys):
@@ -147,9 +149,29 @@ def test_the_committed_runs_are_reproduced_within_the_issue_tolerance():
     model, its profile calibrated on each run's GRPO arms, within 0.08 of every AXPO arm's median."""
     paths = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "measured").glob("workflow_b*.json"))
     runs = [tt.load_run(str(p)) for p in paths]
-    assert sorted(run.questions for run in runs) == [16, 32, 64]
+    assert sorted(run.questions for run in runs) == [16, 16, 32, 32, 64, 64]
     for run in runs:
         model = tt.validate_run(run)
         assert set(model.modes) == {"barrier", "exact", "greedy"}
         for mode, m in model.modes.items():
             assert abs(m["ratio"] - run.median(mode)) <= 0.08, (run.questions, mode, m["ratio"], run.median(mode))
+
+
+def test_two_runs_of_one_size_keep_their_own_figures(tmp_path, capsys):
+    from axpo_rllm.cli import main
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    bench_run(tmp_path / "a", {"barrier": [1.5, 1.5]}).rename(tmp_path / "run4_a.json")
+    path = bench_run(tmp_path / "b", {"barrier": [1.9, 1.9]})
+    data = json.loads(path.read_text())
+    for row in data["repeats"]:
+        row["barrier"]["after_phase1_s"] = 0.4  # 0.20 of GRPO's 2 s step; run a's is 1.0 s (0.50)
+    path.write_text(json.dumps(data))
+    path.rename(tmp_path / "run4_b.json")
+    assert main(["simulate", "--time", f"{tmp_path / 'run4_a.json'},{tmp_path / 'run4_b.json'}"]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 4 ")]
+    ratios = {r[1]: r[4] for r in rows if len(r) == 9}
+    phases = {r[1]: r[4].split(" / ")[1] for r in rows if len(r) == 7}  # after phase 1, measured
+    assert ratios == {"run4_a": "1.50", "run4_b": "1.90"}
+    assert phases == {"run4_a": "0.50", "run4_b": "0.20"}

@@ -116,13 +116,14 @@ def test_every_mode_sees_the_same_phase_1_and_continuations():
 def test_phase_table_puts_model_and_measured_side_by_side():
     modes = {"barrier": {"phase1": 1.0, "after_phase1": 0.5, "first_release": 1.0, "jobs_early": 0.0},
              "exact": {"phase1": 1.154, "after_phase1": 0.3, "first_release": 0.77, "jobs_early": 16.0}}
-    measured = {32: {"barrier": {"phase1": 1.02, "after_phase1": 0.52, "first_release": float("nan"), "jobs_early": 0},
-                     "exact": {"phase1": 1.36, "after_phase1": 0.24, "first_release": 0.8, "jobs_early": 16}}}
-    table = tt.format_phases([tm.Comparison(32, modes, 2.6)], measured).splitlines()
+    measured = {"barrier": {"phase1": 1.02, "after_phase1": 0.52, "first_release": float("nan"), "jobs_early": 0},
+                "exact": {"phase1": 1.36, "after_phase1": 0.24, "first_release": 0.8, "jobs_early": 16}}
+    table = tt.format_phases([("a", tm.Comparison(32, modes, 2.6), measured),
+                              ("b", tm.Comparison(16, modes, 2.6), {})]).splitlines()
     cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
-    assert cells(table[2]) == ["32", "barrier", "1.00 / 1.02", "0.50 / 0.52", "- / -", "0 / 0"]
-    assert cells(table[3]) == ["32", "exact", "1.15 / 1.36", "0.30 / 0.24", "0.77 / 0.80", "16 / 16"]
-    assert cells(tt.format_phases([tm.Comparison(16, modes, 2.6)], measured).splitlines()[3])[2] == "1.15 / -"
+    assert cells(table[2]) == ["32", "a", "barrier", "1.00 / 1.02", "0.50 / 0.52", "- / -", "0 / 0"]
+    assert cells(table[3]) == ["32", "a", "exact", "1.15 / 1.36", "0.30 / 0.24", "0.77 / 0.80", "16 / 16"]
+    assert cells(table[5])[:4] == ["16", "b", "exact", "1.15 / -"]  # a run that did not measure it
 
 
 # -- profiles ------------------------------------------------------------------------------------
