@@ -505,7 +505,7 @@ class Engine:
         context = sum(r.context for r in self.running)
         prefill = sum(r.prefill for r in self.running)
         new = sum(r.new for r in self.running)
-        if prefill or new:  # one step with the new requests' prompts
+        if new:  # one step admitting the new requests, with their prompts (only new ones have any)
             self._schedule(self.clock.now, 1, p.step_time(s, prefill, context, new), 0.0)
         else:
             steps = min(r.remaining for r in self.running)

@@ -38,9 +38,6 @@ __all__ = [
     "run_cli",
 ]
 
-PHASES = ("phase1", "after_phase1", "first_release", "jobs_early")
-
-
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(wd) for c, wd in zip(cells, widths)) + " |"  # noqa: E731
@@ -264,6 +261,7 @@ def run_cli(profile: str, questions: int = 128, n: int = 8, r: float = 0.25, k: 
         if not paths or others:
             raise ValueError(f"{profile}: a folder of bench_workflow.py runs (.json) is expected; "
                              + (f"these are not runs: {', '.join(others)}" if others else "it has none"))
+        return run_validation_cli(paths, repeats=VALIDATION_STEPS, seed=seed)
     if paths and all(is_bench_run(p) for p in paths):
         return run_validation_cli(paths, repeats=VALIDATION_STEPS, seed=seed)
     if profile not in GPU_PROFILES:
